@@ -1,0 +1,191 @@
+"""Type stubs for ``leanstream._core``, the Rust reader of safetensors checkpoints.
+
+The native module handles bytes only: it maps shard files, validates every
+header before handing out a byte, and yields tensors as zero-copy read-only
+buffers. Turning those bytes into torch tensors is ``leanstream.reader``'s job.
+
+Lifetime story: a :class:`TensorView` keeps its shard's mapping alive for as
+long as the view (or any buffer exported from it, e.g. a ``torch.frombuffer``
+tensor) exists. Shards are mapped ``MAP_SHARED`` and read-only, so pages the
+stream has *released* (``madvise(MADV_DONTNEED)``) are simply faulted in again
+from the page cache when touched: a released view is slower, never invalid.
+"""
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import final
+
+__version__: str
+
+DEFAULT_WINDOW: int
+"""Default read-ahead window of :meth:`Checkpoint.stream`, in bytes (256 MiB)."""
+
+MAX_HEADER_SIZE: int
+"""Largest accepted safetensors header, in bytes (100 MB)."""
+
+class LeanstreamError(Exception):
+    """Base class of every error leanstream raises."""
+
+class CheckpointError(LeanstreamError):
+    """A checkpoint file or folder is malformed or inconsistent.
+
+    ``file`` and ``tensor`` name the shard and the tensor concerned (``None``
+    when the problem is not about one file or tensor); the message names them too.
+    """
+
+    file: str | None
+    tensor: str | None
+
+class FileNotFoundCheckpointError(CheckpointError):
+    """The path, a shard named by the index, or any safetensors file is missing."""
+
+class TruncatedFileError(CheckpointError):
+    """The file is shorter than its header says (or shorter than 8 bytes), or
+    shrank after it was opened."""
+
+class HeaderTooLargeError(CheckpointError):
+    """The 8-byte header length exceeds ``MAX_HEADER_SIZE`` or the file."""
+
+class InvalidHeaderError(CheckpointError):
+    """The header is not UTF-8, not JSON, not an object of tensor entries, has a
+    duplicate key, or an entry lacks/mistypes ``dtype``/``shape``/``data_offsets``."""
+
+class UnknownDtypeError(CheckpointError):
+    """A tensor has a dtype string that safetensors does not define."""
+
+class ShapeError(CheckpointError):
+    """``prod(shape) * itemsize`` overflows or differs from the tensor's byte length."""
+
+class OffsetError(CheckpointError):
+    """A tensor's ``data_offsets`` are reversed or point past the end of the file."""
+
+class OverlapError(CheckpointError):
+    """Two tensors of one shard share bytes."""
+
+class DuplicateTensorError(CheckpointError):
+    """The same tensor name appears in two shards."""
+
+class IndexMismatchError(CheckpointError):
+    """``model.safetensors.index.json`` is invalid or disagrees with the shards:
+    a tensor in the wrong shard, a tensor missing from its shard, or a shard
+    tensor the index does not list."""
+
+class MissingTensorError(CheckpointError):
+    """A name given to :meth:`Checkpoint.stream` or :meth:`Checkpoint.view` is
+    not in the checkpoint."""
+
+@final
+class TensorInfo:
+    """Where one tensor lives: dtype, shape, file and absolute byte range."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str:
+        """The safetensors dtype string, e.g. ``"BF16"``, ``"F8_E4M3"``."""
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def file(self) -> str:
+        """Absolute path of the shard."""
+    @property
+    def start(self) -> int:
+        """Absolute offset of the first byte in the file (header included)."""
+    @property
+    def end(self) -> int:
+        """Absolute offset one past the last byte."""
+    @property
+    def nbytes(self) -> int: ...
+
+@final
+class TensorView:
+    """A read-only, zero-copy view of one tensor's bytes (buffer protocol, format ``B``).
+
+    ``memoryview(view)`` or ``torch.frombuffer(view, dtype=torch.uint8)`` wraps
+    it without copying. The view keeps its shard mapped while it or any buffer
+    exported from it lives.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def file(self) -> str: ...
+    @property
+    def nbytes(self) -> int: ...
+    def __len__(self) -> int: ...
+    def release(self) -> None:
+        """Tell the reader these bytes are consumed: their pages leave the
+        process's resident set. The view stays valid (pages are faulted in
+        again from the page cache if touched)."""
+
+@final
+class TensorStream:
+    """Iterator over ``(name, TensorView)`` in the order given to :meth:`Checkpoint.stream`.
+
+    A background thread (no GIL) pre-faults up to ``window`` bytes ahead of the
+    consumer. When the next item is requested, the previous one is released
+    (see :meth:`TensorView.release`), so resident memory stays near ``window``
+    plus the tensor in hand, however large the checkpoint. ``close()`` (or
+    leaving a ``with`` block, or garbage collection) stops and joins the thread.
+    """
+
+    @property
+    def window(self) -> int: ...
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the byte sizes of all tensors requested."""
+    def __iter__(self) -> Iterator[tuple[str, TensorView]]: ...
+    def __next__(self) -> tuple[str, TensorView]: ...
+    def __len__(self) -> int:
+        """Number of tensors not yet yielded."""
+    def close(self) -> None: ...
+    def __enter__(self) -> TensorStream: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+@final
+class Checkpoint:
+    """One safetensors checkpoint: a set of shards, validated completely on open.
+
+    ``path`` is a folder (``model.safetensors.index.json`` if present, else
+    ``model.safetensors``, else every ``*.safetensors`` in it), a single
+    ``.safetensors`` file, an ``*.index.json`` file, or a sequence of shard files.
+
+    >>> ckpt = Checkpoint("path/to/model")          # doctest: +SKIP
+    >>> for name, view in ckpt.stream(ckpt.keys()):  # doctest: +SKIP
+    ...     print(name, view.dtype, view.shape)
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> None: ...
+    @property
+    def files(self) -> list[str]:
+        """Absolute shard paths, in the order they were opened."""
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The union of the shards' ``__metadata__`` entries."""
+    @property
+    def index_metadata(self) -> dict[str, object] | None:
+        """The ``metadata`` object of ``model.safetensors.index.json``, if any."""
+    @property
+    def total_bytes(self) -> int:
+        """Sum of all tensors' byte sizes."""
+    def keys(self) -> list[str]:
+        """All tensor names, sorted."""
+    def __len__(self) -> int: ...
+    def __contains__(self, name: object) -> bool: ...
+    def __getitem__(self, name: str) -> TensorInfo: ...
+    def view(self, name: str) -> TensorView:
+        """Random access to one tensor, without read-ahead."""
+    def stream(self, names: Sequence[str], *, window: int = ...) -> TensorStream:
+        """Yield the named tensors in this order (duplicates allowed).
+
+        Raises :class:`MissingTensorError` before anything is read if a name is
+        unknown. ``window`` (bytes, > 0) bounds the read-ahead.
+        """
+    def close(self) -> None:
+        """Drop this object's mappings (live views keep theirs)."""
+    def __enter__(self) -> Checkpoint: ...
+    def __exit__(self, *exc: object) -> None: ...

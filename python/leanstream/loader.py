@@ -1,0 +1,399 @@
+"""``load()``: the one pipeline that ties checkpoint, meta model, reader and quantizer.
+
+files → Rust reader (validated headers, ordered zero-copy views, read-ahead)
+→ :func:`leanstream.reader.as_tensor` → :func:`leanstream.quantize.materialize`
+→ the module's parameter on the target device. At any time at most one
+full-precision tensor exists outside the mapped file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _core
+from .checkpoint import check_weights_format, load_config, resolve
+from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
+from .meta import build_empty_model, meta_tensors
+from .quantize import QuantSpec, QuantType, default_skip_modules, materialize, replace_linears
+from .reader import DTYPES, as_tensor
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One checkpoint tensor and where it goes."""
+
+    key: str  # name in the checkpoint
+    name: str  # name in the model
+    module: nn.Module
+    attr: str
+    dtype: torch.dtype | None
+    transpose: bool
+    buffer: bool
+
+
+def load(
+    source: str | os.PathLike[str],
+    *,
+    bits: int | None = 4,
+    quant_type: QuantType = "nf4",
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | str | None = None,
+    blocksize: int = 64,
+    quant_storage: torch.dtype = torch.uint8,
+    threshold: float = 6.0,
+    skip_modules: list[str] | None = None,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    window: int = _core.DEFAULT_WINDOW,
+) -> Any:
+    """Load a safetensors causal LM, quantizing each linear weight as it streams in.
+
+    Args:
+        source: a local folder, or a Hugging Face hub repo id (fetched with
+            ``huggingface_hub``; ``revision``, ``token``, ``cache_dir``,
+            ``local_files_only`` and ``HF_HUB_OFFLINE`` are honoured).
+        bits: 4 (bitsandbytes ``Linear4bit``), 8 (LLM.int8 ``Linear8bitLt``), or
+            16 / None (no quantization, streamed the same way).
+        quant_type: ``"nf4"`` or ``"fp4"`` (4-bit only).
+        double_quant: quantize the 4-bit absmax statistics too.
+        compute_dtype: dtype of 4-bit matmuls; default: the model's dtype.
+        blocksize: 4-bit quantization block size.
+        quant_storage: storage dtype of packed 4-bit weights.
+        threshold: LLM.int8 outlier threshold.
+        skip_modules: module names (or patterns, as transformers'
+            ``llm_int8_skip_modules``) kept in full precision, in addition to
+            ``lm_head``, tied weights and ``_keep_in_fp32_modules``.
+        dtype: dtype of unquantized tensors; ``"auto"`` takes ``config.json``'s
+            ``dtype``, else the checkpoint's.
+        device: where the model lives and quantization runs; default ``"cuda"``
+            when available, else ``"cpu"``.
+        trust_remote_code: allow custom modeling code from the checkpoint.
+        progress: show a progress bar (bytes, with rate).
+        window: read-ahead window of the Rust reader, in bytes.
+
+    Returns:
+        A ``transformers.PreTrainedModel`` in eval mode whose
+        ``config.quantization_config`` describes what was done.
+
+    Example:
+        >>> model = leanstream.load("meta-llama/Llama-3.2-1B-Instruct", bits=4)  # doctest: +SKIP
+        >>> prompt = tokenizer("The meaning of life is", return_tensors="pt")  # doctest: +SKIP
+        >>> model.generate(**prompt, max_new_tokens=32)  # doctest: +SKIP
+    """
+    spec = QuantSpec(
+        bits=16 if bits is None else bits,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        compute_dtype=_as_dtype(compute_dtype, "compute_dtype") if compute_dtype else None,
+        blocksize=blocksize,
+        quant_storage=quant_storage,
+        threshold=threshold,
+    )
+    target_device = _as_device(device)
+    folder = resolve(
+        source,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
+    check_weights_format(folder)
+    config = load_config(folder, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise checkpoint_error(
+            UnsupportedCheckpointError,
+            f"{folder / 'config.json'}: the checkpoint is already quantized "
+            f"({_describe_quantization(config.quantization_config)}); loading pre-quantized "
+            "checkpoints is not supported yet",
+            file=str(folder / "config.json"),
+        )
+    with _core.Checkpoint(folder) as ckpt:
+        model_dtype = _model_dtype(dtype, config, ckpt)
+        model = build_empty_model(config, trust_remote_code=trust_remote_code)
+        try:
+            _fill(
+                model,
+                ckpt,
+                folder,
+                spec,
+                skip_modules,
+                model_dtype,
+                target_device,
+                progress,
+                window,
+            )
+        except BaseException:
+            # the traceback keeps this frame alive: do not let it keep the model too
+            model = None
+            raise
+    _load_generation_config(model, folder)
+    return model
+
+
+def _fill(
+    model: Any,
+    ckpt: _core.Checkpoint,
+    folder: Path,
+    spec: QuantSpec,
+    skip_modules: list[str] | None,
+    model_dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+    window: int,
+) -> None:
+    expected = _expected_shapes(model)
+    fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    skip = default_skip_modules(model) | set(skip_modules or [])
+    replaced = replace_linears(model, spec, skip) if spec.quantized else {}
+    targets, ties = _plan(model, ckpt, folder, expected, replaced, model_dtype, fp32_modules)
+
+    from tqdm.auto import tqdm
+
+    with (
+        ckpt.stream([t.key for t in targets], window=window) as stream,
+        tqdm(
+            total=stream.total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"leanstream {folder.name}",
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
+        for target, (key, view) in zip(targets, stream, strict=True):
+            assert key == target.key
+            tensor = as_tensor(view)
+            materialize(
+                target.module,
+                target.attr,
+                tensor,
+                device=device,
+                dtype=target.dtype if tensor.is_floating_point() else None,
+                spec=spec,
+                transpose=target.transpose,
+                buffer=target.buffer,
+            )
+            del tensor
+            bar.update(view.nbytes)
+    _tie(model, ties)
+    left = meta_tensors(model)
+    if left:
+        raise MismatchError(str(folder), missing=left)
+    if spec.quantized:
+        compute = spec.compute_dtype or model_dtype
+        for module in model.modules():
+            if hasattr(module, "compute_dtype") and module.compute_dtype is None:
+                module.compute_dtype = compute
+        model.config.quantization_config = spec.config(sorted(skip), compute)
+        model.is_loaded_in_4bit = spec.bits == 4
+        model.is_loaded_in_8bit = spec.bits == 8
+    model.config.dtype = model_dtype
+
+
+def _tie(model: Any, ties: dict[str, str]) -> None:
+    """Make each tied name share its source's parameter. Pairs stored twice in the
+    checkpoint are tied only when the stored values are equal (as transformers does)."""
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target not in ties and source not in ties:
+            a, b = model.get_parameter(target), model.get_parameter(source)
+            if a is not b and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
+                ties[target] = source
+    for target, source in ties.items():
+        module_name, _, attr = target.rpartition(".")
+        model.get_submodule(module_name)._parameters[attr] = model.get_parameter(source)
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter and persistent buffer before layers are replaced."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, buf in module._buffers.items():
+            if buf is not None and attr not in module._non_persistent_buffers_set:
+                shapes[f"{module_name}.{attr}" if module_name else attr] = tuple(buf.shape)
+    return shapes
+
+
+def _plan(
+    model: Any,
+    ckpt: _core.Checkpoint,
+    folder: Path,
+    expected: dict[str, tuple[int, ...]],
+    replaced: dict[str, bool],
+    model_dtype: torch.dtype,
+    fp32_modules: list[str],
+) -> tuple[list[_Target], dict[str, str]]:
+    """Decide, before reading a byte, which checkpoint tensor fills which model
+    tensor, in module traversal order; raise :class:`MismatchError` for missing,
+    unexpected or mis-shaped tensors. Returns the targets and the ties to make
+    afterwards (``{tied_name: loaded_name}``)."""
+    from .quantize import matches_any
+
+    by_name = _rename_keys(model, ckpt, folder, expected)
+    ties: dict[str, str] = {}
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if source in by_name and target in by_name:
+            continue  # both stored: load both, like transformers does when they differ
+        if target in by_name and source not in by_name:
+            target, source = source, target
+        ties[target] = source
+
+    targets: list[_Target] = []
+    seen: set[str] = set()
+    mismatched = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        entries = [(a, False) for a, p in module._parameters.items() if p is not None]
+        entries += [
+            (a, True)
+            for a, b in module._buffers.items()
+            if b is not None and a not in module._non_persistent_buffers_set
+        ]
+        for attr, is_buffer in entries:
+            name = prefix + attr
+            if name in seen or name in ties:
+                continue
+            seen.add(name)
+            key = by_name.get(name)
+            if key is None:
+                continue
+            shape = tuple(ckpt[key].shape)
+            if shape != expected[name]:
+                mismatched.append((name, shape, expected[name]))
+            keep_fp32 = matches_any(module_name, fp32_modules)
+            targets.append(
+                _Target(
+                    key=key,
+                    name=name,
+                    module=module,
+                    attr=attr,
+                    dtype=torch.float32 if keep_fp32 else model_dtype,
+                    transpose=replaced.get(module_name, False) and attr == "weight",
+                    buffer=is_buffer,
+                )
+            )
+    ignore_missing = _regex(getattr(model, "_keys_to_ignore_on_load_missing", None))
+    missing = [
+        n
+        for n in expected
+        if n not in by_name and n not in ties and not (ignore_missing and ignore_missing.search(n))
+    ]
+    unexpected_patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    # transformers' own additions: old checkpoints stored these buffers
+    unexpected_patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
+    ignore_unexpected = _regex(unexpected_patterns)
+    unexpected = [
+        key
+        for name, key in by_name.items()
+        if name not in expected and not (ignore_unexpected and ignore_unexpected.search(name))
+    ]
+    if missing or unexpected or mismatched:
+        raise MismatchError(
+            str(folder), missing=missing, unexpected=unexpected, mismatched=mismatched
+        )
+    return targets, ties
+
+
+def _regex(patterns: Any) -> re.Pattern[str] | None:
+    patterns = list(patterns or [])
+    return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+
+
+def _rename_keys(
+    model: Any, ckpt: _core.Checkpoint, folder: Path, expected: dict[str, tuple[int, ...]]
+) -> dict[str, str]:
+    """Map model names to checkpoint keys with transformers' own renaming rules
+    (legacy ``gamma``/``beta``, per-model conversion mappings, adding or removing
+    ``base_model_prefix``). Conversions that merge or split tensors (e.g. fused MoE
+    experts) cannot be streamed tensor by tensor and are refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+    present = dict.fromkeys(expected, True)
+    by_name: dict[str, str] = {}
+    for key in ckpt.keys():
+        name, converter = rename_source_key(key, renamings, converters, prefix, present)
+        if converter is not None:
+            raise checkpoint_error(
+                UnsupportedCheckpointError,
+                f"{ckpt[key].file}: tensor {key!r} must be merged with others to fit "
+                f"{type(model).__name__} (transformers pattern {converter!r}); such "
+                "conversions cannot be streamed tensor by tensor",
+                file=ckpt[key].file,
+                tensor=key,
+            )
+        if name in by_name:
+            raise MismatchError(str(folder), unexpected=[key], file=ckpt[key].file)
+        by_name[name] = key
+    return by_name
+
+
+def _model_dtype(dtype: torch.dtype | str, config: Any, ckpt: _core.Checkpoint) -> torch.dtype:
+    if dtype != "auto":
+        return _as_dtype(dtype, "dtype")
+    configured = getattr(config, "dtype", None)
+    if configured is not None:
+        return _as_dtype(configured, "config.json dtype")
+    for key in ckpt.keys():
+        stored = DTYPES.get(ckpt[key].dtype)
+        if stored is not None and stored.is_floating_point:
+            return stored
+    return torch.float32
+
+
+def _as_dtype(value: torch.dtype | str, what: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        result = value
+    else:
+        result = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(result, torch.dtype) or not result.is_floating_point:
+        raise ConfigError(f"{what} must be a floating-point torch dtype, got {value!r}")
+    return result
+
+
+def _as_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        result = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device: {err}") from err
+    if result.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available")
+    if result.type == "meta":
+        raise ConfigError("device='meta' would load nothing")
+    return result
+
+
+def _describe_quantization(config: Any) -> str:
+    if isinstance(config, dict):
+        return str(config.get("quant_method", "unknown method"))
+    return str(getattr(config, "quant_method", type(config).__name__))
+
+
+def _load_generation_config(model: Any, folder: Path) -> None:
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+
+
+__all__ = ["load"]

@@ -1,0 +1,109 @@
+"""Building a transformers model with parameters on ``meta`` and buffers real.
+
+Why not ``with torch.device("meta")``: every tensor created in ``__init__``
+would be a meta tensor, including non-persistent buffers such as rotary
+``inv_freq`` that are *computed* there and never stored in a checkpoint; after
+``to_empty`` they hold garbage (transformers #34234, #45902).
+
+Why not accelerate's ``init_empty_weights``: it swaps
+``nn.Module.register_parameter`` for the duration of a ``with`` block, for every
+thread of the process; two loads in two threads restore each other's patch
+(diffusers #4296, peft #3605).
+
+What we do: ``nn.Module.register_parameter`` is wrapped once, for good, by a
+function that only acts in a thread that is inside :func:`empty_parameters`
+(a thread-local flag); everywhere else it is the original. Inside, each
+parameter is moved to ``meta`` as it is registered, so ``reset_parameters`` and
+``_init_weights`` run on meta (free), while buffers are computed for real,
+exactly as a normally constructed model computes them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError
+
+_state = threading.local()
+_install_lock = threading.Lock()
+_original_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _original_register_parameter(self, name, param)
+    if param is not None and getattr(_state, "depth", 0) > 0 and param.device.type != "meta":
+        if type(param) is nn.Parameter:
+            empty = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+        else:
+            empty = param.to("meta")
+        self._parameters[name] = empty
+
+
+def _install() -> None:
+    with _install_lock:
+        if nn.Module.register_parameter is not _register_parameter:
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+
+
+@contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Within this block, in this thread only, new parameters live on ``meta``.
+
+    >>> with empty_parameters():
+    ...     layer = nn.Linear(4096, 4096)
+    >>> layer.weight.device.type
+    'meta'
+    """
+    _install()
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def build_empty_model(config: Any, *, trust_remote_code: bool = False) -> Any:
+    """Instantiate the causal LM class of ``config`` with empty parameters.
+
+    Buffers (persistent or not) are real, on the CPU, with the values the model's
+    ``__init__`` computes. Raises :class:`ConfigError` when transformers has no
+    causal LM class for this config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    # dtype=None: from_config would otherwise call torch.set_default_dtype(config.dtype),
+    # a process-wide switch that races with every other thread. Parameters are on
+    # meta (their dtype is chosen when they are loaded); buffers whose dtype matters
+    # (rotary inv_freq) are created with an explicit float32 by the models.
+    dtype = getattr(config, "dtype", None)
+    try:
+        with empty_parameters():
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=None, trust_remote_code=trust_remote_code
+            )
+    except ValueError as err:
+        raise ConfigError(
+            f"transformers has no causal LM class for model_type "
+            f"{getattr(config, 'model_type', None)!r}: {err}"
+        ) from err
+    finally:
+        config.dtype = dtype
+    model.config.dtype = dtype
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Names of parameters and buffers of ``model`` still on ``meta``."""
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    names += [n for n, b in model.named_buffers(remove_duplicate=False) if b.is_meta]
+    return names
+
+
+__all__ = ["build_empty_model", "empty_parameters", "meta_tensors"]

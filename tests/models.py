@@ -1,0 +1,99 @@
+"""Tiny random transformers checkpoints for tests (no network: built from configs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# name -> (config class name, kwargs); small but real architectures
+TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama-tied": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=64,
+            ffn_dim=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=320,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=64, n_layer=2, n_head=4, vocab_size=320, n_positions=128),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+
+def make_config(arch: str, dtype: torch.dtype = torch.bfloat16, **overrides: Any) -> Any:
+    import transformers
+
+    cls_name, kwargs = TINY[arch]
+    config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    config.dtype = dtype
+    return config
+
+
+def write_model(
+    folder: Path,
+    arch: str,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str | int = "40KB",
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
+    """Write a random-weight checkpoint of ``arch`` in ``dtype``, in several shards."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config(arch, dtype, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # random init of tiny models leaves some tensors (norms) constant: perturb all
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return folder

@@ -1,0 +1,390 @@
+"""leanstream.load against the reference: transformers + bitsandbytes from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import leanstream
+from leanstream.meta import build_empty_model
+from models import make_config, write_model
+
+ARCHS = ["llama", "llama-tied", "opt", "gpt2", "qwen2"]
+SETTINGS = {
+    "nf4": dict(bits=4, quant_type="nf4", double_quant=False),
+    "fp4": dict(bits=4, quant_type="fp4", double_quant=False),
+    "nf4-dq": dict(bits=4, quant_type="nf4", double_quant=True),
+    "int8": dict(bits=8),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: write_model(root / arch, arch) for arch in ARCHS}
+
+
+def reference(folder: Path, settings: dict[str, Any]) -> Any:
+    if settings["bits"] == 4:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=settings["quant_type"],
+            bnb_4bit_use_double_quant=settings["double_quant"],
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cpu"
+    ).eval()
+
+
+def ours(folder: Path, settings: dict[str, Any], **kwargs: Any) -> Any:
+    extra = {"compute_dtype": torch.bfloat16} if settings["bits"] == 4 else {}
+    return leanstream.load(folder, device="cpu", progress=False, **settings, **extra, **kwargs)
+
+
+def assert_same_weights(ref: torch.nn.Module, got: torch.nn.Module) -> int:
+    """Every module of ``ref`` has its twin in ``got`` with bit-identical tensors."""
+    got_modules = dict(got.named_modules())
+    quantized = 0
+    for name, module in ref.named_modules():
+        twin = got_modules[name]
+        assert type(twin) is type(module), name
+        if isinstance(module, bnb.nn.Linear4bit):
+            quantized += 1
+            a, b = module.weight, twin.weight
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), name
+            qa, qb = a.quant_state, b.quant_state
+            assert (qa.quant_type, qa.blocksize, qa.shape, qa.dtype) == (
+                qb.quant_type,
+                qb.blocksize,
+                qb.shape,
+                qb.dtype,
+            ), name
+            assert torch.equal(qa.absmax, qb.absmax), name
+            assert torch.equal(qa.code, qb.code), name
+            assert (qa.state2 is None) == (qb.state2 is None), name
+            if qa.state2 is not None:
+                assert torch.equal(qa.state2.absmax, qb.state2.absmax), name
+                assert torch.equal(qa.state2.code, qb.state2.code), name
+                assert torch.equal(qa.offset, qb.offset), name
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            quantized += 1
+            assert module.weight.dtype == twin.weight.dtype == torch.int8, name
+            assert torch.equal(module.weight.data, twin.weight.data), name
+            assert torch.equal(module.weight.SCB, twin.weight.SCB), name
+        for attr, tensor in module.named_parameters(recurse=False):
+            if attr == "weight" and isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+                continue
+            other = getattr(twin, attr)
+            assert other.dtype == tensor.dtype and torch.equal(other, tensor), f"{name}.{attr}"
+        for attr, tensor in module.named_buffers(recurse=False):
+            other = getattr(twin, attr)
+            assert other.dtype == tensor.dtype, f"{name}.{attr}"
+            assert torch.equal(other, tensor), f"{name}.{attr}"
+    return quantized
+
+
+def logits(model: Any) -> torch.Tensor:
+    ids = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bit_identical_to_transformers(
+    checkpoints: dict[str, Path], arch: str, setting: str
+) -> None:
+    folder = checkpoints[arch]
+    assert len(list(folder.glob("*.safetensors"))) > 1, "the fixture must be sharded"
+    ref = reference(folder, SETTINGS[setting])
+    got = ours(folder, SETTINGS[setting])
+    assert assert_same_weights(ref, got) > 0
+    a, b = logits(ref), logits(got)
+    assert torch.isfinite(b).all()
+    rel = (a - b).norm() / a.norm()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unquantized_matches_transformers(checkpoints: dict[str, Path], arch: str) -> None:
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints[arch], device_map="cpu").eval()
+    got = leanstream.load(checkpoints[arch], bits=16, device="cpu", progress=False)
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    for key, value in ref_sd.items():
+        assert got_sd[key].dtype == value.dtype and torch.equal(got_sd[key], value), key
+    assert torch.equal(logits(ref), logits(got))
+    assert leanstream.load(checkpoints[arch], bits=None, device="cpu", progress=False)
+
+
+def test_result_is_a_ready_model(checkpoints: dict[str, Path]) -> None:
+    model = ours(checkpoints["llama"], SETTINGS["nf4"])
+    assert not model.training
+    assert model.is_loaded_in_4bit
+    qc = model.config.quantization_config
+    assert qc.load_in_4bit and qc.bnb_4bit_quant_type == "nf4"
+    assert qc.bnb_4bit_compute_dtype == torch.bfloat16
+    assert "lm_head" in qc.llm_int8_skip_modules
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 8)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert tensor.device.type == "cpu" and not tensor.is_meta, name
+
+
+def test_compute_dtype_defaults_to_checkpoint_dtype(checkpoints: dict[str, Path]) -> None:
+    model = leanstream.load(checkpoints["llama"], bits=4, device="cpu", progress=False)
+    assert model.config.quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16
+
+
+def test_tied_weights_stay_tied(checkpoints: dict[str, Path]) -> None:
+    model = ours(checkpoints["llama-tied"], SETTINGS["nf4"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model = ours(checkpoints["opt"], SETTINGS["int8"])
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+
+
+def test_skip_modules_stay_full_precision(checkpoints: dict[str, Path]) -> None:
+    model = ours(checkpoints["llama"], SETTINGS["nf4"], skip_modules=["mlp.down_proj", "layers.1"])
+    layers = model.model.layers
+    assert type(layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert all(type(m) is torch.nn.Linear for m in layers[1].modules() if hasattr(m, "weight"))
+    assert {"mlp.down_proj", "layers.1"} <= set(
+        model.config.quantization_config.llm_int8_skip_modules
+    )
+
+
+def test_rotary_inv_freq_is_real_and_correct(checkpoints: dict[str, Path]) -> None:
+    """Regression for transformers #34234 / #45902: inv_freq computed, not garbage."""
+    config = make_config("llama", torch.float32)
+    reference_model = AutoModelForCausalLM.from_config(config)
+    empty = build_empty_model(make_config("llama", torch.float32))
+    assert empty.model.layers[0].mlp.up_proj.weight.is_meta
+    ref_inv = reference_model.model.rotary_emb.inv_freq
+    assert torch.equal(empty.model.rotary_emb.inv_freq, ref_inv)
+    loaded = ours(checkpoints["llama"], SETTINGS["nf4"])
+    assert not loaded.model.rotary_emb.inv_freq.is_meta
+    assert torch.isfinite(loaded.model.rotary_emb.inv_freq).all()
+    assert torch.equal(loaded.model.rotary_emb.inv_freq, ref_inv)
+
+
+def test_meta_build_does_not_leak_into_other_threads() -> None:
+    """accelerate's patch is global (diffusers #4296): ours acts in one thread only."""
+    inside = threading.Event()
+    done = threading.Event()
+    seen: dict[str, str] = {}
+
+    def other() -> None:
+        inside.wait(10)
+        seen["device"] = torch.nn.Linear(3, 3).weight.device.type
+        done.set()
+
+    from leanstream.meta import empty_parameters
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with empty_parameters():
+        assert torch.nn.Linear(3, 3).weight.is_meta
+        inside.set()
+        done.wait(10)
+    thread.join()
+    assert seen["device"] == "cpu"
+    assert not torch.nn.Linear(3, 3).weight.is_meta
+
+
+def test_two_loads_in_two_threads(checkpoints: dict[str, Path]) -> None:
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run(arch: str) -> None:
+        try:
+            results[arch] = ours(checkpoints[arch], SETTINGS["nf4"])
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in ("llama", "qwen2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for arch in ("llama", "qwen2"):
+        ref = ours(checkpoints[arch], SETTINGS["nf4"])
+        assert assert_same_weights(ref, results[arch]) > 0
+
+
+def test_footprint_reports_the_saving(checkpoints: dict[str, Path]) -> None:
+    full = leanstream.footprint(
+        leanstream.load(checkpoints["opt"], bits=16, device="cpu", progress=False)
+    )
+    four = leanstream.footprint(ours(checkpoints["opt"], SETTINGS["nf4"]))
+    assert set(full.by_kind) == {"bfloat16"} | ({"int64"} & set(full.by_kind))
+    assert "nf4" in four.by_kind and "quant_state" in four.by_kind
+    assert four.total_bytes < full.total_bytes
+    assert "GB" in str(four)
+
+
+def test_footprint_counts_linear_bytes() -> None:
+    assert leanstream.footprint(torch.nn.Linear(1000, 1000)).total_bytes == 4_004_000
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_shard(
+    folder: Path, drop: str | None = None, add: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Rewrite the shard holding ``drop`` without it (and with ``add``), fixing the index."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"][drop] if drop else sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(folder / shard)
+    if drop:
+        del tensors[drop]
+        del index["weight_map"][drop]
+    for name, value in (add or {}).items():
+        tensors[name] = value
+        index["weight_map"][name] = shard
+    save_file(tensors, folder / shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
+def test_missing_tensor_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(checkpoints["llama"], tmp_path / "m")
+    _rewrite_shard(folder, drop="model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(
+        leanstream.MismatchError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"
+    ) as err:
+        ours(folder, SETTINGS["nf4"])
+    assert err.value.missing == ["model.layers.1.mlp.up_proj.weight"]
+
+
+def test_unexpected_tensor_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(checkpoints["llama"], tmp_path / "m")
+    _rewrite_shard(folder, add={"model.layers.0.extra.weight": torch.zeros(3)})
+    with pytest.raises(leanstream.MismatchError, match=r"model\.layers\.0\.extra\.weight") as err:
+        ours(folder, SETTINGS["nf4"])
+    assert err.value.unexpected == ["model.layers.0.extra.weight"]
+
+
+def test_shape_mismatch_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(checkpoints["llama"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        leanstream.MismatchError,
+        match=r"up_proj\.weight \(checkpoint \[160, 64\], model \[128, 64\]\)",
+    ):
+        ours(folder, SETTINGS["nf4"])
+
+
+def test_index_pointing_at_wrong_shard_is_refused(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = _copy(checkpoints["llama"], tmp_path / "m")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, s in index["weight_map"].items() if s == shards[0])
+    index["weight_map"][name] = shards[1]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(leanstream.IndexMismatchError, match=name.replace(".", r"\.")):
+        ours(folder, SETTINGS["nf4"])
+
+
+def test_config_errors(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(checkpoints["llama"], tmp_path / "m")
+    (folder / "config.json").unlink()
+    with pytest.raises(leanstream.ConfigError, match=r"config\.json"):
+        ours(folder, SETTINGS["nf4"])
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(leanstream.ConfigError, match="invalid JSON"):
+        ours(folder, SETTINGS["nf4"])
+    (folder / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(leanstream.ConfigError):
+        ours(folder, SETTINGS["nf4"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(bits=3), "bits"),
+        (dict(bits=4, quant_type="nf3"), "quant_type"),
+        (dict(bits=4, blocksize=48), "blocksize"),
+        (dict(bits=4, dtype="int8"), "dtype"),
+        (dict(bits=4, compute_dtype="nope"), "compute_dtype"),
+        (dict(bits=4, device="meta"), "meta"),
+    ],
+)
+def test_bad_options(checkpoints: dict[str, Path], kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(leanstream.ConfigError, match=match):
+        leanstream.load(checkpoints["llama"], progress=False, **{"device": "cpu", **kwargs})
+
+
+def test_pickle_only_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match="pickle"):
+        leanstream.load(tmp_path, device="cpu", progress=False)
+
+
+def test_prequantized_checkpoint_is_refused_for_now(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = _copy(checkpoints["llama"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match="already quantized"):
+        ours(folder, SETTINGS["nf4"])
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(leanstream.FileNotFoundCheckpointError):
+        leanstream.load(tmp_path / "nope", device="cpu", progress=False)
+
+
+@pytest.mark.gpu
+def test_bit_identical_on_gpu(checkpoints: dict[str, Path]) -> None:
+    folder = checkpoints["llama"]
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cuda:0"
+    )
+    got = leanstream.load(
+        folder, bits=4, compute_dtype=torch.bfloat16, device="cuda", progress=False
+    )
+    assert got.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+    assert assert_same_weights(ref, got) > 0
+    a, b = logits_on(ref, "cuda"), logits_on(got, "cuda")
+    assert (a - b).norm() / a.norm() < 1e-2
+
+
+def logits_on(model: Any, device: str) -> torch.Tensor:
+    ids = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]], device=device)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().cpu()

@@ -1,0 +1,847 @@
+//! Open a checkpoint (folder, single file, `*.index.json`, or list of shards),
+//! map every shard read-only and validate every header before anything is
+//! read, and index tensor names to where their bytes live.
+//!
+//! Shards are mapped with `Mmap::map`: `PROT_READ`, `MAP_SHARED`. Nothing is
+//! ever written through a mapping, and pages dropped with `MADV_DONTNEED` are
+//! faulted in again from the page cache, so releasing a range never changes
+//! what a live view reads.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::header::{self, Dtype, Header, Json};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// File name of the sharded-checkpoint index inside a folder.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// File name of a single-file checkpoint inside a folder.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Largest index file read (real ones are a few hundred KB).
+const MAX_INDEX_SIZE: u64 = 100_000_000;
+
+/// The system page size.
+pub fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(size)
+            .ok()
+            .filter(|&s| s > 0)
+            .unwrap_or(4096)
+    })
+}
+
+/// One mapped, validated shard file.
+#[derive(Debug)]
+pub struct Shard {
+    path: PathBuf,
+    file: File,
+    mmap: Mmap,
+    header: Header,
+}
+
+impl Shard {
+    /// Open, map and validate `path` (absolute).
+    pub fn open(path: &Path) -> Result<Shard> {
+        let mut file = File::open(path).map_err(|e| Error::io(&e, path, "open shard"))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(&e, path, "stat shard"))?;
+        if !meta.is_file() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "is not a regular file (expected a .safetensors shard)",
+            )
+            .in_file(path));
+        }
+        if meta.len() < 8 {
+            // Too short to map usefully; read it so the parser reports it.
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)
+                .map_err(|e| Error::io(&e, path, "read shard"))?;
+            header::parse(&bytes).map_err(|e| e.in_file(path))?;
+            return Err(Error::new(ErrorKind::Truncated, "shorter than 8 bytes").in_file(path));
+        }
+        // SAFETY: the mapping is read-only (PROT_READ, MAP_SHARED). If another
+        // process truncates the file while it is mapped, touching the lost
+        // pages raises SIGBUS; `View::check_available` re-checks the file size
+        // (fstat) before each view is handed out.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&e, path, "map shard"))?;
+        let header = header::parse(&mmap).map_err(|e| e.in_file(path))?;
+        Ok(Shard {
+            path: path.to_path_buf(),
+            file,
+            mmap,
+            header,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Current size of the file on disk (fstat, not the size at open).
+    fn current_len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io(&e, &self.path, "stat shard"))
+    }
+}
+
+/// Where one tensor lives: absolute byte range `[start, end)` in shard `shard`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub shard: usize,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl TensorInfo {
+    pub fn nbytes(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
+/// A tensor's bytes in its shard's mapping. Cloning is cheap; the mapping
+/// stays alive as long as any `View` of it does.
+#[derive(Debug, Clone)]
+pub struct View {
+    info: Arc<TensorInfo>,
+    shard: Arc<Shard>,
+}
+
+/// Whether `MADV_POPULATE_READ` (Linux 5.14+) was refused once.
+static NO_POPULATE: AtomicBool = AtomicBool::new(false);
+
+impl View {
+    pub fn info(&self) -> &TensorInfo {
+        &self.info
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shard.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tensor's bytes. Validated at open: `start <= end <= mapping length`.
+    pub fn bytes(&self) -> &[u8] {
+        let (start, end) = (self.info.start as usize, self.info.end as usize);
+        self.shard.mmap.get(start..end).unwrap_or(&[])
+    }
+
+    /// Two views of the same bytes of the same mapping.
+    pub fn same_bytes(&self, other: &View) -> bool {
+        Arc::ptr_eq(&self.shard, &other.shard) && self.info == other.info
+    }
+
+    /// Fail with [`ErrorKind::Truncated`] (instead of a later SIGBUS) if the
+    /// file shrank below this tensor's end since it was opened.
+    pub fn check_available(&self) -> Result<()> {
+        let len = self.shard.current_len()?;
+        if len < self.info.end {
+            return Err(Error::new(
+                ErrorKind::Truncated,
+                format!(
+                    "the file shrank to {len} bytes after it was opened, but the tensor \
+                     occupies bytes [{}, {}): was the checkpoint overwritten while in use?",
+                    self.info.start, self.info.end
+                ),
+            )
+            .for_tensor(&self.info.name)
+            .in_file(&self.shard.path));
+        }
+        Ok(())
+    }
+
+    /// Fault in the pages of `[offset, offset + len)` of this tensor (relative
+    /// offsets), without copying: `MADV_POPULATE_READ`, or on kernels without
+    /// it `MADV_WILLNEED` plus one read per page. Advisory: errors are ignored.
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        let Some((start, len)) = self.absolute(offset, len) else {
+            return;
+        };
+        let mmap = &self.shard.mmap;
+        if !NO_POPULATE.load(Ordering::Relaxed) {
+            match mmap.advise_range(Advice::PopulateRead, start, len) {
+                Ok(()) => return,
+                // Old kernel: fall back below. Other errors (EFAULT on a file
+                // that shrank): give up, the consumer's fstat check reports it.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    NO_POPULATE.store(true, Ordering::Relaxed);
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = mmap.advise_range(Advice::WillNeed, start, len);
+        // Touching a page past the end of a shrunk file would SIGBUS.
+        match self.shard.current_len() {
+            Ok(file_len) if file_len >= (start + len) as u64 => {}
+            _ => return,
+        }
+        let page = page_size();
+        let bytes = &mmap[start..start + len];
+        let mut at = 0;
+        while at < bytes.len() {
+            // SAFETY: `at` is in bounds; a volatile read keeps the otherwise
+            // unused load (the page fault is the point).
+            unsafe { std::ptr::read_volatile(bytes.as_ptr().add(at)) };
+            at += page - (bytes.as_ptr() as usize + at) % page;
+        }
+    }
+
+    /// Drop this tensor's pages from the process's resident set
+    /// (`MADV_DONTNEED` on the page-aligned range around it).
+    pub fn release(&self) {
+        self.release_range(0, self.info.nbytes());
+    }
+
+    /// Drop `[offset, offset + len)` (relative) from the resident set.
+    pub fn release_range(&self, offset: u64, len: u64) {
+        let Some((start, len)) = self.absolute(offset, len) else {
+            return;
+        };
+        // SAFETY: the mapping is a read-only MAP_SHARED file mapping, so
+        // MADV_DONTNEED only unmaps pages: the next access faults them in
+        // again from the page cache with the same contents. No reference into
+        // the range is invalidated (unlike MADV_DONTNEED on private memory).
+        let _ = unsafe {
+            self.shard
+                .mmap
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, len)
+        };
+    }
+
+    /// `[offset, offset + len)` relative to the tensor, clamped to it, as
+    /// (absolute start, len); `None` when empty.
+    fn absolute(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
+        let nbytes = self.info.nbytes();
+        let offset = offset.min(nbytes);
+        let len = len.min(nbytes - offset);
+        if len == 0 {
+            return None;
+        }
+        let start = usize::try_from(self.info.start + offset).ok()?;
+        let len = usize::try_from(len).ok()?;
+        Some((start, len))
+    }
+}
+
+/// A whole checkpoint: its shards and an index from tensor name to location.
+#[derive(Debug)]
+pub struct Checkpoint {
+    shards: Vec<Arc<Shard>>,
+    tensors: BTreeMap<String, Arc<TensorInfo>>,
+    metadata: Vec<(String, String)>,
+    index_metadata: Option<serde_json::Value>,
+}
+
+impl Checkpoint {
+    /// Open a folder, a `.safetensors` file or an `*.index.json` file.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let path = absolute(path)?;
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(ErrorKind::FileNotFound, "no such file or folder").in_file(&path)
+            } else {
+                Error::io(&e, &path, "stat checkpoint")
+            }
+        })?;
+        if meta.is_dir() {
+            return Self::open_folder(&path);
+        }
+        let is_json = path.extension().is_some_and(|ext| ext == "json");
+        if is_json {
+            Self::open_index(&path)
+        } else {
+            Self::open_files(&[path])
+        }
+    }
+
+    fn open_folder(dir: &Path) -> Result<Checkpoint> {
+        let index = dir.join(INDEX_FILE);
+        if index.is_file() {
+            return Self::open_index(&index);
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::open_files(&[single]);
+        }
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(&e, dir, "list folder"))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&e, dir, "list folder"))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        let shards: Vec<PathBuf> = names
+            .iter()
+            .filter(|n| n.ends_with(".safetensors"))
+            .map(|n| dir.join(n))
+            .filter(|p| p.is_file())
+            .collect();
+        if shards.is_empty() {
+            let shown = if names.is_empty() {
+                "it is empty".to_owned()
+            } else {
+                let mut shown = names
+                    .iter()
+                    .take(20)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if names.len() > 20 {
+                    shown.push_str(&format!(", ... ({} files)", names.len()));
+                }
+                format!("it contains: {shown}")
+            };
+            return Err(Error::new(
+                ErrorKind::FileNotFound,
+                format!(
+                    "no {INDEX_FILE}, {SINGLE_FILE} or *.safetensors file in this folder ({shown})"
+                ),
+            )
+            .in_file(dir));
+        }
+        Self::open_files(&shards)
+    }
+
+    /// Open the given shard files, in this order.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Checkpoint> {
+        if paths.is_empty() {
+            return Err(Error::new(
+                ErrorKind::FileNotFound,
+                "no shard files given (an empty list)",
+            ));
+        }
+        let mut shards = Vec::with_capacity(paths.len());
+        for path in paths {
+            let path = absolute(path)?;
+            if !path.exists() {
+                return Err(
+                    Error::new(ErrorKind::FileNotFound, "no such shard file").in_file(&path)
+                );
+            }
+            shards.push(Arc::new(Shard::open(&path)?));
+        }
+        Self::from_shards(shards, None)
+    }
+
+    /// Open `model.safetensors.index.json` (or any `*.index.json`) and check
+    /// that it agrees with its shards, both ways.
+    pub fn open_index(index: &Path) -> Result<Checkpoint> {
+        let index = absolute(index)?;
+        let mismatch = |msg: String| Error::new(ErrorKind::IndexMismatch, msg).in_file(&index);
+        let file = File::open(&index).map_err(|e| Error::io(&e, &index, "open index"))?;
+        let mut text = String::new();
+        file.take(MAX_INDEX_SIZE + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| mismatch(format!("cannot read the index as UTF-8 text: {e}")))?;
+        if text.len() as u64 > MAX_INDEX_SIZE {
+            return Err(mismatch(format!(
+                "index is larger than {MAX_INDEX_SIZE} bytes"
+            )));
+        }
+        let json = header::parse_json(&text)
+            .map_err(|e| mismatch(format!("index is not valid JSON: {e}")))?;
+        let Json::Object(top) = json else {
+            return Err(mismatch(format!(
+                "index is a JSON {}, not an object with a weight_map",
+                json.kind()
+            )));
+        };
+        let mut weight_map = None;
+        let mut index_metadata = None;
+        let mut seen = BTreeSet::new();
+        for (key, value) in top {
+            if !seen.insert(key.clone()) {
+                return Err(mismatch(format!(
+                    "key '{key}' appears twice in the index (duplicate JSON key)"
+                )));
+            }
+            match key.as_str() {
+                "weight_map" => weight_map = Some(value),
+                "metadata" => {
+                    if !matches!(value, Json::Object(_)) {
+                        return Err(mismatch(format!(
+                            "metadata is a JSON {}, not an object",
+                            value.kind()
+                        )));
+                    }
+                    index_metadata = Some(value.into_value().map_err(|k| {
+                        mismatch(format!("metadata has key '{k}' twice (duplicate JSON key)"))
+                    })?)
+                }
+                _ => {}
+            }
+        }
+        let Some(Json::Object(entries)) = weight_map else {
+            return Err(mismatch(
+                "index has no weight_map object (tensor name -> shard file)".to_owned(),
+            ));
+        };
+        // tensor -> shard file name, as written in the index.
+        let mut listed: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in entries {
+            let Json::String(file) = value else {
+                return Err(mismatch(format!(
+                    "weight_map value is a JSON {}, not a shard file name",
+                    value.kind()
+                ))
+                .for_tensor(&name));
+            };
+            if listed.contains_key(&name) {
+                return Err(mismatch(
+                    "appears twice in weight_map (duplicate JSON key)".to_owned(),
+                )
+                .for_tensor(&name));
+            }
+            listed.insert(name, file);
+        }
+        if listed.is_empty() {
+            return Err(mismatch(
+                "weight_map is empty: the index names no shard".to_owned(),
+            ));
+        }
+        let dir = index.parent().unwrap_or(Path::new("/"));
+        let files: BTreeSet<&str> = listed.values().map(String::as_str).collect();
+        let mut shards = Vec::with_capacity(files.len());
+        for file in &files {
+            let path = dir.join(file);
+            if !path.is_file() {
+                let users: Vec<&str> = listed
+                    .iter()
+                    .filter(|(_, f)| f == file)
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                return Err(Error::new(
+                    ErrorKind::FileNotFound,
+                    format!(
+                        "missing: {} names this shard for {} tensor(s), but it does not exist \
+                         (incomplete download?)",
+                        file_name(&index),
+                        users.len()
+                    ),
+                )
+                .for_tensor(users.first().copied().unwrap_or_default())
+                .in_file(&path));
+            }
+            shards.push(Arc::new(Shard::open(&path)?));
+        }
+        let ckpt = Self::from_shards(shards, index_metadata)?;
+
+        // Both directions: every listed tensor is in the named shard, and
+        // every shard tensor is listed.
+        for (name, file) in &listed {
+            let expected = dir.join(file);
+            match ckpt.tensors.get(name) {
+                Some(info) if ckpt.shards[info.shard].path == expected => {}
+                Some(info) => {
+                    return Err(mismatch(format!(
+                        "weight_map puts it in {file}, but it is in {}",
+                        file_name(&ckpt.shards[info.shard].path)
+                    ))
+                    .for_tensor(name))
+                }
+                None => {
+                    return Err(mismatch(format!(
+                        "weight_map puts it in {file}, but {file} has no such tensor"
+                    ))
+                    .for_tensor(name))
+                }
+            }
+        }
+        if let Some((name, info)) = ckpt.tensors.iter().find(|(n, _)| !listed.contains_key(*n)) {
+            return Err(mismatch(format!(
+                "it is in {}, but weight_map does not list it",
+                file_name(&ckpt.shards[info.shard].path)
+            ))
+            .for_tensor(name));
+        }
+        Ok(ckpt)
+    }
+
+    fn from_shards(
+        shards: Vec<Arc<Shard>>,
+        index_metadata: Option<serde_json::Value>,
+    ) -> Result<Checkpoint> {
+        let mut tensors: BTreeMap<String, Arc<TensorInfo>> = BTreeMap::new();
+        let mut metadata: Vec<(String, String)> = Vec::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let header = &shard.header;
+            for t in &header.tensors {
+                if let Some(first) = tensors.get(&t.name) {
+                    return Err(Error::new(
+                        ErrorKind::DuplicateTensor,
+                        format!(
+                            "also in {}: a tensor name may appear in one shard only",
+                            shards[first.shard].path.display()
+                        ),
+                    )
+                    .for_tensor(&t.name)
+                    .in_file(&shard.path));
+                }
+                let info = TensorInfo {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    shard: i,
+                    start: header.data_start + t.begin,
+                    end: header.data_start + t.end,
+                };
+                tensors.insert(t.name.clone(), Arc::new(info));
+            }
+            for (k, v) in &header.metadata {
+                if !metadata.iter().any(|(key, _)| key == k) {
+                    metadata.push((k.clone(), v.clone()));
+                }
+            }
+        }
+        Ok(Checkpoint {
+            shards,
+            tensors,
+            metadata,
+            index_metadata,
+        })
+    }
+
+    /// Absolute shard paths, in the order they were opened.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path.as_path())
+    }
+
+    /// Union of the shards' `__metadata__` (the first shard wins on conflicts).
+    pub fn metadata(&self) -> &[(String, String)] {
+        &self.metadata
+    }
+
+    /// The index's `metadata` object, if there was an index with one.
+    pub fn index_metadata(&self) -> Option<&serde_json::Value> {
+        self.index_metadata.as_ref()
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name).map(Arc::as_ref)
+    }
+
+    pub fn shard_path(&self, info: &TensorInfo) -> &Path {
+        self.shards
+            .get(info.shard)
+            .map_or(Path::new(""), |s| s.path.as_path())
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.nbytes()).sum()
+    }
+
+    /// A view of one tensor (no fstat check: see [`View::check_available`]).
+    pub fn view(&self, name: &str) -> Result<View> {
+        let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let shard = self
+            .shards
+            .get(info.shard)
+            .ok_or_else(|| Error::internal("tensor points to no shard"))?;
+        Ok(View {
+            info: Arc::clone(info),
+            shard: Arc::clone(shard),
+        })
+    }
+
+    /// Views of all `names`, or [`ErrorKind::MissingTensor`] for the first unknown one.
+    pub fn views<S: AsRef<str>>(&self, names: &[S]) -> Result<Vec<View>> {
+        names.iter().map(|n| self.view(n.as_ref())).collect()
+    }
+
+    /// The [`ErrorKind::MissingTensor`] error for `name`.
+    pub fn missing(&self, name: &str) -> Error {
+        Error::new(
+            ErrorKind::MissingTensor,
+            format!(
+                "not in the checkpoint ({} tensors in {} shard(s))",
+                self.tensors.len(),
+                self.shards.len()
+            ),
+        )
+        .for_tensor(name)
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| Error::io(&e, path, "resolve path"))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::header::tests::shard;
+    use std::io::Write;
+
+    /// Write a shard of U8 tensors `(name, bytes)` laid out contiguously.
+    pub fn write_shard(path: &Path, tensors: &[(&str, &[u8])]) {
+        let mut entries = Vec::new();
+        let mut data = Vec::new();
+        for (name, bytes) in tensors {
+            entries.push(format!(
+                r#""{name}":{{"dtype":"U8","shape":[{}],"data_offsets":[{},{}]}}"#,
+                bytes.len(),
+                data.len(),
+                data.len() + bytes.len()
+            ));
+            data.extend_from_slice(bytes);
+        }
+        let header = format!(
+            r#"{{"__metadata__":{{"format":"pt"}},{}}}"#,
+            entries.join(",")
+        );
+        std::fs::write(path, shard(&header, &data)).unwrap();
+    }
+
+    fn write_index(dir: &Path, map: &[(&str, &str)]) {
+        let entries: Vec<String> = map.iter().map(|(n, f)| format!(r#""{n}":"{f}""#)).collect();
+        let text = format!(
+            r#"{{"metadata":{{"total_size":8}},"weight_map":{{{}}}}}"#,
+            entries.join(",")
+        );
+        let mut f = File::create(dir.join(INDEX_FILE)).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn opens_folder_with_index() {
+        let dir = tempfile::tempdir().unwrap();
+        write_shard(
+            &dir.path().join("s1.safetensors"),
+            &[("a", b"aa"), ("b", b"b")],
+        );
+        write_shard(&dir.path().join("s2.safetensors"), &[("c", b"ccc")]);
+        write_index(
+            dir.path(),
+            &[
+                ("a", "s1.safetensors"),
+                ("b", "s1.safetensors"),
+                ("c", "s2.safetensors"),
+            ],
+        );
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ckpt.names().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(ckpt.files().count(), 2);
+        assert_eq!(ckpt.view("c").unwrap().bytes(), b"ccc");
+        assert_eq!(ckpt.view("a").unwrap().bytes(), b"aa");
+        assert_eq!(ckpt.total_bytes(), 6);
+        assert_eq!(ckpt.metadata(), [("format".to_owned(), "pt".to_owned())]);
+        assert_eq!(ckpt.index_metadata().unwrap()["total_size"], 8);
+        let e = ckpt.view("zz").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::MissingTensor);
+    }
+
+    #[test]
+    fn folder_fallbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FileNotFound);
+        assert!(e.message.contains("empty"), "{e}");
+        std::fs::write(dir.path().join("README.md"), "hi").unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert!(e.message.contains("README.md"), "{e}");
+        write_shard(&dir.path().join("b.safetensors"), &[("y", b"y")]);
+        write_shard(&dir.path().join("a.safetensors"), &[("x", b"x")]);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let files: Vec<_> = ckpt.files().map(file_name).collect();
+        assert_eq!(files, ["a.safetensors", "b.safetensors"]);
+        write_shard(&dir.path().join(SINGLE_FILE), &[("m", b"m")]);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ckpt.names().collect::<Vec<_>>(), ["m"]);
+        let e = Checkpoint::open(&dir.path().join("nope")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FileNotFound);
+    }
+
+    #[test]
+    fn index_mismatches() {
+        let dir = tempfile::tempdir().unwrap();
+        write_shard(&dir.path().join("s1.safetensors"), &[("a", b"a")]);
+        write_shard(&dir.path().join("s2.safetensors"), &[("b", b"b")]);
+
+        write_index(
+            dir.path(),
+            &[("a", "s1.safetensors"), ("b", "s3.safetensors")],
+        );
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FileNotFound);
+        assert_eq!(e.tensor.as_deref(), Some("b"));
+
+        write_index(
+            dir.path(),
+            &[
+                ("a", "s1.safetensors"),
+                ("b", "s1.safetensors"),
+                ("x", "s2.safetensors"),
+            ],
+        );
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::IndexMismatch);
+        assert_eq!(e.tensor.as_deref(), Some("b"));
+        assert!(
+            e.message.contains("s1.safetensors") && e.message.contains("s2.safetensors"),
+            "{e}"
+        );
+
+        // A shard tensor the index does not list.
+        write_shard(
+            &dir.path().join("s3.safetensors"),
+            &[("p", b"p"), ("q", b"q")],
+        );
+        write_index(
+            dir.path(),
+            &[("a", "s1.safetensors"), ("p", "s3.safetensors")],
+        );
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::IndexMismatch);
+        assert_eq!(e.tensor.as_deref(), Some("q"));
+        assert!(e.message.contains("does not list"), "{e}");
+
+        write_index(
+            dir.path(),
+            &[
+                ("a", "s1.safetensors"),
+                ("b", "s2.safetensors"),
+                ("c", "s2.safetensors"),
+            ],
+        );
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::IndexMismatch);
+        assert_eq!(e.tensor.as_deref(), Some("c"));
+
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            r#"{"weight_map":{"a":"s1.safetensors","a":"s1.safetensors"}}"#,
+        )
+        .unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::IndexMismatch);
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            r#"{"metadata":[],"weight_map":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Checkpoint::open(dir.path()).unwrap_err().kind,
+            ErrorKind::IndexMismatch
+        );
+        std::fs::write(dir.path().join(INDEX_FILE), r#"{"weight_map":{}}"#).unwrap();
+        assert_eq!(
+            Checkpoint::open(dir.path()).unwrap_err().kind,
+            ErrorKind::IndexMismatch
+        );
+        std::fs::write(dir.path().join(INDEX_FILE), "[]").unwrap();
+        assert_eq!(
+            Checkpoint::open(dir.path()).unwrap_err().kind,
+            ErrorKind::IndexMismatch
+        );
+    }
+
+    #[test]
+    fn duplicate_tensor_across_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        write_shard(&dir.path().join("s1.safetensors"), &[("a", b"a")]);
+        write_shard(&dir.path().join("s2.safetensors"), &[("a", b"b")]);
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::DuplicateTensor);
+        assert_eq!(e.tensor.as_deref(), Some("a"));
+        assert!(e.message.contains("s1.safetensors"), "{e}");
+        assert!(e.file.unwrap().ends_with("s2.safetensors"));
+    }
+
+    #[test]
+    fn header_errors_carry_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, b"abc").unwrap();
+        let e = Checkpoint::open(&path).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Truncated);
+        assert_eq!(e.file.as_deref(), Some(path.as_path()));
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(
+            Checkpoint::open(&path).unwrap_err().kind,
+            ErrorKind::Truncated
+        );
+    }
+
+    #[test]
+    fn shrunk_file_is_reported_not_sigbus() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_shard(&path, &[("a", &[1; 10000]), ("b", &[2; 10000])]);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let b = ckpt.view("b").unwrap();
+        b.check_available().unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 5000)
+            .unwrap();
+        assert_eq!(b.check_available().unwrap_err().kind, ErrorKind::Truncated);
+        // Prefetching a shrunk file must not crash either.
+        b.prefetch(0, 10000);
+        assert!(ckpt.view("a").unwrap().check_available().is_ok());
+    }
+
+    #[test]
+    fn release_keeps_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        write_shard(&path, &[("a", &big), ("e", b"")]);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let v = ckpt.view("a").unwrap();
+        v.prefetch(0, u64::MAX);
+        v.release();
+        assert_eq!(v.bytes(), big.as_slice());
+        let e = ckpt.view("e").unwrap();
+        e.prefetch(0, 10);
+        e.release();
+        assert!(e.is_empty());
+        assert!(v.same_bytes(&ckpt.view("a").unwrap()));
+    }
+}

@@ -71,8 +71,8 @@ class IndexMismatchError(CheckpointError):
     tensor the index does not list."""
 
 class MissingTensorError(CheckpointError):
-    """A name given to :meth:`Checkpoint.stream` or :meth:`Checkpoint.view` is
-    not in the checkpoint."""
+    """A name given to :meth:`Checkpoint.stream`, :meth:`Checkpoint.view` or
+    ``Checkpoint[name]`` is not in the checkpoint."""
 
 @final
 class TensorInfo:
@@ -142,7 +142,9 @@ class TensorStream:
     def __next__(self) -> tuple[str, TensorView]: ...
     def __len__(self) -> int:
         """Number of tensors not yet yielded."""
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop and join the read-ahead thread and release what it prefetched
+        for items not yet yielded; iteration then ends. Idempotent."""
     def __enter__(self) -> TensorStream: ...
     def __exit__(self, *exc: object) -> None: ...
 
@@ -178,7 +180,11 @@ class Checkpoint:
     def __contains__(self, name: object) -> bool: ...
     def __getitem__(self, name: str) -> TensorInfo: ...
     def view(self, name: str) -> TensorView:
-        """Random access to one tensor, without read-ahead."""
+        """Random access to one tensor, without read-ahead.
+
+        Like each item of :meth:`stream`, checks first (``fstat``) that the file
+        did not shrink since it was opened: :class:`TruncatedFileError`.
+        """
     def stream(self, names: Sequence[str], *, window: int = ...) -> TensorStream:
         """Yield the named tensors in this order (duplicates allowed).
 
@@ -186,6 +192,7 @@ class Checkpoint:
         unknown. ``window`` (bytes, > 0) bounds the read-ahead.
         """
     def close(self) -> None:
-        """Drop this object's mappings (live views keep theirs)."""
+        """Drop this object's mappings (live views keep theirs). Any later use
+        of this object but ``close()`` raises ``ValueError``."""
     def __enter__(self) -> Checkpoint: ...
     def __exit__(self, *exc: object) -> None: ...

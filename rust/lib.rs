@@ -1,0 +1,29 @@
+//! leanstream's Rust core: bytes only. It parses and validates safetensors
+//! headers ([`header`]), maps shards and indexes tensors ([`reader`]), and
+//! streams zero-copy views with bounded read-ahead ([`stream`]). The PyO3
+//! binding (`py`, feature `python`) exposes them as `leanstream._core`.
+
+pub mod error;
+pub mod header;
+#[cfg(feature = "python")]
+mod py;
+pub mod reader;
+pub mod stream;
+
+#[cfg(feature = "python")]
+use pyo3::prelude::*;
+
+/// The Rust reader of safetensors checkpoints (see `_core.pyi`).
+#[cfg(feature = "python")]
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DEFAULT_WINDOW", stream::DEFAULT_WINDOW)?;
+    m.add("MAX_HEADER_SIZE", header::MAX_HEADER_SIZE)?;
+    error::py::register(m)?;
+    m.add_class::<py::PyCheckpoint>()?;
+    m.add_class::<py::PyTensorStream>()?;
+    m.add_class::<py::PyTensorView>()?;
+    m.add_class::<py::PyTensorInfo>()?;
+    Ok(())
+}

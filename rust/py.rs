@@ -1,0 +1,409 @@
+//! The PyO3 classes of `leanstream._core`: `Checkpoint`, `TensorStream`,
+//! `TensorView`, `TensorInfo` (typed in `python/leanstream/_core.pyi`).
+//!
+//! Every call that touches files (open, fstat, madvise) releases the GIL with
+//! `py.detach`; the read-ahead thread never touches Python objects. Errors
+//! become the exception classes of [`crate::error::py`].
+
+use crate::error::Error;
+use crate::reader::{Checkpoint, TensorInfo, View};
+use crate::stream::{Slot, Stream, DEFAULT_WINDOW};
+use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use std::ffi::{c_int, c_void};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+fn closed(what: &str) -> PyErr {
+    PyValueError::new_err(format!("I/O operation on a closed {what}"))
+}
+
+fn poisoned() -> PyErr {
+    Error::internal("lock poisoned").into()
+}
+
+/// Where one tensor lives: dtype, shape, file and absolute byte range.
+#[pyclass(frozen, name = "TensorInfo", module = "leanstream._core")]
+pub struct PyTensorInfo {
+    info: TensorInfo,
+    file: String,
+}
+
+#[pymethods]
+impl PyTensorInfo {
+    #[getter]
+    fn name(&self) -> &str {
+        &self.info.name
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.info.dtype.as_str()
+    }
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.info.shape)
+    }
+    #[getter]
+    fn file(&self) -> &str {
+        &self.file
+    }
+    #[getter]
+    fn start(&self) -> u64 {
+        self.info.start
+    }
+    #[getter]
+    fn end(&self) -> u64 {
+        self.info.end
+    }
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.info.nbytes()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "TensorInfo(name={:?}, dtype={:?}, shape={:?}, file={:?}, start={}, end={})",
+            self.info.name,
+            self.info.dtype.as_str(),
+            self.info.shape,
+            self.file,
+            self.info.start,
+            self.info.end
+        )
+    }
+}
+
+/// A read-only, zero-copy view of one tensor's bytes (buffer protocol, format
+/// `B`). It holds its shard's mapping (an `Arc`) alive; buffers exported from
+/// it hold the view (`view.obj = self`), so the mapping outlives them all.
+#[pyclass(frozen, name = "TensorView", module = "leanstream._core")]
+pub struct PyTensorView {
+    view: View,
+    slot: Option<Slot>,
+}
+
+#[pymethods]
+impl PyTensorView {
+    #[getter]
+    fn name(&self) -> &str {
+        &self.view.info().name
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.view.info().dtype.as_str()
+    }
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.view.info().shape)
+    }
+    #[getter]
+    fn file(&self) -> String {
+        self.view.path().display().to_string()
+    }
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.view.info().nbytes()
+    }
+    fn __len__(&self) -> usize {
+        self.view.len()
+    }
+
+    /// Drop the pages from the resident set and return the bytes to the
+    /// stream's read-ahead budget. The view stays valid.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| match &self.slot {
+            Some(slot) => slot.release(&self.view),
+            None => {
+                self.view.release();
+                Ok(())
+            }
+        })?;
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        let info = self.view.info();
+        format!(
+            "TensorView(name={:?}, dtype={:?}, shape={:?}, nbytes={})",
+            info.name,
+            info.dtype.as_str(),
+            info.shape,
+            info.nbytes()
+        )
+    }
+
+    /// Export the bytes read-only (tiktoken's `TiktokenBuffer`): refuse
+    /// writable requests, fill format/shape/strides only when asked.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("Py_buffer is null"));
+        }
+        if (flags & ffi::PyBUF_WRITABLE) == ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err(
+                "TensorView is read-only: the checkpoint is mapped PROT_READ",
+            ));
+        }
+        let bytes = slf.get().view.bytes();
+        let (ptr, len) = (bytes.as_ptr(), bytes.len());
+        let len = isize::try_from(len)
+            .map_err(|_| PyBufferError::new_err("tensor too large for a buffer"))?;
+        // SAFETY: `view` is non-null and CPython hands us a writable
+        // Py_buffer. `bytes` lives in the mapping held by `slf`, and
+        // `view.obj` keeps `slf` alive until the buffer is released.
+        unsafe {
+            (*view).obj = slf.into_any().into_ptr();
+            (*view).buf = ptr as *mut c_void;
+            (*view).len = len;
+            (*view).readonly = 1;
+            (*view).itemsize = 1;
+            (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
+                c"B".as_ptr().cast_mut()
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND {
+                &raw mut (*view).len
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES {
+                &raw mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        // Nothing to free: the format string is static, shape/strides point
+        // into the Py_buffer itself, and `view.obj` is released by CPython.
+    }
+}
+
+/// Iterator over `(name, TensorView)` in the requested order, with a
+/// read-ahead thread; see `Stream`.
+#[pyclass(frozen, name = "TensorStream", module = "leanstream._core")]
+pub struct PyTensorStream {
+    stream: Mutex<Stream>,
+    window: u64,
+    total_bytes: u64,
+}
+
+#[pymethods]
+impl PyTensorStream {
+    #[getter]
+    fn window(&self) -> u64 {
+        self.window
+    }
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(String, PyTensorView)>> {
+        let next = py.detach(|| {
+            let mut stream = self.stream.lock().map_err(|_| poisoned())?;
+            Ok::<_, PyErr>(stream.next())
+        })?;
+        match next {
+            None => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok((view, slot))) => {
+                let name = view.info().name.clone();
+                Ok(Some((
+                    name,
+                    PyTensorView {
+                        view,
+                        slot: Some(slot),
+                    },
+                )))
+            }
+        }
+    }
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.stream.lock().map_err(|_| poisoned())?.remaining())
+    }
+
+    /// Stop and join the read-ahead thread. Views already yielded stay valid.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let mut stream = self.stream.lock().map_err(|_| poisoned())?;
+            stream.close().map_err(PyErr::from)
+        })
+    }
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.close(py)
+    }
+    fn __repr__(&self) -> String {
+        let remaining = self.stream.lock().map(|s| s.remaining()).unwrap_or(0);
+        format!(
+            "TensorStream(remaining={remaining}, total_bytes={}, window={})",
+            self.total_bytes, self.window
+        )
+    }
+}
+
+/// One safetensors checkpoint, validated completely on open.
+#[pyclass(frozen, name = "Checkpoint", module = "leanstream._core")]
+pub struct PyCheckpoint {
+    inner: RwLock<Option<Arc<Checkpoint>>>,
+}
+
+impl PyCheckpoint {
+    fn get(&self) -> PyResult<Arc<Checkpoint>> {
+        let guard = self.inner.read().map_err(|_| poisoned())?;
+        guard.clone().ok_or_else(|| closed("Checkpoint"))
+    }
+
+    fn info(ckpt: &Checkpoint, name: &str) -> PyResult<PyTensorInfo> {
+        let info = ckpt.get(name).ok_or_else(|| ckpt.missing(name))?;
+        Ok(PyTensorInfo {
+            info: info.clone(),
+            file: ckpt.shard_path(info).display().to_string(),
+        })
+    }
+}
+
+#[pymethods]
+impl PyCheckpoint {
+    #[new]
+    fn new(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let ckpt = if let Ok(path) = path.extract::<PathBuf>() {
+            py.detach(|| Checkpoint::open(&path))?
+        } else if let Ok(paths) = path.extract::<Vec<PathBuf>>() {
+            py.detach(|| Checkpoint::open_files(&paths))?
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "Checkpoint() takes a path (str or os.PathLike) or a sequence of paths, not {}",
+                path.get_type().name()?
+            )));
+        };
+        Ok(PyCheckpoint {
+            inner: RwLock::new(Some(Arc::new(ckpt))),
+        })
+    }
+
+    #[getter]
+    fn files(&self) -> PyResult<Vec<String>> {
+        let ckpt = self.get()?;
+        Ok(ckpt.files().map(|p| p.display().to_string()).collect())
+    }
+
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let ckpt = self.get()?;
+        let dict = PyDict::new(py);
+        for (k, v) in ckpt.metadata() {
+            dict.set_item(k, v)?;
+        }
+        Ok(dict)
+    }
+
+    #[getter]
+    fn index_metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let ckpt = self.get()?;
+        let Some(value) = ckpt.index_metadata() else {
+            return Ok(None);
+        };
+        let text = serde_json::to_string(value)
+            .map_err(|e| PyValueError::new_err(format!("cannot re-encode index metadata: {e}")))?;
+        Ok(Some(py.import("json")?.call_method1("loads", (text,))?))
+    }
+
+    #[getter]
+    fn total_bytes(&self) -> PyResult<u64> {
+        Ok(self.get()?.total_bytes())
+    }
+
+    /// All tensor names, sorted.
+    fn keys(&self) -> PyResult<Vec<String>> {
+        Ok(self.get()?.names().map(str::to_owned).collect())
+    }
+
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.get()?.len())
+    }
+
+    fn __contains__(&self, name: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let ckpt = self.get()?;
+        Ok(match name.extract::<&str>() {
+            Ok(name) => ckpt.get(name).is_some(),
+            Err(_) => false,
+        })
+    }
+
+    fn __getitem__(&self, name: &str) -> PyResult<PyTensorInfo> {
+        let ckpt = self.get()?;
+        Self::info(&ckpt, name)
+    }
+
+    /// Random access to one tensor, without read-ahead.
+    fn view(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorView> {
+        let ckpt = self.get()?;
+        let view = py.detach(|| {
+            let view = ckpt.view(name)?;
+            view.check_available()?;
+            Ok::<_, Error>(view)
+        })?;
+        Ok(PyTensorView { view, slot: None })
+    }
+
+    /// Yield the named tensors in this order (duplicates allowed).
+    #[pyo3(signature = (names, *, window = DEFAULT_WINDOW as i64))]
+    fn stream(&self, py: Python<'_>, names: Vec<String>, window: i64) -> PyResult<PyTensorStream> {
+        let window = u64::try_from(window)
+            .ok()
+            .filter(|&w| w > 0)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "window must be a positive byte count, not {window}"
+                ))
+            })?;
+        let ckpt = self.get()?;
+        let stream = py.detach(|| Stream::new(ckpt.views(&names)?, window))?;
+        Ok(PyTensorStream {
+            total_bytes: stream.total_bytes(),
+            window,
+            stream: Mutex::new(stream),
+        })
+    }
+
+    /// Drop this object's mappings (live views keep theirs).
+    fn close(&self) -> PyResult<()> {
+        *self.inner.write().map_err(|_| poisoned())? = None;
+        Ok(())
+    }
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.close()
+    }
+    fn __repr__(&self) -> String {
+        match self.get() {
+            Ok(ckpt) => format!(
+                "Checkpoint({} tensors, {} files, {} bytes)",
+                ckpt.len(),
+                ckpt.files().count(),
+                ckpt.total_bytes()
+            ),
+            Err(_) => "Checkpoint(closed)".to_owned(),
+        }
+    }
+}

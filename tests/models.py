@@ -13,7 +13,7 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
         "LlamaConfig",
         dict(
             hidden_size=64,
-            intermediate_size=160,
+            intermediate_size=192,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -26,7 +26,7 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
         "LlamaConfig",
         dict(
             hidden_size=64,
-            intermediate_size=160,
+            intermediate_size=192,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -39,7 +39,7 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
         "OPTConfig",
         dict(
             hidden_size=64,
-            ffn_dim=160,
+            ffn_dim=192,
             num_hidden_layers=2,
             num_attention_heads=4,
             vocab_size=320,
@@ -49,13 +49,21 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "gpt2": (
         "GPT2Config",
-        dict(n_embd=64, n_layer=2, n_head=4, vocab_size=320, n_positions=128),
+        dict(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            vocab_size=320,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
     ),
     "qwen2": (
         "Qwen2Config",
         dict(
             hidden_size=64,
-            intermediate_size=160,
+            intermediate_size=192,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

@@ -203,6 +203,9 @@ def _fill(
         model.is_loaded_in_4bit = spec.bits == 4
         model.is_loaded_in_8bit = spec.bits == 8
     model.config.dtype = model_dtype
+    # the bitsandbytes layers were created after build_empty_model's eval(): LLM.int8
+    # takes another code path in training mode
+    model.eval()
 
 
 def _tie(model: Any, ties: dict[str, str]) -> None:

@@ -388,3 +388,30 @@ def logits_on(model: Any, device: str) -> torch.Tensor:
     ids = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]], device=device)
     with torch.no_grad():
         return model(input_ids=ids).logits.float().cpu()
+
+
+def test_checkpoint_of_the_base_model_gets_its_prefix(tmp_path: Path) -> None:
+    """Keys saved without ``model.`` (a LlamaModel checkpoint) are renamed as transformers does."""
+    from transformers import LlamaModel
+
+    config = make_config("llama-tied")
+    base = LlamaModel(config).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
+    assert "embed_tokens.weight" in index["weight_map"]
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu")
+    got = leanstream.load(tmp_path / "base", bits=16, device="cpu", progress=False)
+    assert type(got).__name__ == "LlamaForCausalLM"
+    assert torch.equal(got.model.embed_tokens.weight, base.embed_tokens.weight)
+    assert got.lm_head.weight is got.model.embed_tokens.weight
+    assert torch.equal(logits(ref), logits(got))
+
+
+def test_progress_bar_counts_bytes(
+    checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    leanstream.load(checkpoints["llama"], bits=4, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "leanstream llama" in err and "B/s" in err
+    leanstream.load(checkpoints["llama"], bits=4, device="cpu", progress=False)
+    assert "leanstream" not in capsys.readouterr().err

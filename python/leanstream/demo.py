@@ -40,7 +40,12 @@ def write_demo_checkpoint(folder: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import logging
+
     import leanstream
+
+    # bitsandbytes logs a warning on every int8 matmul with bf16 inputs: keep the table readable
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path("build/demo-model"))

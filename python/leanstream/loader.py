@@ -8,6 +8,8 @@ full-precision tensor exists outside the mapped file.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -175,6 +177,7 @@ def _fill(
             leave=False,
         ) as bar,
     ):
+        trim = _MallocTrim() if device.type == "cpu" else None
         for target, (key, view) in zip(targets, stream, strict=True):
             assert key == target.key
             tensor = as_tensor(view)
@@ -190,6 +193,8 @@ def _fill(
             )
             del tensor
             bar.update(view.nbytes)
+            if trim is not None:
+                trim.freed(view.nbytes)
     _tie(model, ties)
     left = meta_tensors(model)
     if left:
@@ -206,6 +211,35 @@ def _fill(
     # the bitsandbytes layers were created after build_empty_model's eval(): LLM.int8
     # takes another code path in training mode
     model.eval()
+
+
+class _MallocTrim:
+    """Give freed heap memory back to the OS every ``every`` bytes of input.
+
+    CPU quantization makes large short-lived temporaries; glibc raises its mmap
+    threshold after the first large free, so later ones come from the heap and
+    stay resident after ``free`` (peak RSS grew by hundreds of MB on a 300 MB
+    checkpoint). ``malloc_trim(0)`` returns them. A no-op without glibc.
+    """
+
+    def __init__(self, every: int = 32 << 20) -> None:
+        self.every = every
+        self.pending = 0
+        self.trim = _malloc_trim()
+
+    def freed(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.trim is not None and self.pending >= self.every:
+            self.pending = 0
+            self.trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _tie(model: Any, ties: dict[str, str]) -> None:

@@ -352,15 +352,16 @@ def test_pickle_only_folder_is_refused(tmp_path: Path) -> None:
         leanstream.load(tmp_path, device="cpu", progress=False)
 
 
-def test_prequantized_checkpoint_is_refused_for_now(
+def test_non_bitsandbytes_prequantized_checkpoint_is_refused(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
+    """bitsandbytes pre-quantized checkpoints load (tests/test_prequantized.py); others do not."""
     folder = _copy(checkpoints["llama"], tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(leanstream.UnsupportedCheckpointError, match="already quantized"):
-        ours(folder, SETTINGS["nf4"])
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"already quantized \(awq\)"):
+        leanstream.load(folder, device="cpu", progress=False)
 
 
 def test_missing_source(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from . import _core
 from .checkpoint import check_weights_format, load_config, resolve
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .meta import build_empty_model, meta_tensors
+from .prequantized import Prequantized
 from .quantize import QuantSpec, QuantType, default_skip_modules, materialize, replace_linears
 from .reader import DTYPES, as_tensor
 
@@ -38,12 +39,14 @@ class _Target:
     dtype: torch.dtype | None
     transpose: bool
     buffer: bool
+    # pre-quantized weight: the (stat, checkpoint key) pairs streamed just before it
+    stats: tuple[tuple[str, str], ...] | None = None
 
 
 def load(
     source: str | os.PathLike[str],
     *,
-    bits: int | None = 4,
+    bits: int | Literal["auto"] | None = "auto",
     quant_type: QuantType = "nf4",
     double_quant: bool = False,
     compute_dtype: torch.dtype | str | None = None,
@@ -68,7 +71,12 @@ def load(
             ``huggingface_hub``; ``revision``, ``token``, ``cache_dir``,
             ``local_files_only`` and ``HF_HUB_OFFLINE`` are honoured).
         bits: 4 (bitsandbytes ``Linear4bit``), 8 (LLM.int8 ``Linear8bitLt``), or
-            16 / None (no quantization, streamed the same way).
+            16 / None (no quantization, streamed the same way). ``"auto"`` (the
+            default): 4, or for a pre-quantized bitsandbytes checkpoint what it
+            stores (its packed tensors are loaded as they are; an explicit ``bits``
+            that differs from the checkpoint's is a :class:`ConfigError`, as are
+            non-default ``quant_type``/``double_quant``/``blocksize``/``quant_storage``
+            that disagree with it and any ``skip_modules``).
         quant_type: ``"nf4"`` or ``"fp4"`` (4-bit only).
         double_quant: quantize the 4-bit absmax statistics too.
         compute_dtype: dtype of 4-bit matmuls; default: the model's dtype.
@@ -96,7 +104,7 @@ def load(
         >>> model.generate(**prompt, max_new_tokens=32)  # doctest: +SKIP
     """
     spec = QuantSpec(
-        bits=16 if bits is None else bits,
+        bits=4 if bits == "auto" else 16 if bits is None else bits,
         quant_type=quant_type,
         double_quant=double_quant,
         compute_dtype=_as_dtype(compute_dtype, "compute_dtype") if compute_dtype else None,
@@ -114,14 +122,17 @@ def load(
     )
     check_weights_format(folder)
     config = load_config(folder, trust_remote_code=trust_remote_code)
+    prequantized = None
     if getattr(config, "quantization_config", None) is not None:
-        raise checkpoint_error(
-            UnsupportedCheckpointError,
-            f"{folder / 'config.json'}: the checkpoint is already quantized "
-            f"({_describe_quantization(config.quantization_config)}); loading pre-quantized "
-            "checkpoints is not supported yet",
-            file=str(folder / "config.json"),
+        prequantized = Prequantized.from_config(
+            config,
+            folder,
+            bits=bits,
+            requested=spec,
+            skip_modules=skip_modules,
+            compute_dtype_given=compute_dtype is not None,
         )
+        spec = prequantized.spec
     with _core.Checkpoint(folder) as ckpt:
         model_dtype = _model_dtype(dtype, config, ckpt)
         model = build_empty_model(config, trust_remote_code=trust_remote_code)
@@ -136,6 +147,7 @@ def load(
                 target_device,
                 progress,
                 window,
+                prequantized,
             )
         except BaseException:
             # the traceback keeps this frame alive: do not let it keep the model too
@@ -155,18 +167,25 @@ def _fill(
     device: torch.device,
     progress: bool,
     window: int,
+    prequantized: Prequantized | None = None,
 ) -> None:
     expected = _expected_shapes(model)
     fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    skip = default_skip_modules(model) | set(skip_modules or [])
+    if prequantized is None:
+        skip = default_skip_modules(model) | set(skip_modules or [])
+    else:
+        skip = prequantized.skip(model)
     replaced = replace_linears(model, spec, skip) if spec.quantized else {}
-    targets, ties = _plan(model, ckpt, folder, expected, replaced, model_dtype, fp32_modules)
+    targets, ties = _plan(
+        model, ckpt, folder, expected, replaced, model_dtype, fp32_modules, prequantized
+    )
+    names = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
 
     from tqdm.auto import tqdm
 
     with (
-        ckpt.stream([t.key for t in targets], window=window) as stream,
+        ckpt.stream(names, window=window) as stream,
         tqdm(
             total=stream.total_bytes,
             unit="B",
@@ -178,23 +197,34 @@ def _fill(
         ) as bar,
     ):
         trim = _MallocTrim() if device.type == "cpu" else None
-        for target, (key, view) in zip(targets, stream, strict=True):
+        for target in targets:
+            stats, nbytes = {}, 0
+            for stat, stat_key in target.stats or ():
+                key, view = next(stream)
+                assert key == stat_key
+                stats[stat], nbytes = as_tensor(view), nbytes + view.nbytes
+            key, view = next(stream)
             assert key == target.key
             tensor = as_tensor(view)
-            materialize(
-                target.module,
-                target.attr,
-                tensor,
-                device=device,
-                dtype=target.dtype if tensor.is_floating_point() else None,
-                spec=spec,
-                transpose=target.transpose,
-                buffer=target.buffer,
-            )
-            del tensor
-            bar.update(view.nbytes)
+            nbytes += view.nbytes
+            if target.stats is not None and prequantized is not None:
+                prequantized.materialize(target.name, target.module, tensor, stats, device=device)
+            else:
+                materialize(
+                    target.module,
+                    target.attr,
+                    tensor,
+                    device=device,
+                    dtype=target.dtype if tensor.is_floating_point() else None,
+                    spec=spec,
+                    transpose=target.transpose,
+                    buffer=target.buffer,
+                )
+            del tensor, stats
+            bar.update(nbytes)
             if trim is not None:
-                trim.freed(view.nbytes)
+                trim.freed(nbytes)
+        assert len(stream) == 0
     _tie(model, ties)
     left = meta_tensors(model)
     if left:
@@ -273,11 +303,13 @@ def _plan(
     replaced: dict[str, bool],
     model_dtype: torch.dtype,
     fp32_modules: list[str],
+    prequantized: Prequantized | None = None,
 ) -> tuple[list[_Target], dict[str, str]]:
     """Decide, before reading a byte, which checkpoint tensor fills which model
     tensor, in module traversal order; raise :class:`MismatchError` for missing,
     unexpected or mis-shaped tensors. Returns the targets and the ties to make
-    afterwards (``{tied_name: loaded_name}``)."""
+    afterwards (``{tied_name: loaded_name}``). With ``prequantized``, a replaced
+    layer's weight also claims its statistics tensors (and its shape is the packed one)."""
     from .quantize import matches_any
 
     by_name = _rename_keys(model, ckpt, folder, expected)
@@ -292,6 +324,8 @@ def _plan(
     targets: list[_Target] = []
     seen: set[str] = set()
     mismatched = []
+    claimed: set[str] = set()  # pre-quantized statistics, loaded with their weight
+    missing_stats: list[str] = []
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
         entries = [(a, False) for a, p in module._parameters.items() if p is not None]
@@ -308,9 +342,15 @@ def _plan(
             key = by_name.get(name)
             if key is None:
                 continue
-            shape = tuple(ckpt[key].shape)
-            if shape != expected[name]:
-                mismatched.append((name, shape, expected[name]))
+            shape, want = tuple(ckpt[key].shape), expected[name]
+            stats = None
+            if prequantized is not None and module_name in replaced and attr == "weight":
+                stats, absent = prequantized.stats(module_name, by_name)
+                claimed.update(prefix + stat for stat, _ in stats)
+                missing_stats += absent
+                want = prequantized.weight_shape(module, key, ckpt[key])
+            if shape != want:
+                mismatched.append((name, shape, want))
             keep_fp32 = matches_any(module_name, fp32_modules)
             targets.append(
                 _Target(
@@ -321,6 +361,7 @@ def _plan(
                     dtype=torch.float32 if keep_fp32 else model_dtype,
                     transpose=replaced.get(module_name, False) and attr == "weight",
                     buffer=is_buffer,
+                    stats=stats,
                 )
             )
     ignore_missing = _regex(getattr(model, "_keys_to_ignore_on_load_missing", None))
@@ -329,6 +370,7 @@ def _plan(
         for n in expected
         if n not in by_name and n not in ties and not (ignore_missing and ignore_missing.search(n))
     ]
+    missing += missing_stats
     unexpected_patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     # transformers' own additions: old checkpoints stored these buffers
     unexpected_patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
@@ -336,7 +378,9 @@ def _plan(
     unexpected = [
         key
         for name, key in by_name.items()
-        if name not in expected and not (ignore_unexpected and ignore_unexpected.search(name))
+        if name not in expected
+        and name not in claimed
+        and not (ignore_unexpected and ignore_unexpected.search(name))
     ]
     if missing or unexpected or mismatched:
         raise MismatchError(
@@ -418,12 +462,6 @@ def _as_device(device: str | torch.device | None) -> torch.device:
     if result.type == "meta":
         raise ConfigError("device='meta' would load nothing")
     return result
-
-
-def _describe_quantization(config: Any) -> str:
-    if isinstance(config, dict):
-        return str(config.get("quant_method", "unknown method"))
-    return str(getattr(config, "quant_method", type(config).__name__))
 
 
 def _load_generation_config(model: Any, folder: Path) -> None:

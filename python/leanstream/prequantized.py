@@ -1,0 +1,303 @@
+"""Pre-quantized bitsandbytes checkpoints: the loader's sink for already-packed tensors.
+
+A checkpoint saved from a bitsandbytes model (by :func:`leanstream.save` or
+transformers' ``save_pretrained``) has a ``quantization_config`` with
+``quant_method: "bitsandbytes"`` in its ``config.json``, and stores each quantized
+linear weight as several tensors:
+
+- 4-bit: ``weight`` (packed), ``weight.absmax``, ``weight.quant_map``, with double
+  quantization ``weight.nested_absmax`` and ``weight.nested_quant_map``, and
+  ``weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``: the JSON of the rest);
+- LLM.int8: ``weight`` (int8), ``SCB``, and optionally ``weight_format`` (0: row-major).
+
+:func:`leanstream.load` streams them like any checkpoint (one pipeline: the same
+plan, reader and progress bar). :class:`Prequantized` tells the loader which layers
+to replace (``llm_int8_skip_modules`` as transformers reads it), which extra tensors
+each quantized weight consumes, and turns them into bitsandbytes parameters with
+bitsandbytes' own constructors (``Params4bit.from_prequantized``, ``Int8Params``),
+as transformers' ``Bnb4bitDeserialize`` / ``Bnb8bitDeserialize`` do: nothing is
+dequantized or requantized, the bytes are copied once to the target device.
+
+>>> model = leanstream.load("someone/llama-3.2-1b-nf4")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
+from .quantize import QuantSpec, default_skip_modules
+
+#: Statistics of a 4-bit weight, relative to the module (``<module>.weight.absmax`` ...).
+STATS_4BIT = (
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+)
+#: The packed JSON of a 4-bit weight's other statistics, one per quant type.
+QUANT_STATE_4BIT = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
+#: Statistics of an LLM.int8 weight, relative to the module.
+STATS_8BIT = ("SCB", "weight_format")
+
+_DEFAULT = QuantSpec()
+
+
+def quantization_dict(config: Any) -> dict[str, Any] | None:
+    """``config.quantization_config`` as a plain dict (transformers keeps a dict or an object)."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None or isinstance(quant, dict):
+        return quant
+    if hasattr(quant, "to_dict"):
+        return dict(quant.to_dict())
+    return {"quant_method": str(getattr(quant, "quant_method", type(quant).__name__))}
+
+
+def describe(quant: Mapping[str, Any]) -> str:
+    """``"bitsandbytes 4-bit nf4, double quant"``, ``"bitsandbytes 8-bit"``, ``"awq"``..."""
+    method = str(quant.get("quant_method", "unknown method"))
+    if method != "bitsandbytes":
+        return method
+    if quant.get("load_in_4bit"):
+        text = f"bitsandbytes 4-bit {quant.get('bnb_4bit_quant_type', 'fp4')}"
+        return text + (", double quant" if quant.get("bnb_4bit_use_double_quant") else "")
+    if quant.get("load_in_8bit"):
+        return "bitsandbytes 8-bit (LLM.int8)"
+    return "bitsandbytes (neither load_in_4bit nor load_in_8bit)"
+
+
+@dataclass(frozen=True)
+class Prequantized:
+    """A bitsandbytes checkpoint's quantization, and how its tensors fill a model.
+
+    Built by :meth:`from_config`; used by the loader in three places: :meth:`skip`
+    (before layers are replaced), :meth:`stats` and :meth:`weight_shape` (while
+    planning, before a byte is read), :meth:`materialize` (per streamed weight).
+    """
+
+    spec: QuantSpec
+    skip_modules: tuple[str, ...] | None
+    config_file: str
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        folder: Path,
+        *,
+        bits: int | str | None,
+        requested: QuantSpec,
+        skip_modules: list[str] | None,
+        compute_dtype_given: bool,
+    ) -> Prequantized:
+        """Read the checkpoint's ``quantization_config`` and reconcile ``load()``'s options.
+
+        ``bits="auto"`` takes the checkpoint's; an explicit ``bits`` (4, 8, or 16/None)
+        that differs is a :class:`ConfigError` (leanstream never dequantizes). The
+        other quantization options must be left at their defaults or agree with the
+        checkpoint; ``compute_dtype`` and ``threshold`` are runtime choices and
+        override the checkpoint's. Methods other than bitsandbytes are refused with
+        :class:`UnsupportedCheckpointError`.
+        """
+        path = str(folder / "config.json")
+        quant = quantization_dict(config) or {}
+        what = describe(quant)
+        if quant.get("quant_method") != "bitsandbytes" or not (
+            quant.get("load_in_4bit") or quant.get("load_in_8bit")
+        ):
+            raise checkpoint_error(
+                UnsupportedCheckpointError,
+                f"{path}: the checkpoint is already quantized ({what}); leanstream loads "
+                "pre-quantized checkpoints of bitsandbytes 4-bit or 8-bit only",
+                file=path,
+            )
+        stored_bits = 4 if quant.get("load_in_4bit") else 8
+        if bits != "auto" and (16 if bits is None else bits) != stored_bits:
+            raise ConfigError(
+                f"{path}: the checkpoint is pre-quantized ({what}) but bits={bits!r} was asked; "
+                "leanstream does not dequantize or requantize: pass bits='auto' (the default) "
+                f"or bits={stored_bits}, or load the original full-precision checkpoint"
+            )
+        stored = {
+            "quant_type": quant.get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(quant.get("bnb_4bit_use_double_quant", False)),
+            "quant_storage": _dtype(quant.get("bnb_4bit_quant_storage", "uint8"), path),
+        }
+        if stored_bits == 4:
+            for option, value in stored.items():
+                asked = getattr(requested, option)
+                if asked != getattr(_DEFAULT, option) and asked != value:
+                    raise ConfigError(
+                        f"{path}: the checkpoint is pre-quantized ({what}) but {option}={asked!r} "
+                        f"was asked; it stores {option}={value!r}: leave {option} out"
+                    )
+        if skip_modules:
+            raise ConfigError(
+                f"{path}: skip_modules cannot apply to a pre-quantized checkpoint ({what}): "
+                "which layers are quantized was decided when it was saved"
+            )
+        compute = requested.compute_dtype
+        if not compute_dtype_given and stored_bits == 4:
+            compute = _dtype(quant.get("bnb_4bit_compute_dtype"), path)
+        threshold = requested.threshold
+        if threshold == _DEFAULT.threshold:
+            threshold = float(quant.get("llm_int8_threshold", threshold))
+        spec = dataclasses.replace(
+            requested,
+            bits=stored_bits,
+            compute_dtype=compute,
+            threshold=threshold,
+            **(stored if stored_bits == 4 else {}),
+        )
+        skip = quant.get("llm_int8_skip_modules")
+        return cls(
+            spec=spec,
+            skip_modules=None if skip is None else tuple(skip),
+            config_file=path,
+        )
+
+    def skip(self, model: Any) -> set[str]:
+        """Modules kept in full precision, by transformers' rule: the checkpoint's
+        ``llm_int8_skip_modules`` if set (else the default ones), plus the model's
+        ``_keep_in_fp32_modules``."""
+        if self.skip_modules is None:
+            return default_skip_modules(model)
+        skip = set(self.skip_modules)
+        skip.update(getattr(model, "_keep_in_fp32_modules", None) or [])
+        skip.update(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        return skip
+
+    def stats(
+        self, module_name: str, by_name: Mapping[str, str]
+    ) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+        """The statistics tensors the weight of replaced module ``module_name`` is
+        made of: ``((stat, checkpoint_key), ...)`` with ``stat`` relative to the
+        module, in a fixed order, and the model names of required ones missing."""
+        prefix = f"{module_name}." if module_name else ""
+        if self.spec.bits == 4:
+            required = ["weight.absmax", "weight.quant_map"]
+            if self.spec.double_quant:
+                required += ["weight.nested_absmax", "weight.nested_quant_map"]
+            candidates = [*STATS_4BIT, *QUANT_STATE_4BIT]
+        else:
+            required = ["SCB"]
+            candidates = list(STATS_8BIT)
+        found = tuple((s, by_name[prefix + s]) for s in candidates if prefix + s in by_name)
+        missing = [prefix + s for s in required if prefix + s not in by_name]
+        if self.spec.bits == 4 and not any(s in QUANT_STATE_4BIT for s, _ in found):
+            missing.append(prefix + QUANT_STATE_4BIT[self.spec.quant_type == "fp4"])
+        return found, missing
+
+    def weight_shape(self, module: nn.Module, key: str, info: Any) -> tuple[int, ...]:
+        """The shape the stored quantized weight of ``module`` must have (checked by
+        the loader's plan like any other shape). Refuses an LLM.int8 weight that is
+        not int8 (a 4-bit weight's storage dtype is checked when it is loaded)."""
+        out_features, in_features = _features(module)
+        if self.spec.bits == 8:
+            if info.dtype != "I8":
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{info.file}: tensor {key!r} is {info.dtype}; an LLM.int8 weight is I8 "
+                    f"({self.config_file} says the checkpoint is 8-bit)",
+                    file=info.file,
+                    tensor=key,
+                )
+            return (out_features, in_features)
+        # bitsandbytes packs two 4-bit values per byte of the storage dtype
+        per_element = 2 * self.spec.quant_storage.itemsize
+        return ((out_features * in_features + 1) // per_element, 1)
+
+    def materialize(
+        self,
+        name: str,
+        module: nn.Module,
+        weight: torch.Tensor,
+        stats: Mapping[str, torch.Tensor],
+        *,
+        device: torch.device,
+    ) -> None:
+        """Make ``module.weight`` the bitsandbytes parameter stored as ``weight`` and
+        ``stats`` (read-only views of the mapped file: copied once to ``device``)."""
+        import bitsandbytes as bnb
+
+        own = {stat: value.to(device=device, copy=True) for stat, value in stats.items()}
+        data = weight.to(device=device, copy=True)
+        if isinstance(module, bnb.nn.Linear4bit):
+            if weight.dtype != self.spec.quant_storage:
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{self.config_file}: {name!r} is stored as {weight.dtype}, but "
+                    f"bnb_4bit_quant_storage is {self.spec.quant_storage}",
+                    file=self.config_file,
+                    tensor=name,
+                )
+            try:
+                param = bnb.nn.Params4bit.from_prequantized(
+                    data=data,
+                    quantized_stats=own,
+                    requires_grad=False,
+                    device=device,
+                    module=module,
+                )
+            except (ValueError, KeyError, AssertionError, TypeError) as err:
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{self.config_file}: the quantization statistics of {name!r} are invalid "
+                    f"({type(err).__name__}: {err})",
+                    file=self.config_file,
+                    tensor=name,
+                ) from err
+            expected = _features(module)
+            if tuple(param.quant_state.shape) != expected:
+                raise MismatchError(
+                    self.config_file,
+                    mismatched=[(name, tuple(param.quant_state.shape), expected)],
+                )
+            asked = self.spec.blocksize
+            if asked != _DEFAULT.blocksize and asked != param.quant_state.blocksize:
+                raise ConfigError(
+                    f"{self.config_file}: {name!r} is stored with blocksize "
+                    f"{param.quant_state.blocksize} but blocksize={asked} was asked: "
+                    "leave blocksize out for a pre-quantized checkpoint"
+                )
+            module.weight = param
+            return
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            layout = own.pop("weight_format", None)
+            if layout is not None and int(layout.item()) != 0:
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{self.config_file}: {name!r} has weight_format {int(layout.item())}; "
+                    "only row-major (0) LLM.int8 weights are supported",
+                    file=self.config_file,
+                    tensor=name,
+                )
+            param = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+            param.CB = param.data
+            param.SCB = own["SCB"]
+            module.weight = param
+            return
+        raise TypeError(f"{name}: not a bitsandbytes layer: {type(module).__name__}")
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    return int(module.out_features), int(module.in_features)
+
+
+def _dtype(value: Any, path: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    result = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(result, torch.dtype):
+        raise ConfigError(f"{path}: quantization_config names an unknown dtype {value!r}")
+    return result
+
+
+__all__ = ["QUANT_STATE_4BIT", "STATS_4BIT", "STATS_8BIT", "Prequantized", "describe"]

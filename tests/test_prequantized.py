@@ -1,0 +1,255 @@
+"""Loading pre-quantized bitsandbytes checkpoints, against transformers' own save and load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_load import SETTINGS, assert_same_weights, logits, reference
+from transformers import AutoModelForCausalLM
+
+import leanstream
+from models import write_model
+
+#: (setting, architecture) pairs saved by transformers: llama (plain), gpt2 (Conv1D), opt (tied)
+CASES = [(s, "llama") for s in SETTINGS] + [("nf4", "gpt2"), ("int8", "gpt2"), ("nf4-dq", "opt")]
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("src")
+    return {arch: write_model(root / arch, arch) for arch in ("llama", "gpt2", "opt")}
+
+
+@pytest.fixture(scope="session")
+def saved(
+    sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], Path]:
+    """Folders written by transformers' ``save_pretrained`` of a bitsandbytes model."""
+    root = tmp_path_factory.mktemp("tf-saved")
+    folders = {}
+    for setting, arch in CASES:
+        model = reference(sources[arch], SETTINGS[setting])
+        folder = root / f"{arch}-{setting}"
+        model.save_pretrained(folder, max_shard_size="40KB")
+        folders[setting, arch] = folder
+    return folders
+
+
+def _load(folder: Path, **kwargs: Any) -> Any:
+    return leanstream.load(folder, device="cpu", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(("setting", "arch"), CASES)
+def test_transformers_saved_loads_identically(
+    sources: dict[str, Path], saved: dict[tuple[str, str], Path], setting: str, arch: str
+) -> None:
+    folder = saved[setting, arch]
+    assert len(list(folder.glob("*.safetensors"))) > 1, "the fixture must be sharded"
+    ref = reference(sources[arch], SETTINGS[setting])  # quantized from full precision
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    got = _load(folder)  # bits="auto": what the checkpoint stores
+    assert assert_same_weights(ref, got) > 0  # packed bytes, absmax, quant_map, SCB
+    assert assert_same_weights(reloaded, got) > 0
+    assert torch.equal(logits(reloaded), logits(got))
+    assert got.is_loaded_in_4bit == (SETTINGS[setting]["bits"] == 4)
+    assert got.is_loaded_in_8bit == (SETTINGS[setting]["bits"] == 8)
+    qc = got.config.quantization_config
+    assert qc.quant_method == "bitsandbytes"
+    if SETTINGS[setting]["bits"] == 4:
+        assert qc.bnb_4bit_quant_type == SETTINGS[setting]["quant_type"]
+        assert qc.bnb_4bit_use_double_quant == SETTINGS[setting]["double_quant"]
+
+
+def test_explicit_matching_options_are_accepted(saved: dict[tuple[str, str], Path]) -> None:
+    folder = saved["nf4-dq", "llama"]
+    got = _load(folder, bits=4, quant_type="nf4", double_quant=True, blocksize=64)
+    assert isinstance(got.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    got = _load(saved["int8", "llama"], bits=8)
+    assert isinstance(got.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+
+
+def test_ready_model_owns_its_memory(saved: dict[tuple[str, str], Path]) -> None:
+    """Nothing of the loaded model points into the (read-only) mapped shards."""
+    for setting in ("nf4-dq", "int8"):
+        model = _load(saved[setting, "llama"])
+        assert not any(m.training for m in model.modules())
+        tensors = [*model.parameters(), *model.buffers()]
+        for param in model.parameters():
+            state = getattr(param, "quant_state", None)
+            if state is not None:
+                tensors += [state.absmax, state.code]
+                if state.state2 is not None:
+                    tensors += [state.state2.absmax, state.state2.code]
+            if getattr(param, "SCB", None) is not None:
+                tensors.append(param.SCB)
+        for tensor in tensors:
+            assert tensor.untyped_storage().resizable(), "a view of the mapped file was kept"
+        out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 7)
+
+
+def test_compute_dtype_comes_from_the_checkpoint_unless_given(
+    saved: dict[tuple[str, str], Path],
+) -> None:
+    folder = saved["nf4", "llama"]
+    assert _load(folder).model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16
+    got = _load(folder, compute_dtype=torch.float32)
+    assert got.model.layers[0].mlp.up_proj.compute_dtype == torch.float32
+    assert got.config.quantization_config.bnb_4bit_compute_dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("setting", "kwargs", "match"),
+    [
+        ("int8", dict(bits=4), r"bits=4 was asked"),
+        ("nf4", dict(bits=8), r"bits=8 was asked"),
+        ("nf4", dict(bits=16), r"does not dequantize"),
+        ("nf4", dict(bits=None), r"bits=None was asked"),
+        ("nf4", dict(quant_type="fp4"), r"quant_type='fp4' was asked.*stores quant_type='nf4'"),
+        ("nf4", dict(double_quant=True), r"double_quant"),
+        ("nf4", dict(quant_storage=torch.bfloat16), r"quant_storage"),
+        ("nf4", dict(blocksize=128), r"blocksize 64 but blocksize=128"),
+        ("nf4", dict(skip_modules=["lm_head"]), r"skip_modules"),
+    ],
+)
+def test_options_that_disagree_with_the_checkpoint_are_refused(
+    saved: dict[tuple[str, str], Path], setting: str, kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(leanstream.ConfigError, match=match):
+        _load(saved[setting, "llama"], **kwargs)
+
+
+# --- damaged checkpoints ----------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(folder: Path, name: str, value: torch.Tensor | None) -> None:
+    """Replace (or with None, drop) tensor ``name`` in its shard, fixing the index."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"][name]
+    tensors = load_file(folder / shard)
+    if value is None:
+        del tensors[name], index["weight_map"][name]
+    else:
+        tensors[name] = value
+    save_file(tensors, folder / shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
+def test_missing_statistics_are_named(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    folder = _copy(saved["nf4-dq", "llama"], tmp_path / "m")
+    _edit(folder, "model.layers.1.mlp.up_proj.weight.nested_absmax", None)
+    with pytest.raises(leanstream.MismatchError) as err:
+        _load(folder)
+    assert err.value.missing == ["model.layers.1.mlp.up_proj.weight.nested_absmax"]
+
+
+def test_int8_without_scb_is_refused(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    folder = _copy(saved["int8", "llama"], tmp_path / "m")
+    _edit(folder, "model.layers.0.self_attn.q_proj.SCB", None)
+    with pytest.raises(leanstream.MismatchError, match=r"q_proj\.SCB"):
+        _load(folder)
+
+
+def test_config_claiming_quantization_of_full_precision_weights(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = _copy(sources["llama"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(leanstream.MismatchError, match=r"up_proj\.weight\.absmax") as err:
+        _load(folder)
+    assert ("model.layers.0.mlp.up_proj.weight", (192, 64), (6144, 1)) in err.value.mismatched
+
+
+def test_statistics_of_an_unquantized_layer_are_unexpected(
+    saved: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    folder = _copy(saved["nf4", "llama"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["llm_int8_skip_modules"] = ["lm_head", "mlp.up_proj"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(leanstream.MismatchError, match=r"up_proj\.weight\.absmax") as err:
+        _load(folder)
+    assert "model.layers.0.mlp.up_proj.weight.quant_map" in err.value.unexpected
+
+
+def test_int8_weight_of_wrong_dtype(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    folder = _copy(saved["int8", "llama"], tmp_path / "m")
+    _edit(folder, "model.layers.0.mlp.up_proj.weight", torch.zeros(192, 64, dtype=torch.bfloat16))
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"is BF16; an LLM\.int8") as e:
+        _load(folder)
+    assert e.value.tensor == "model.layers.0.mlp.up_proj.weight"
+
+
+def test_int8_column_major_format_is_refused(
+    saved: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    folder = _copy(saved["int8", "llama"], tmp_path / "m")
+    _edit(folder, "model.layers.0.mlp.up_proj.weight_format", torch.tensor(1, dtype=torch.uint8))
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match="weight_format 1"):
+        _load(folder)
+
+
+def _quant_state(folder: Path, name: str) -> dict[str, Any]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    packed = load_file(folder / index["weight_map"][name])[name]
+    return json.loads(bytes(packed.tolist()))
+
+
+def _put_quant_state(folder: Path, name: str, state: dict[str, Any]) -> None:
+    _edit(folder, name, torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8))
+
+
+def test_quant_state_of_the_wrong_shape(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    folder = _copy(saved["nf4", "llama"], tmp_path / "m")
+    name = "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"
+    state = _quant_state(folder, name)
+    assert state["shape"] == [192, 64]
+    _put_quant_state(folder, name, {**state, "shape": [64, 192]})
+    with pytest.raises(leanstream.MismatchError, match=r"up_proj\.weight \(checkpoint \[64, 192\]"):
+        _load(folder)
+
+
+def test_invalid_quant_state(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    folder = _copy(saved["nf4", "llama"], tmp_path / "m")
+    name = "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"
+    state = _quant_state(folder, name)
+    del state["blocksize"]
+    _put_quant_state(folder, name, state)
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match="statistics of") as err:
+        _load(folder)
+    assert err.value.tensor == "model.layers.0.mlp.up_proj.weight"
+
+
+def test_neither_4bit_nor_8bit_is_refused(
+    saved: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    folder = _copy(saved["nf4", "llama"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match="4-bit or 8-bit only"):
+        _load(folder)
+
+
+def test_packed_weight_of_another_storage_dtype(
+    saved: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    folder = _copy(saved["nf4", "llama"], tmp_path / "m")
+    _edit(folder, "model.layers.0.mlp.up_proj.weight", torch.zeros(6144, 1, dtype=torch.int8))
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"stored as torch\.int8"):
+        _load(folder)

@@ -25,6 +25,7 @@ from .errors import (
 )
 from .footprint import Footprint, footprint
 from .loader import load
+from .save import save
 
 __all__ = [
     "Checkpoint",
@@ -48,4 +49,5 @@ __all__ = [
     "__version__",
     "footprint",
     "load",
+    "save",
 ]

@@ -1,12 +1,16 @@
 //! leanstream's Rust core: bytes only. It parses and validates safetensors
 //! headers ([`header`]), maps shards and indexes tensors ([`reader`]), and
-//! streams zero-copy views with bounded read-ahead ([`stream`]). The PyO3
+//! streams zero-copy views with bounded read-ahead ([`stream`]), and quantizes
+//! tensors' bytes to NF4/FP4/int8 like bitsandbytes ([`quant`]). The PyO3
 //! binding (`py`, feature `python`) exposes them as `leanstream._core`.
 
 pub mod error;
 pub mod header;
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod py_quant;
+pub mod quant;
 pub mod reader;
 pub mod stream;
 
@@ -25,5 +29,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::PyTensorStream>()?;
     m.add_class::<py::PyTensorView>()?;
     m.add_class::<py::PyTensorInfo>()?;
+    m.add_function(wrap_pyfunction!(py_quant::quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(py_quant::quantize_int8, m)?)?;
+    m.add_function(wrap_pyfunction!(py_quant::codebook, m)?)?;
     Ok(())
 }

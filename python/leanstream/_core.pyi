@@ -1,4 +1,5 @@
-"""Type stubs for ``leanstream._core``, the Rust reader of safetensors checkpoints.
+"""Type stubs for ``leanstream._core``, the Rust reader of safetensors checkpoints
+and native CPU quantizer.
 
 The native module handles bytes only: it maps shard files, validates every
 header before handing out a byte, and yields tensors as zero-copy read-only
@@ -13,7 +14,9 @@ from the page cache when touched: a released view is slower, never invalid.
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import final
+from typing import Literal, final
+
+from typing_extensions import Buffer
 
 __version__: str
 
@@ -196,3 +199,56 @@ class Checkpoint:
         of this object but ``close()`` raises ``ValueError``."""
     def __enter__(self) -> Checkpoint: ...
     def __exit__(self, *exc: object) -> None: ...
+
+# --- native CPU quantizer ------------------------------------------------------------
+#
+# Zero-copy both ways: ``data`` is any C-contiguous byte buffer (a TensorView, or a
+# tensor's bytes as ``t.view(torch.uint8).numpy()``) read element by element; the
+# outputs are writable C-contiguous buffers the caller allocates, in leanstream the
+# ``.numpy()`` views of ``torch.empty`` tensors, so the results are torch tensors
+# with no copy. The GIL is released while the kernel runs, on ``threads`` threads
+# (default: all cores); the buffers must not be resized or written meanwhile.
+# Bad arguments (dtype, sizes, a read-only or shared output) raise ValueError or
+# BufferError before anything is written.
+
+def quantize_4bit(
+    data: Buffer,
+    dtype: Literal["BF16", "F16", "F32"],
+    packed: Buffer,
+    absmax: Buffer,
+    *,
+    quant_type: Literal["nf4", "fp4"],
+    blocksize: int,
+    threads: int | None = None,
+) -> None:
+    """Blockwise 4-bit quantization, bit-identical to bitsandbytes' CPU
+    ``quantize_4bit(A, blocksize, quant_type, compress_statistics=False)``.
+
+    ``data`` holds ``n`` little-endian ``dtype`` elements; ``packed`` (uint8) receives
+    ``(n + 1) // 2`` bytes and ``absmax`` (float32) ``ceil(n / blocksize)`` values.
+    ``blocksize`` is one of 32, 64, ..., 4096.
+
+    >>> w = torch.randn(64, 64, dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> packed = torch.empty(w.numel() // 2, 1, dtype=torch.uint8)  # doctest: +SKIP
+    >>> absmax = torch.empty(w.numel() // 64)  # doctest: +SKIP
+    >>> quantize_4bit(w.reshape(-1).view(torch.uint8).numpy(), "BF16", packed.numpy(),
+    ...               absmax.numpy(), quant_type="nf4", blocksize=64)  # doctest: +SKIP
+    """
+
+def quantize_int8(
+    data: Buffer,
+    dtype: Literal["BF16", "F16", "F32"],
+    cols: int,
+    out: Buffer,
+    scb: Buffer,
+    *,
+    threads: int | None = None,
+) -> None:
+    """LLM.int8 row-wise quantization of a row-major ``(rows, cols)`` matrix,
+    bit-identical to bitsandbytes' CPU ``Int8Params._quantize``, i.e.
+    ``int8_vectorwise_quant(A.to(torch.float16))``: ``out`` (int8) receives
+    ``rows * cols`` values and ``scb`` (float32) ``rows``."""
+
+def codebook(quant_type: Literal["nf4", "fp4"]) -> tuple[list[float], list[float], list[int]]:
+    """``(code, bounds, order)``: the 16 code values by 4-bit index, the 15 midpoints
+    between the sorted values, and ``argsort(code)``, as the 4-bit quantizer uses them."""

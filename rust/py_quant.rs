@@ -1,0 +1,167 @@
+//! The PyO3 functions of `leanstream._core` for the native quantizer
+//! ([`crate::quant`]): `quantize_4bit`, `quantize_int8`, `codebook`.
+//!
+//! Zero-copy both ways: the input is any C-contiguous buffer of bytes (a
+//! `TensorView`, or a tensor's bytes as a NumPy array), and the outputs are
+//! writable C-contiguous buffers the caller allocated — in leanstream, the
+//! `.numpy()` views of fresh `torch.empty` tensors, so the results are torch
+//! tensors from the start and nothing is copied afterwards. The buffers are
+//! held (`PyBuffer`) for the whole call, the GIL is released around the kernel
+//! (`py.detach`), and the worker threads only see plain slices.
+
+use crate::header::Dtype;
+use crate::quant::{self, QuantError, QuantType};
+use pyo3::buffer::{Element, PyBuffer};
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::prelude::*;
+use std::ops::Range;
+
+impl From<QuantError> for PyErr {
+    fn from(err: QuantError) -> PyErr {
+        PyValueError::new_err(err.to_string())
+    }
+}
+
+fn contiguous<T: Element>(buf: &PyBuffer<T>, what: &str) -> PyResult<(*mut T, usize)> {
+    if buf.item_count() == 0 {
+        // an empty buffer's pointer may be null: no slice may be made from it
+        return Ok((std::ptr::NonNull::dangling().as_ptr(), 0));
+    }
+    let ptr = buf
+        .as_slice_ptr()
+        .ok_or_else(|| PyBufferError::new_err(format!("{what} must be a C-contiguous buffer")))?;
+    Ok((ptr.as_ptr().cast::<T>(), ptr.len()))
+}
+
+fn writable<T: Element>(buf: &PyBuffer<T>, what: &str) -> PyResult<(*mut T, usize)> {
+    if buf.readonly() {
+        return Err(PyBufferError::new_err(format!(
+            "{what} must be a writable buffer"
+        )));
+    }
+    contiguous(buf, what)
+}
+
+fn span<T>(ptr: *mut T, len: usize) -> Range<usize> {
+    let start = ptr as usize;
+    start..start + len * std::mem::size_of::<T>()
+}
+
+fn check_disjoint(spans: &[(&str, Range<usize>)]) -> PyResult<()> {
+    for (i, (a, ra)) in spans.iter().enumerate() {
+        for (b, rb) in &spans[i + 1..] {
+            if ra.start < rb.end && rb.start < ra.end {
+                return Err(PyValueError::new_err(format!(
+                    "{a} and {b} must not share memory"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_dtype(dtype: &str) -> PyResult<Dtype> {
+    Dtype::parse(dtype)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown dtype {dtype:?} (BF16, F16 or F32)")))
+}
+
+fn parse_quant_type(quant_type: &str) -> PyResult<QuantType> {
+    QuantType::parse(quant_type).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "quant_type must be 'nf4' or 'fp4', not {quant_type:?}"
+        ))
+    })
+}
+
+fn thread_count(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Blockwise 4-bit quantization, bit-identical to bitsandbytes' CPU
+/// `quantize_4bit` (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (data, dtype, packed, absmax, *, quant_type, blocksize, threads = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_4bit(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    dtype: &str,
+    packed: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
+    quant_type: &str,
+    blocksize: usize,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let dtype = parse_dtype(dtype)?;
+    let quant_type = parse_quant_type(quant_type)?;
+    let data_buf = PyBuffer::<u8>::get(data)?;
+    let packed_buf = PyBuffer::<u8>::get(packed)?;
+    let absmax_buf = PyBuffer::<f32>::get(absmax)?;
+    let (input, input_len) = contiguous(&data_buf, "data")?;
+    let (out, out_len) = writable(&packed_buf, "packed")?;
+    let (am, am_len) = writable(&absmax_buf, "absmax")?;
+    check_disjoint(&[
+        ("data", span(input, input_len)),
+        ("packed", span(out, out_len)),
+        ("absmax", span(am, am_len)),
+    ])?;
+    let threads = thread_count(threads);
+    // SAFETY: the three buffers are held (not released) until this function
+    // returns, are C-contiguous with these lengths, the outputs are writable,
+    // and none overlaps another, so a shared and two exclusive slices are sound.
+    let (input, out, am) = unsafe {
+        (
+            std::slice::from_raw_parts(input.cast_const(), input_len),
+            std::slice::from_raw_parts_mut(out, out_len),
+            std::slice::from_raw_parts_mut(am, am_len),
+        )
+    };
+    py.detach(|| quant::quantize_4bit(input, dtype, quant_type, blocksize, out, am, threads))?;
+    Ok(())
+}
+
+/// LLM.int8 row-wise quantization, bit-identical to bitsandbytes' CPU
+/// `Int8Params._quantize` (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (data, dtype, cols, out, scb, *, threads = None))]
+pub fn quantize_int8(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    dtype: &str,
+    cols: usize,
+    out: &Bound<'_, PyAny>,
+    scb: &Bound<'_, PyAny>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let dtype = parse_dtype(dtype)?;
+    let data_buf = PyBuffer::<u8>::get(data)?;
+    let out_buf = PyBuffer::<i8>::get(out)?;
+    let scb_buf = PyBuffer::<f32>::get(scb)?;
+    let (input, input_len) = contiguous(&data_buf, "data")?;
+    let (q, q_len) = writable(&out_buf, "out")?;
+    let (s, s_len) = writable(&scb_buf, "scb")?;
+    check_disjoint(&[
+        ("data", span(input, input_len)),
+        ("out", span(q, q_len)),
+        ("scb", span(s, s_len)),
+    ])?;
+    let threads = thread_count(threads);
+    // SAFETY: as in `quantize_4bit`.
+    let (input, q, s) = unsafe {
+        (
+            std::slice::from_raw_parts(input.cast_const(), input_len),
+            std::slice::from_raw_parts_mut(q, q_len),
+            std::slice::from_raw_parts_mut(s, s_len),
+        )
+    };
+    py.detach(|| quant::quantize_int8(input, dtype, cols, q, s, threads))?;
+    Ok(())
+}
+
+/// `(code, bounds, order)` of a 4-bit code book, as the quantizer uses it.
+#[pyfunction]
+pub fn codebook(quant_type: &str) -> PyResult<(Vec<f32>, Vec<f32>, Vec<u32>)> {
+    let qt = parse_quant_type(quant_type)?;
+    let order = qt.order().map(u32::from).to_vec();
+    Ok((qt.code().to_vec(), qt.bounds().to_vec(), order))
+}

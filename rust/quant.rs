@@ -1,0 +1,1211 @@
+//! Native CPU quantizers, bit-identical to bitsandbytes' CPU kernels. No Python.
+//!
+//! * [`quantize_4bit`]: blockwise NF4 / FP4, as `bitsandbytes.functional.quantize_4bit`
+//!   (the `default` torch kernel of `bitsandbytes/backends/default/ops.py`): per block
+//!   `absmax = max(|x|)` in f32; full blocks are scaled by `x * (1 / max(absmax, 1e-38))`,
+//!   the last partial block by a true division `x / max(absmax, 1e-38)` (and its stored
+//!   absmax is the clamped one); each value goes to `bucketize(value, midpoints)`
+//!   (`right=False`: the number of midpoints that are not `>=` the value, so NaN lands in
+//!   the last bucket), FP4 indices are remapped through the code book's sort order, an
+//!   odd element count is padded with `0.0`, and pairs are packed `q[2i] << 4 | q[2i+1]`.
+//! * [`quantize_int8`]: LLM.int8 row-wise, as `Int8Params._quantize` on the CPU: the
+//!   weight is cast to f16 (round to nearest even), `scb = max(|row|)` (f16, then f32),
+//!   `q = round_half_even(x * ((1 / scb) * 127))` in f32, NaN → 0.
+//!
+//! Inputs are raw little-endian BF16, F16 or F32 bytes (e.g. a tensor's bytes in a
+//! mapped shard), converted element by element inside the loops; nothing is staged.
+//! The kernels write into caller-provided output slices and split the work over
+//! `threads` scoped threads (blocks or rows never straddle two threads, so the result
+//! does not depend on the thread count).
+//!
+//! Speed comes from the loops' shape, not from intrinsics: the absmax pass is an
+//! integer max over `|x|` bit patterns (which order like the values, NaN above inf),
+//! and the bucketize is 15 branch-free compares whose results are summed, which LLVM
+//! vectorizes for any target. On x86-64 the same generic code is also compiled with
+//! AVX2 and AVX-512 enabled and picked at run time (no `-C target-cpu` needed).
+//!
+//! NaN payloads follow torch 2.x on x86-64 as well, so that absmax and SCB compare equal
+//! bit for bit: a full block's absmax is its first NaN with the sign cleared (an F16 NaN
+//! quieted, payload kept, as F16C converts it); a partial block's is the all-ones NaN
+//! `0xFFFF_FFFF` that torch's vectorized full reduction produces (a lone element: that
+//! NaN, quieted; for F16 `0x7FFF_FFFF`); an int8 row's SCB is its first NaN converted
+//! like F16C, except in the last `rows % 8` rows, which torch converts with its scalar
+//! path (`0x7FFF_FFFF`). These last rules model torch splitting a conversion into
+//! eight-element vectors in one thread; a multi-threaded torch may split very large F16
+//! tensors elsewhere, and then a NaN's payload (never its NaN-ness) may differ.
+
+use crate::header::Dtype;
+use std::fmt;
+use std::thread;
+
+/// Block sizes bitsandbytes accepts for 4-bit quantization.
+pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// Elements per batch of blocks in the 4-bit loops (fits L1 with its output).
+const BATCH: usize = 4096;
+
+/// Fewest elements given to one thread: below this, spawning costs more than it saves.
+const MIN_PER_THREAD: usize = 1 << 16;
+
+/// A 4-bit code book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantType {
+    Nf4,
+    Fp4,
+}
+
+impl QuantType {
+    pub fn parse(s: &str) -> Option<QuantType> {
+        match s {
+            "nf4" => Some(QuantType::Nf4),
+            "fp4" => Some(QuantType::Fp4),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantType::Nf4 => "nf4",
+            QuantType::Fp4 => "fp4",
+        }
+    }
+
+    /// The 16 code values, by 4-bit index (`bitsandbytes.functional.get_4bit_type`).
+    pub fn code(self) -> [f32; 16] {
+        match self {
+            QuantType::Nf4 => NF4_CODE,
+            QuantType::Fp4 => FP4_CODE,
+        }
+    }
+
+    /// The 15 midpoints between sorted code values (`_get_4bit_quantize_bounds`).
+    pub fn bounds(self) -> [f32; 15] {
+        match self {
+            QuantType::Nf4 => Nf4::BOUNDS,
+            QuantType::Fp4 => Fp4::BOUNDS,
+        }
+    }
+
+    /// `argsort(code)`: bucket `i` of [`bounds`](Self::bounds) is 4-bit index `order[i]`.
+    pub fn order(self) -> [u8; 16] {
+        match self {
+            QuantType::Nf4 => NF4_ORDER,
+            QuantType::Fp4 => FP4_ORDER,
+        }
+    }
+}
+
+impl fmt::Display for QuantType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a quantizer call was refused (nothing is written then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuantError {
+    /// Only BF16, F16 and F32 inputs are quantized.
+    Dtype(Dtype),
+    /// A 4-bit block size that bitsandbytes does not accept.
+    Blocksize(usize),
+    /// The input's byte length is not a whole number of elements.
+    InputBytes { dtype: Dtype, bytes: usize },
+    /// An int8 input that is not a whole number of rows of `cols`.
+    Rows { elements: usize, cols: usize },
+    /// An output slice of the wrong length.
+    OutputLen {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+}
+
+impl fmt::Display for QuantError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuantError::Dtype(d) => write!(f, "cannot quantize {d}: only BF16, F16 and F32"),
+            QuantError::Blocksize(b) => write!(
+                f,
+                "blocksize must be one of {BLOCKSIZES:?} (as bitsandbytes), not {b}"
+            ),
+            QuantError::InputBytes { dtype, bytes } => write!(
+                f,
+                "{bytes} bytes is not a whole number of {dtype} elements ({} bytes each)",
+                dtype.bits() / 8
+            ),
+            QuantError::Rows { elements, cols } => write!(
+                f,
+                "{elements} elements are not a whole number of rows of {cols} columns"
+            ),
+            QuantError::OutputLen {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what} must have {expected} elements, not {got}"),
+        }
+    }
+}
+
+impl std::error::Error for QuantError {}
+
+/// Number of 4-bit blocks (absmax values) for `n` elements.
+pub fn blocks(n: usize, blocksize: usize) -> usize {
+    n.div_ceil(blocksize)
+}
+
+/// Bytes of packed 4-bit output for `n` elements (two per byte, odd `n` padded).
+pub fn packed_len(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+fn element_count(input: &[u8], dtype: Dtype) -> Result<usize, QuantError> {
+    let size = match dtype {
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F32 => 4,
+        other => return Err(QuantError::Dtype(other)),
+    };
+    if !input.len().is_multiple_of(size) {
+        return Err(QuantError::InputBytes {
+            dtype,
+            bytes: input.len(),
+        });
+    }
+    Ok(input.len() / size)
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), QuantError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(QuantError::OutputLen {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// How many threads to use for `elements` of work split in `units` pieces.
+fn thread_count(threads: usize, elements: usize, units: usize) -> usize {
+    threads
+        .max(1)
+        .min(elements / MIN_PER_THREAD + 1)
+        .min(units.max(1))
+}
+
+type Kernel4bit = fn(&[u8], usize, &mut [u8], &mut [f32], usize);
+type KernelInt8 = fn(&[u8], usize, &mut [i8], &mut [f32], usize);
+
+/// Quantize `input` (raw little-endian `dtype` elements) to 4 bits, blockwise.
+///
+/// `packed` receives [`packed_len`] bytes and `absmax` one f32 per block
+/// ([`blocks`]), exactly what `quantize_4bit(A, blocksize, quant_type,
+/// compress_statistics=False)` returns on the CPU (before any `quant_storage` view).
+pub fn quantize_4bit(
+    input: &[u8],
+    dtype: Dtype,
+    quant_type: QuantType,
+    blocksize: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    threads: usize,
+) -> Result<(), QuantError> {
+    let n = element_count(input, dtype)?;
+    if !BLOCKSIZES.contains(&blocksize) {
+        return Err(QuantError::Blocksize(blocksize));
+    }
+    check_len("packed output", packed_len(n), packed.len())?;
+    check_len("absmax", blocks(n, blocksize), absmax.len())?;
+    let kernel: Kernel4bit = match (dtype, quant_type) {
+        (Dtype::BF16, QuantType::Nf4) => run_4bit::<Bf16, Nf4>,
+        (Dtype::BF16, QuantType::Fp4) => run_4bit::<Bf16, Fp4>,
+        (Dtype::F16, QuantType::Nf4) => run_4bit::<F16, Nf4>,
+        (Dtype::F16, QuantType::Fp4) => run_4bit::<F16, Fp4>,
+        (Dtype::F32, QuantType::Nf4) => run_4bit::<F32, Nf4>,
+        (Dtype::F32, QuantType::Fp4) => run_4bit::<F32, Fp4>,
+        _ => unreachable!("element_count accepts BF16, F16 and F32 only"),
+    };
+    kernel(input, blocksize, packed, absmax, threads);
+    Ok(())
+}
+
+/// LLM.int8 row-wise quantization of a row-major matrix with `cols` columns.
+///
+/// `out` receives one int8 per element and `scb` one f32 per row: what
+/// `int8_vectorwise_quant(A.to(torch.float16))` returns on the CPU (`CB`, `SCB`).
+pub fn quantize_int8(
+    input: &[u8],
+    dtype: Dtype,
+    cols: usize,
+    out: &mut [i8],
+    scb: &mut [f32],
+    threads: usize,
+) -> Result<(), QuantError> {
+    let n = element_count(input, dtype)?;
+    if cols == 0 || !n.is_multiple_of(cols) {
+        return Err(QuantError::Rows { elements: n, cols });
+    }
+    check_len("int8 output", n, out.len())?;
+    check_len("row statistics", n / cols, scb.len())?;
+    let kernel: KernelInt8 = match dtype {
+        Dtype::BF16 => run_int8::<Bf16>,
+        Dtype::F16 => run_int8::<F16>,
+        Dtype::F32 => run_int8::<F32>,
+        _ => unreachable!("element_count accepts BF16, F16 and F32 only"),
+    };
+    kernel(input, cols, out, scb, threads);
+    Ok(())
+}
+
+// --- element types ------------------------------------------------------------
+
+/// One input element type: how to read it, order it by magnitude, and convert it.
+trait Source {
+    /// Bytes per element.
+    const BYTES: usize;
+    /// Largest [`key`](Self::key) of a non-NaN element (`|inf|`).
+    const INF_KEY: u32;
+    /// `|x|`'s bit pattern: keys order like magnitudes, NaNs above `INF_KEY`.
+    fn key(b: &[u8]) -> u32;
+    /// The f32 value of a non-NaN key (exact).
+    fn key_value(key: u32) -> f32;
+    /// `x.float()` as torch computes it (exact; a NaN's payload is not kept).
+    fn load(b: &[u8]) -> f32;
+    /// [`load`](Self::load) of two consecutive elements.
+    #[inline(always)]
+    fn load_pair(b: &[u8]) -> (f32, f32) {
+        let (x, y) = b.split_at(Self::BYTES);
+        (Self::load(x), Self::load(y))
+    }
+    /// `x.float().abs()` of a NaN element, bit for bit (torch's vectorized conversion).
+    fn nan_abs(b: &[u8]) -> f32;
+    /// `x.to(torch.float16)`, bit for bit.
+    fn to_f16(b: &[u8]) -> u16;
+    /// The absmax torch stores for a one-element last block holding a NaN: the
+    /// element's `.float().abs()`, quieted by `max()`.
+    fn lone_nan_abs(b: &[u8]) -> f32 {
+        f32::from_bits(Self::nan_abs(b).to_bits() | QUIET)
+    }
+}
+
+const QUIET: u32 = 0x0040_0000;
+
+#[inline(always)]
+fn u16_le(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+#[inline(always)]
+fn u32_le(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+struct Bf16;
+struct F16;
+struct F32;
+
+impl Source for Bf16 {
+    const BYTES: usize = 2;
+    const INF_KEY: u32 = 0x7f80;
+    #[inline(always)]
+    fn key(b: &[u8]) -> u32 {
+        u32::from(u16_le(b) & 0x7fff)
+    }
+    #[inline(always)]
+    fn key_value(key: u32) -> f32 {
+        f32::from_bits(key << 16)
+    }
+    #[inline(always)]
+    fn load(b: &[u8]) -> f32 {
+        f32::from_bits(u32::from(u16_le(b)) << 16)
+    }
+    #[inline(always)]
+    fn load_pair(b: &[u8]) -> (f32, f32) {
+        // one 32-bit load holds both: the first element in the low half
+        let w = u32_le(b);
+        (f32::from_bits(w << 16), f32::from_bits(w & 0xffff_0000))
+    }
+    fn nan_abs(b: &[u8]) -> f32 {
+        f32::from_bits((u32::from(u16_le(b)) << 16) & 0x7fff_ffff)
+    }
+    #[inline(always)]
+    fn to_f16(b: &[u8]) -> u16 {
+        f32_to_f16(Self::load(b))
+    }
+}
+
+impl Source for F16 {
+    const BYTES: usize = 2;
+    const INF_KEY: u32 = 0x7c00;
+    #[inline(always)]
+    fn key(b: &[u8]) -> u32 {
+        u32::from(u16_le(b) & 0x7fff)
+    }
+    #[inline(always)]
+    fn key_value(key: u32) -> f32 {
+        f16_to_f32(key as u16)
+    }
+    #[inline(always)]
+    fn load(b: &[u8]) -> f32 {
+        f16_to_f32(u16_le(b))
+    }
+    fn nan_abs(b: &[u8]) -> f32 {
+        f32::from_bits(f16_to_f32(u16_le(b)).to_bits() & 0x7fff_ffff)
+    }
+    fn lone_nan_abs(_: &[u8]) -> f32 {
+        // A lone last element is in the scalar tail of torch's F16 → F32 copy,
+        // which turns every NaN into 0x7FFF_FFFF.
+        f32::from_bits(0x7fff_ffff)
+    }
+    #[inline(always)]
+    fn to_f16(b: &[u8]) -> u16 {
+        u16_le(b)
+    }
+}
+
+impl Source for F32 {
+    const BYTES: usize = 4;
+    const INF_KEY: u32 = 0x7f80_0000;
+    #[inline(always)]
+    fn key(b: &[u8]) -> u32 {
+        u32_le(b) & 0x7fff_ffff
+    }
+    #[inline(always)]
+    fn key_value(key: u32) -> f32 {
+        f32::from_bits(key)
+    }
+    #[inline(always)]
+    fn load(b: &[u8]) -> f32 {
+        f32::from_bits(u32_le(b))
+    }
+    fn nan_abs(b: &[u8]) -> f32 {
+        f32::from_bits(u32_le(b) & 0x7fff_ffff)
+    }
+    #[inline(always)]
+    fn to_f16(b: &[u8]) -> u16 {
+        f32_to_f16(Self::load(b))
+    }
+}
+
+/// f16 bits → f32, exact for every non-NaN value; a NaN is quieted and keeps its
+/// payload (what x86 F16C `vcvtph2ps`, torch's vectorized conversion, does).
+/// Branch-free so that it vectorizes.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let magnitude = h & 0x7fff;
+    let mantissa = h & 0x03ff;
+    // rebias the exponent from 15 to 127
+    let normal = (magnitude << 13) + 0x3800_0000;
+    // subnormal: mantissa * 2^-24, exact in f32
+    let subnormal = (mantissa as f32 * (1.0 / 16_777_216.0)).to_bits();
+    let quiet = if mantissa != 0 { QUIET } else { 0 };
+    let inf_nan = 0x7f80_0000 | (mantissa << 13) | quiet;
+    let bits = if magnitude >= 0x7c00 {
+        inf_nan
+    } else if magnitude >= 0x0400 {
+        normal
+    } else {
+        subnormal
+    };
+    f32::from_bits(sign | bits)
+}
+
+/// f32 → f16 bits, round to nearest even (torch's `.to(torch.float16)`): overflow
+/// gives ±inf, a NaN is quieted and keeps its top payload bits (F16C `vcvtps2ph`).
+/// Branch-free so that it vectorizes.
+#[inline(always)]
+pub fn f32_to_f16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let a = bits & 0x7fff_ffff;
+    // normal range: rebias the exponent from 127 to 15, then round the 13 dropped bits
+    let r = a.wrapping_sub(0x3800_0000);
+    let normal = (r.wrapping_add(0x0fff + ((r >> 13) & 1))) >> 13;
+    // subnormal range: let the FPU round |x| onto the 2^-24 grid of 0.5's ulp
+    let subnormal = (f32::from_bits(a) + 0.5)
+        .to_bits()
+        .wrapping_sub(0x3f00_0000);
+    let nan = 0x7e00 | ((a >> 13) & 0x03ff);
+    let h = if a > 0x7f80_0000 {
+        nan
+    } else if a >= 0x477f_f000 {
+        0x7c00 // 65520 and above round to inf
+    } else if a >= 0x3880_0000 {
+        normal
+    } else {
+        subnormal
+    };
+    (sign | h) as u16
+}
+
+// --- code books -----------------------------------------------------------------
+
+const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.6961928,
+    -0.52507305,
+    -0.3949175,
+    -0.28444138,
+    -0.18477343,
+    -0.091050036,
+    0.0,
+    0.0795803,
+    0.1609302,
+    0.2461123,
+    0.33791524,
+    0.44070983,
+    0.562617,
+    0.72295684,
+    1.0,
+];
+const NF4_ORDER: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+
+const FP4_CODE: [f32; 16] = [
+    0.0,
+    0.0052083335,
+    0.6666667,
+    1.0,
+    0.33333334,
+    0.5,
+    0.16666667,
+    0.25,
+    0.0,
+    -0.0052083335,
+    -0.6666667,
+    -1.0,
+    -0.33333334,
+    -0.5,
+    -0.16666667,
+    -0.25,
+];
+/// `torch.argsort(code)` as bitsandbytes computes it (the two zeros: 0 before 8).
+const FP4_ORDER: [u8; 16] = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3];
+
+/// A code book as the quantizer uses it: the midpoints, and the 4-bit index of
+/// bucket `i` written as `BASE + STEPS[0] + ... + STEPS[i-1]`, so that the index
+/// is a sum of per-midpoint terms (no table lookup in the vectorized loop).
+trait Code {
+    const BOUNDS: [f32; 15];
+    const BASE: i32;
+    const STEPS: [i32; 15];
+}
+
+struct Nf4;
+struct Fp4;
+
+impl Code for Nf4 {
+    const BOUNDS: [f32; 15] = [
+        -0.8480964,
+        -0.6106329,
+        -0.45999527,
+        -0.33967942,
+        -0.2346074,
+        -0.13791174,
+        -0.045525018,
+        0.03979015,
+        0.12025525,
+        0.20352125,
+        0.29201376,
+        0.38931254,
+        0.50166345,
+        0.6427869,
+        0.86147845,
+    ];
+    const BASE: i32 = 0;
+    const STEPS: [i32; 15] = [1; 15];
+}
+
+impl Code for Fp4 {
+    const BOUNDS: [f32; 15] = [
+        -0.8333334,
+        -0.5833334,
+        -0.4166667,
+        -0.2916667,
+        -0.20833334,
+        -0.0859375,
+        -0.0026041667,
+        0.0,
+        0.0026041667,
+        0.0859375,
+        0.20833334,
+        0.2916667,
+        0.4166667,
+        0.5833334,
+        0.8333334,
+    ];
+    const BASE: i32 = FP4_ORDER[0] as i32;
+    const STEPS: [i32; 15] = steps(FP4_ORDER);
+}
+
+const fn steps(order: [u8; 16]) -> [i32; 15] {
+    let mut out = [0; 15];
+    let mut i = 0;
+    while i < 15 {
+        out[i] = order[i + 1] as i32 - order[i] as i32;
+        i += 1;
+    }
+    out
+}
+
+/// `order[bucketize(v, BOUNDS)]`: bucketize (`right=False`) is the number of bounds
+/// for which `bound >= v` is false; for NaN that is all 15 of them.
+#[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn index<C: Code>(v: f32) -> u32 {
+    let mut i = C::BASE;
+    for k in 0..15 {
+        // `!(b >= v)`, not `b < v`: NaN must count
+        if !(C::BOUNDS[k] >= v) {
+            i += C::STEPS[k];
+        }
+    }
+    i as u32
+}
+
+/// `clamp(min=1e-38)` of torch: NaN stays NaN.
+#[inline(always)]
+fn clamp_min(m: f32) -> f32 {
+    if m < 1e-38 {
+        1e-38
+    } else {
+        m
+    }
+}
+
+// --- 4-bit ------------------------------------------------------------------------
+
+fn run_4bit<S: Source, C: Code>(
+    input: &[u8],
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    threads: usize,
+) {
+    let n = input.len() / S::BYTES;
+    let full = n / bs;
+    let split = full * bs;
+    let (full_in, tail_in) = input.split_at(split * S::BYTES);
+    let (full_out, tail_out) = packed.split_at_mut(split / 2);
+    let (full_absmax, tail_absmax) = absmax.split_at_mut(full);
+    let threads = thread_count(threads, split, full);
+    if threads <= 1 {
+        full_blocks::<S, C>(full_in, bs, full_out, full_absmax);
+    } else {
+        let per = full.div_ceil(threads);
+        thread::scope(|s| {
+            let mut work = full_in
+                .chunks(per * bs * S::BYTES)
+                .zip(full_out.chunks_mut(per * bs / 2))
+                .zip(full_absmax.chunks_mut(per));
+            let first = work.next();
+            for ((i, o), a) in work {
+                s.spawn(move || full_blocks::<S, C>(i, bs, o, a));
+            }
+            if let Some(((i, o), a)) = first {
+                full_blocks::<S, C>(i, bs, o, a);
+            }
+        });
+    }
+    if let Some(am) = tail_absmax.first_mut() {
+        partial_block::<S, C>(tail_in, tail_out, am);
+    }
+}
+
+/// Full blocks, with the fastest instruction set this CPU has.
+fn full_blocks<S: Source, C: Code>(input: &[u8], bs: usize, packed: &mut [u8], absmax: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { x86::full_blocks_avx512::<S, C>(input, bs, packed, absmax) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { x86::full_blocks_avx2::<S, C>(input, bs, packed, absmax) };
+        }
+    }
+    full_blocks_generic::<S, C>(input, bs, packed, absmax);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{full_blocks_generic, int8_rows_generic, Code, Source};
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn full_blocks_avx512<S: Source, C: Code>(
+        input: &[u8],
+        bs: usize,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+    ) {
+        full_blocks_generic::<S, C>(input, bs, packed, absmax);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn full_blocks_avx2<S: Source, C: Code>(
+        input: &[u8],
+        bs: usize,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+    ) {
+        full_blocks_generic::<S, C>(input, bs, packed, absmax);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn int8_rows_avx512<S: Source>(
+        input: &[u8],
+        cols: usize,
+        first_row: usize,
+        tail_from: usize,
+        out: &mut [i8],
+        scb: &mut [f32],
+    ) {
+        int8_rows_generic::<S>(input, cols, first_row, tail_from, out, scb);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn int8_rows_avx2<S: Source>(
+        input: &[u8],
+        cols: usize,
+        first_row: usize,
+        tail_from: usize,
+        out: &mut [i8],
+        scb: &mut [f32],
+    ) {
+        int8_rows_generic::<S>(input, cols, first_row, tail_from, out, scb);
+    }
+}
+
+/// `input` holds `absmax.len()` whole blocks of `bs` elements.
+#[inline(always)]
+fn full_blocks_generic<S: Source, C: Code>(
+    input: &[u8],
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    // Blocks go in batches of about BATCH elements: first every block's absmax
+    // (independent reductions the CPU overlaps), then their scales (one vector
+    // division), then the packing, all while the batch is in L1.
+    let per_batch = (BATCH / bs).max(1);
+    let batches = input
+        .chunks(per_batch * bs * S::BYTES)
+        .zip(packed.chunks_mut(per_batch * bs / 2))
+        .zip(absmax.chunks_mut(per_batch));
+    let mut scales = [0f32; BATCH / BLOCKSIZES[0]];
+    let mut pair_scales = if bs > BLOCKSIZES[0] {
+        Vec::new()
+    } else {
+        vec![0f32; per_batch * bs / 2]
+    };
+    for ((input, packed), absmax) in batches {
+        for (block, am) in input.chunks_exact(bs * S::BYTES).zip(absmax.iter_mut()) {
+            let key = block.chunks_exact(S::BYTES).map(S::key).fold(0, u32::max);
+            *am = if key > S::INF_KEY {
+                first_nan::<S>(block)
+            } else {
+                S::key_value(key)
+            };
+        }
+        for (scale, &am) in scales.iter_mut().zip(absmax.iter()) {
+            // torch: `1.0 / t` is `t.reciprocal() * 1.0`
+            *scale = 1.0 / clamp_min(am);
+        }
+        if bs > BLOCKSIZES[0] {
+            let blocks = input
+                .chunks_exact(bs * S::BYTES)
+                .zip(packed.chunks_exact_mut(bs / 2))
+                .zip(scales);
+            for ((block, out), scale) in blocks {
+                for (o, pair) in out.iter_mut().zip(block.chunks_exact(2 * S::BYTES)) {
+                    *o = pack::<S, C>(pair, scale);
+                }
+            }
+        } else {
+            // 16 pairs are too few for a vectorized loop per block: one loop over
+            // the batch, with each pair's scale spelled out
+            for (span, &scale) in pair_scales.chunks_exact_mut(bs / 2).zip(scales.iter()) {
+                span.fill(scale);
+            }
+            let pairs = input.chunks_exact(2 * S::BYTES).zip(pair_scales.iter());
+            for (o, (pair, &scale)) in packed.iter_mut().zip(pairs) {
+                *o = pack::<S, C>(pair, scale);
+            }
+        }
+    }
+}
+
+/// One packed byte: two elements, scaled and bucketized.
+#[inline(always)]
+fn pack<S: Source, C: Code>(pair: &[u8], scale: f32) -> u8 {
+    let (a, b) = S::load_pair(pair);
+    // clamp(-1, 1) is left out: every bound is inside (-1, 1), so it never
+    // changes the bucket (and NaN stays NaN either way)
+    (index::<C>(a * scale) << 4 | index::<C>(b * scale)) as u8
+}
+
+/// `max(dim=-1)` returns a row's first NaN, as it is.
+#[cold]
+fn first_nan<S: Source>(block: &[u8]) -> f32 {
+    block
+        .chunks_exact(S::BYTES)
+        .find(|e| S::key(e) > S::INF_KEY)
+        .map_or(f32::NAN, S::nan_abs)
+}
+
+/// The last, partial block: absmax clamped, values divided (not multiplied).
+fn partial_block<S: Source, C: Code>(input: &[u8], packed: &mut [u8], am: &mut f32) {
+    let n = input.len() / S::BYTES;
+    let key = input.chunks_exact(S::BYTES).map(S::key).fold(0, u32::max);
+    let m = if key <= S::INF_KEY {
+        clamp_min(S::key_value(key))
+    } else if n == 1 {
+        S::lone_nan_abs(input)
+    } else {
+        // the NaN torch's vectorized full reduction `max()` produces
+        f32::from_bits(0xffff_ffff)
+    };
+    *am = m;
+    let q = |i: usize| -> u32 {
+        if i < n {
+            index::<C>(S::load(&input[i * S::BYTES..]) / m)
+        } else {
+            index::<C>(0.0) // the padding of an odd element count
+        }
+    };
+    for (j, o) in packed.iter_mut().enumerate() {
+        *o = (q(2 * j) << 4 | q(2 * j + 1)) as u8;
+    }
+}
+
+// --- int8 -------------------------------------------------------------------------
+
+fn run_int8<S: Source>(input: &[u8], cols: usize, out: &mut [i8], scb: &mut [f32], threads: usize) {
+    let rows = scb.len();
+    // torch converts SCB from f16 to f32 eight at a time; the last rows % 8 go
+    // through its scalar path, which turns NaN into 0x7FFF_FFFF
+    let tail_from = rows - rows % 8;
+    let threads = thread_count(threads, out.len(), rows);
+    if threads <= 1 {
+        int8_rows::<S>(input, cols, 0, tail_from, out, scb);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    thread::scope(|s| {
+        let mut work = input
+            .chunks(per * cols * S::BYTES)
+            .zip(out.chunks_mut(per * cols))
+            .zip(scb.chunks_mut(per))
+            .enumerate();
+        let first = work.next();
+        for (k, ((i, o), r)) in work {
+            s.spawn(move || int8_rows::<S>(i, cols, k * per, tail_from, o, r));
+        }
+        if let Some((_, ((i, o), r))) = first {
+            int8_rows::<S>(i, cols, 0, tail_from, o, r);
+        }
+    });
+}
+
+fn int8_rows<S: Source>(
+    input: &[u8],
+    cols: usize,
+    first_row: usize,
+    tail_from: usize,
+    out: &mut [i8],
+    scb: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe {
+                x86::int8_rows_avx512::<S>(input, cols, first_row, tail_from, out, scb)
+            };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe {
+                x86::int8_rows_avx2::<S>(input, cols, first_row, tail_from, out, scb)
+            };
+        }
+    }
+    int8_rows_generic::<S>(input, cols, first_row, tail_from, out, scb);
+}
+
+/// `round_half_even(y).to(int8)` for |y| < 2^22, and NaN → 0 (torch's cast on
+/// x86-64 and Arm): adding 1.5 * 2^23 leaves no fraction bits, so the FPU's
+/// default rounding rounds, and the integer is the low bits of the sum.
+#[inline(always)]
+fn to_i8_even(y: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let y = if y.is_nan() { 0.0 } else { y };
+    (y + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()) as i8
+}
+
+#[inline(always)]
+fn int8_rows_generic<S: Source>(
+    input: &[u8],
+    cols: usize,
+    first_row: usize,
+    tail_from: usize,
+    out: &mut [i8],
+    scb: &mut [f32],
+) {
+    let mut half = vec![0u16; cols];
+    let rows = input
+        .chunks_exact(cols * S::BYTES)
+        .zip(out.chunks_exact_mut(cols))
+        .zip(scb.iter_mut());
+    for (r, ((row, out), stat)) in rows.enumerate() {
+        for (h, e) in half.iter_mut().zip(row.chunks_exact(S::BYTES)) {
+            *h = S::to_f16(e);
+        }
+        let key = half.iter().map(|&h| h & 0x7fff).fold(0, u16::max);
+        let s = if key <= 0x7c00 {
+            f16_to_f32(key)
+        } else if first_row + r < tail_from {
+            let nan = half.iter().find(|&&h| h & 0x7fff > 0x7c00).copied();
+            f32::from_bits(f16_to_f32(nan.unwrap_or(key)).to_bits() & 0x7fff_ffff)
+        } else {
+            f32::from_bits(0x7fff_ffff)
+        };
+        *stat = s;
+        // torch: `127.0 / t` is `t.reciprocal() * 127.0`; `A * scale` is f32
+        let scale = (1.0 / s) * 127.0;
+        for (q, &h) in out.iter_mut().zip(half.iter()) {
+            *q = to_i8_even(f16_to_f32(h) * scale);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(b >= v)` is bucketize's NaN rule
+mod tests {
+    use super::*;
+
+    fn bf16_bytes(values: &[f32]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect()
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn q4(input: &[u8], dtype: Dtype, qt: QuantType, bs: usize) -> (Vec<u8>, Vec<u32>) {
+        let n = input.len() / (dtype.bits() as usize / 8);
+        let mut packed = vec![0xaa; packed_len(n)];
+        let mut absmax = vec![-1.0; blocks(n, bs)];
+        quantize_4bit(input, dtype, qt, bs, &mut packed, &mut absmax, 1).unwrap();
+        (packed, absmax.iter().map(|a| a.to_bits()).collect())
+    }
+
+    /// A slow, obvious transcription of bitsandbytes' torch code, for comparison.
+    fn reference(values: &[f32], qt: QuantType, bs: usize) -> (Vec<u8>, Vec<f32>) {
+        let (bounds, order) = (qt.bounds(), qt.order());
+        let bucket = |v: f32| order[bounds.iter().take_while(|&&b| !(b >= v)).count()];
+        let mut q = Vec::new();
+        let mut absmax = Vec::new();
+        for block in values.chunks(bs) {
+            let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let c = m.max(1e-38);
+            if block.len() == bs {
+                absmax.push(m);
+                q.extend(block.iter().map(|&v| bucket(v * (1.0 / c))));
+            } else {
+                absmax.push(c);
+                q.extend(block.iter().map(|&v| bucket(v / c)));
+            }
+        }
+        if q.len() % 2 == 1 {
+            q.push(bucket(0.0));
+        }
+        let packed = q.chunks(2).map(|p| p[0] << 4 | p[1]).collect();
+        (packed, absmax)
+    }
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+    }
+
+    #[test]
+    fn bounds_are_the_midpoints_of_the_sorted_code() {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let (code, order, bounds) = (qt.code(), qt.order(), qt.bounds());
+            for i in 0..15 {
+                let mid = (code[order[i] as usize] + code[order[i + 1] as usize]) / 2.0;
+                assert_eq!(bounds[i].to_bits(), mid.to_bits(), "{qt} bound {i}");
+                assert!(code[order[i] as usize] <= code[order[i + 1] as usize]);
+            }
+        }
+    }
+
+    #[test]
+    fn bounds_match_bitsandbytes_bit_patterns() {
+        // printed from bitsandbytes 0.50 `_get_4bit_quantize_bounds(...).view(torch.int32)`
+        let nf4: [u32; 15] = [
+            0xbf59_1cd8,
+            0xbf1c_5270,
+            0xbeeb_8480,
+            0xbead_ea76,
+            0xbe70_3cec,
+            0xbe0d_38bc,
+            0xbd3a_7871,
+            0x3d22_faff,
+            0x3df6_4862,
+            0x3e50_67e0,
+            0x3e95_82d4,
+            0x3ec7_53f9,
+            0x3f00_6d04,
+            0x3f24_8daf,
+            0x3f5c_89da,
+        ];
+        let fp4: [u32; 15] = [
+            0xbf55_5556,
+            0xbf15_5556,
+            0xbed5_5556,
+            0xbe95_5556,
+            0xbe55_5556,
+            0xbdb0_0000,
+            0xbb2a_aaab,
+            0x0,
+            0x3b2a_aaab,
+            0x3db0_0000,
+            0x3e55_5556,
+            0x3e95_5556,
+            0x3ed5_5556,
+            0x3f15_5556,
+            0x3f55_5556,
+        ];
+        let bits = |qt: QuantType| qt.bounds().map(f32::to_bits);
+        assert_eq!(bits(QuantType::Nf4), nf4);
+        assert_eq!(bits(QuantType::Fp4), fp4);
+    }
+
+    #[test]
+    fn index_is_order_of_bucketize() {
+        for v in [
+            -2.0,
+            -1.0,
+            -0.5,
+            -0.0,
+            0.0,
+            1e-3,
+            0.1,
+            0.5,
+            1.0,
+            3.0,
+            f32::NAN,
+        ] {
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                let slow = qt.order()[qt.bounds().iter().filter(|&&b| !(b >= v)).count()];
+                let fast = match qt {
+                    QuantType::Nf4 => index::<Nf4>(v),
+                    QuantType::Fp4 => index::<Fp4>(v),
+                };
+                assert_eq!(fast, u32::from(slow), "{qt} {v}");
+            }
+        }
+        assert_eq!(index::<Nf4>(f32::NAN), 15);
+        assert_eq!(index::<Fp4>(f32::NAN), 3);
+        assert_eq!(index::<Nf4>(0.0), 7);
+        assert_eq!(index::<Fp4>(0.0), 0);
+    }
+
+    #[test]
+    fn matches_the_reference_on_random_data() {
+        let mut seed = 7;
+        for &bs in &BLOCKSIZES {
+            for n in [0, 1, 2, 3, bs - 1, bs, bs + 1, 3 * bs + 17, 5 * bs] {
+                let values: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+                for qt in [QuantType::Nf4, QuantType::Fp4] {
+                    let (packed, absmax) = reference(&values, qt, bs);
+                    let absmax: Vec<u32> = absmax.iter().map(|a| a.to_bits()).collect();
+                    let got = q4(&f32_bytes(&values), Dtype::F32, qt, bs);
+                    assert_eq!(got, (packed, absmax), "{qt} n={n} bs={bs}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_result() {
+        let mut seed = 1;
+        let n = 3 * MIN_PER_THREAD + 77;
+        let values: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+        let input = bf16_bytes(&values);
+        let one = q4(&input, Dtype::BF16, QuantType::Nf4, 64);
+        for threads in [2, 3, 8] {
+            let mut packed = vec![0; packed_len(n)];
+            let mut absmax = vec![0.0; blocks(n, 64)];
+            quantize_4bit(
+                &input,
+                Dtype::BF16,
+                QuantType::Nf4,
+                64,
+                &mut packed,
+                &mut absmax,
+                threads,
+            )
+            .unwrap();
+            assert_eq!(packed, one.0);
+            assert_eq!(
+                absmax.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                one.1
+            );
+        }
+    }
+
+    #[test]
+    fn special_values() {
+        // all zeros: absmax 0 (full block) but clamped 1e-38 for the partial one
+        let (packed, absmax) = q4(&f32_bytes(&[0.0; 35]), Dtype::F32, QuantType::Nf4, 32);
+        assert!(packed.iter().all(|&b| b == 0x77));
+        assert_eq!(absmax, [0, 1e-38f32.to_bits()]);
+        // a NaN in a full block: its absmax is that NaN without sign, all nibbles 15
+        let mut values = vec![1.0f32; 32];
+        values[3] = f32::from_bits(0xffc1_2345);
+        values[9] = f32::from_bits(0x7fc0_0042);
+        let (packed, absmax) = q4(&f32_bytes(&values), Dtype::F32, QuantType::Nf4, 32);
+        assert!(packed.iter().all(|&b| b == 0xff));
+        assert_eq!(absmax, [0x7fc1_2345]);
+        // NaN in a partial block of several elements: torch's all-ones NaN
+        let (packed, absmax) = q4(&f32_bytes(&values[..5]), Dtype::F32, QuantType::Fp4, 32);
+        assert_eq!(absmax, [0xffff_ffff]);
+        assert_eq!(packed, [0x33, 0x33, 0x30]); // fp4 index of NaN is 3, padding 0
+                                                // a lone NaN is quieted
+        let (_, absmax) = q4(
+            &f32_bytes(&[f32::from_bits(0xff80_0001)]),
+            Dtype::F32,
+            QuantType::Nf4,
+            64,
+        );
+        assert_eq!(absmax, [0x7fc0_0001]);
+        // inf: scale 0, so finite values go to the zero code and inf to NaN's
+        let mut values = vec![1.0f32; 32];
+        values[0] = f32::INFINITY;
+        let (packed, absmax) = q4(&f32_bytes(&values), Dtype::F32, QuantType::Nf4, 32);
+        assert_eq!(absmax, [f32::INFINITY.to_bits()]);
+        assert_eq!(packed[0], 0xf7);
+        assert!(packed[1..].iter().all(|&b| b == 0x77));
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        let mut packed = [0u8; 2];
+        let mut absmax = [0f32; 1];
+        let input = [0u8; 8];
+        let err = |dtype, bs, packed: &mut [u8], absmax: &mut [f32]| {
+            quantize_4bit(&input, dtype, QuantType::Nf4, bs, packed, absmax, 1).unwrap_err()
+        };
+        assert_eq!(
+            err(Dtype::F64, 64, &mut packed, &mut absmax),
+            QuantError::Dtype(Dtype::F64)
+        );
+        assert_eq!(
+            err(Dtype::BF16, 48, &mut packed, &mut absmax),
+            QuantError::Blocksize(48)
+        );
+        assert!(matches!(
+            err(Dtype::BF16, 64, &mut [0u8; 3], &mut absmax),
+            QuantError::OutputLen {
+                expected: 2,
+                got: 3,
+                ..
+            }
+        ));
+        let e = quantize_4bit(
+            &input[..3],
+            Dtype::BF16,
+            QuantType::Nf4,
+            64,
+            &mut packed,
+            &mut absmax,
+            1,
+        );
+        assert!(matches!(e, Err(QuantError::InputBytes { bytes: 3, .. })));
+        let e = quantize_int8(&input, Dtype::BF16, 3, &mut [0; 4], &mut [0.0; 1], 1);
+        assert_eq!(
+            e,
+            Err(QuantError::Rows {
+                elements: 4,
+                cols: 3
+            })
+        );
+        assert!(e.unwrap_err().to_string().contains("3 columns"));
+    }
+
+    #[test]
+    fn f16_conversions_round_trip_and_round_to_even() {
+        for h in 0..=u16::MAX {
+            let f = f16_to_f32(h);
+            let back = f32_to_f16(f);
+            if f.is_nan() {
+                assert!(f.to_bits() & QUIET != 0);
+                assert_eq!(back, h | 0x0200, "{h:#x}");
+            } else {
+                assert_eq!(back, h, "{h:#x}");
+            }
+        }
+        assert_eq!(f32_to_f16(65504.0), 0x7bff);
+        assert_eq!(f32_to_f16(65519.99), 0x7bff);
+        assert_eq!(f32_to_f16(65520.0), 0x7c00);
+        assert_eq!(f32_to_f16(-1e10), 0xfc00);
+        assert_eq!(f32_to_f16(1.0 + 1.0 / 2048.0), 0x3c00); // tie to even
+        assert_eq!(f32_to_f16(1.0 + 3.0 / 2048.0), 0x3c02);
+        assert_eq!(f32_to_f16(2.0f32.powi(-25)), 0x0000); // tie to even (zero)
+        assert_eq!(f32_to_f16(3.0 * 2.0f32.powi(-25)), 0x0002);
+        assert_eq!(f32_to_f16(f32::from_bits(1)), 0);
+        assert_eq!(f32_to_f16(f32::from_bits(0x7fc1_2345)), 0x7e09);
+        assert_eq!(f32_to_f16(f32::from_bits(0x7f80_0001)), 0x7e00);
+    }
+
+    #[test]
+    fn int8_rows_match_a_direct_transcription() {
+        let mut seed = 3;
+        let (rows, cols) = (13, 37);
+        let values: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+        let mut out = vec![0i8; rows * cols];
+        let mut scb = vec![0f32; rows];
+        quantize_int8(&f32_bytes(&values), Dtype::F32, cols, &mut out, &mut scb, 4).unwrap();
+        for r in 0..rows {
+            let row: Vec<f32> = values[r * cols..][..cols]
+                .iter()
+                .map(|&v| f16_to_f32(f32_to_f16(v)))
+                .collect();
+            let s = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(scb[r], s);
+            for (c, v) in row.iter().enumerate() {
+                assert_eq!(
+                    out[r * cols + c],
+                    (v * ((1.0 / s) * 127.0)).round_ties_even() as i8
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn int8_special_rows() {
+        let values = [0.0, 0.0, f32::INFINITY, 1.0, f32::NAN, 1.0, 1e6, 2.0];
+        let mut out = [1i8; 8];
+        let mut scb = [0f32; 4];
+        quantize_int8(&f32_bytes(&values), Dtype::F32, 2, &mut out, &mut scb, 1).unwrap();
+        assert_eq!(out, [0; 8]);
+        assert_eq!(scb[0], 0.0);
+        assert_eq!(scb[1], f32::INFINITY);
+        assert_eq!(scb[2].to_bits(), 0x7fff_ffff); // a tail row: torch's scalar NaN
+        assert_eq!(scb[3], f32::INFINITY); // 1e6 overflows f16
+    }
+}

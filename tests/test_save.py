@@ -302,7 +302,14 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(
     assert (_save(model, empty) / "config.json").exists()
 
 
-@pytest.mark.parametrize("size", ["lots", -1, 0, 1.5])
+def test_parse_size() -> None:
+    parse = save_module.parse_size
+    assert parse("4GB") == 4_000_000_000 and parse("40KB") == parse("40kb") == 40_000
+    assert parse("1.5GB") == 1_500_000_000 and parse("2GiB") == 2 << 30
+    assert parse(" 500 MB ") == 500_000_000 and parse("123") == parse(123) == 123
+
+
+@pytest.mark.parametrize("size", ["lots", "4XB", "", -1, 0, "0KB", 1.5, True])
 def test_bad_max_shard_size(sources: dict[str, Path], tmp_path: Path, size: Any) -> None:
     model = _load(sources["llama"])
     with pytest.raises(leanstream.ConfigError, match="max_shard_size"):

@@ -22,6 +22,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -83,6 +84,7 @@ def save(
         >>> leanstream.load("llama-1b-nf4")  # streams the packed NF4 tensors  # doctest: +SKIP
     """
     target = Path(folder).expanduser().absolute()
+    parse_size(max_shard_size)
     _check_replaceable(target)
     config = _config_to_save(model)
     state = _state_dict(model)
@@ -216,21 +218,41 @@ def _fix_cpu_packed_absmax(model: Any) -> None:
             state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
 
 
+def parse_size(value: int | str) -> int:
+    """Bytes from ``4000000``, ``"4GB"``, ``"500MB"``, ``"1.5GB"``, ``"2GiB"`` (decimal
+    units as huggingface_hub's, binary ones with ``i``); :class:`ConfigError` otherwise.
+
+    >>> parse_size("4GB")
+    4000000000
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, scale = float(value), 1
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B|B)?\s*", value, re.IGNORECASE)
+        if match is None:
+            raise ConfigError(
+                f"max_shard_size={value!r}: expected bytes or a size like '4GB', '500MB'"
+            )
+        unit = (match.group(2) or "B").upper()
+        power = " KMGT".index(unit[0]) if unit != "B" else 0
+        scale = (1024 if "I" in unit else 1000) ** power
+        number = float(match.group(1))
+    else:
+        raise ConfigError(f"max_shard_size must be bytes or a size like '4GB', got {value!r}")
+    size = int(number * scale)
+    if size <= 0:
+        raise ConfigError(f"max_shard_size must be positive, got {value!r}")
+    return size
+
+
 def _split(state: dict[str, torch.Tensor], max_shard_size: int | str) -> Any:
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int | str):
-        raise ConfigError(
-            f"max_shard_size must be bytes or a size like '4GB', got {max_shard_size!r}"
-        )
-    if isinstance(max_shard_size, int) and max_shard_size <= 0:
-        raise ConfigError(f"max_shard_size must be positive, got {max_shard_size}")
-    try:
-        return split_torch_state_dict_into_shards(
-            state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-        )
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"max_shard_size={max_shard_size!r}: {err}") from err
+    return split_torch_state_dict_into_shards(
+        state,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=parse_size(max_shard_size),
+    )
 
 
 def _write_shards(
@@ -354,4 +376,4 @@ def _renameat2() -> Any:
     return func
 
 
-__all__ = ["TOKENIZER_PATTERNS", "save", "tokenizer_files"]
+__all__ = ["TOKENIZER_PATTERNS", "parse_size", "save", "tokenizer_files"]

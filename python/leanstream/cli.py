@@ -1,0 +1,452 @@
+"""The ``leanstream`` command line (also ``python -m leanstream``).
+
+::
+
+    leanstream inspect SOURCE                    # shards, tensors, parameters, predicted memory
+    leanstream quantize SOURCE OUT --bits 4      # stream-quantize and save a pre-quantized folder
+    leanstream generate SOURCE --prompt "..."    # load (quantized) and generate greedily
+
+``SOURCE`` is a local folder or a Hugging Face hub repo id. Errors print one line,
+``leanstream: error: ...``, to stderr and exit with 2 (usage) or 1 (a
+:class:`~leanstream.LeanstreamError`, or an operating-system error such as a full disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import ConfigError, LeanstreamError
+
+PROG = "leanstream"
+_DTYPES = ["bfloat16", "float16", "float32"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see '{self.prog} --help')"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    >>> main(["inspect", "path/to/model"])  # doctest: +SKIP
+    0
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed
+        return exit_.code if isinstance(exit_.code, int) else 0
+    try:
+        return int(args.run(args) or 0)
+    except LeanstreamError as err:
+        return _fail(str(err))
+    except OSError as err:
+        return _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Stream safetensors LLM checkpoints into bitsandbytes-quantized models.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe a checkpoint and predict its memory at 16/8/4 bits (loads no weights)",
+        description="Shards, tensor count, dtypes, parameter count, and the memory the "
+        "model would take at 16, 8 and 4 bits (nf4, with and without double quantization), "
+        "computed from the checkpoint index and the model built on 'meta': no weights loaded.",
+    )
+    _source_arguments(inspect)
+    inspect.add_argument("--json", action="store_true", help="print a JSON object instead")
+    inspect.set_defaults(run=_inspect)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="stream-quantize a checkpoint and save it pre-quantized",
+        description="Load SOURCE quantized, tensor by tensor, and save it to OUT as a "
+        "pre-quantized bitsandbytes checkpoint that transformers and leanstream load. "
+        "OUT is replaced atomically.",
+    )
+    _source_arguments(quantize)
+    quantize.add_argument("out", metavar="OUT", help="folder to write")
+    quantize.add_argument("--bits", type=int, choices=[4, 8], default=4, help="default: 4")
+    _quant_arguments(quantize)
+    quantize.add_argument(
+        "--max-shard-size",
+        type=_size_argument,
+        default="4GB",
+        help="largest shard, e.g. 4GB (default), 500MB",
+        metavar="SIZE",
+    )
+    quantize.set_defaults(run=_quantize)
+
+    generate = commands.add_parser(
+        "generate",
+        help="load a model (quantized) and generate text from a prompt",
+        description="Load SOURCE and generate greedily from PROMPT with the tokenizer "
+        "stored in the checkpoint folder.",
+    )
+    _source_arguments(generate)
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument(
+        "--bits",
+        choices=["auto", "4", "8", "16"],
+        default="auto",
+        help="auto (default): 4, or what a pre-quantized checkpoint stores",
+    )
+    _quant_arguments(generate)
+    generate.add_argument(
+        "--max-new-tokens", type=_positive, default=32, help="default: 32", metavar="N"
+    )
+    generate.set_defaults(run=_generate)
+    return parser
+
+
+def _source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help="local folder or hub repo id")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modeling code"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *_DTYPES],
+        default="auto",
+        help="dtype of unquantized tensors (default: the checkpoint's)",
+    )
+
+
+def _quant_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    parser.add_argument("--double-quant", action="store_true", help="quantize 4-bit absmax too")
+    parser.add_argument("--compute-dtype", choices=_DTYPES, help="default: the model's dtype")
+    parser.add_argument(
+        "--skip-modules", nargs="+", metavar="NAME", help="modules kept in full precision"
+    )
+    parser.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _size_argument(text: str) -> int:
+    from .save import parse_size
+
+    try:
+        return parse_size(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (bytes, or e.g. 4GB, 500MB)"
+        ) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+# --- inspect ------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """Predicted bytes of a loaded model (what :func:`leanstream.footprint` would report)."""
+
+    setting: str
+    total_bytes: int
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    report = inspect_checkpoint(
+        args.source,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"source       {report['folder']}")
+    print(
+        f"model        {report['architecture']} ({report['model_type']}), dtype {report['dtype']}"
+    )
+    if report["quantization"]:
+        print(f"quantized    {report['quantization']} (pre-quantized checkpoint)")
+    print(f"shards       {len(report['shards'])} file(s), {_size(report['tensor_bytes'])}")
+    dtypes = ", ".join(
+        f"{d} {v['count']} ({_size(v['bytes'])})" for d, v in report["dtypes"].items()
+    )
+    print(f"tensors      {report['tensors']}: {dtypes}")
+    print(f"parameters   {report['parameters']:,}")
+    layers = report["quantizable_layers"]
+    kept = report["kept_in_full_precision"]
+    print(f"layers       {layers} linear layer(s) quantized at 8/4 bits; kept: {', '.join(kept)}")
+    print("memory       setting               total       by kind")
+    for row in report["memory"]:
+        kinds = ", ".join(f"{k} {_size(v)}" for k, v in sorted(row["by_kind"].items()))
+        print(f"             {row['setting']:<20}  {_size(row['total_bytes']):>10}  {kinds}")
+    return 0
+
+
+def inspect_checkpoint(
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """What ``leanstream inspect`` prints, as a dict (JSON-serializable).
+
+    Reads the checkpoint index (headers only) and builds the model on ``meta``; the
+    predicted memory is exactly what :func:`leanstream.footprint` reports after
+    :func:`leanstream.load` with those settings (blocksize 64 for 4 bits).
+    """
+    from . import _core
+    from .checkpoint import check_weights_format, load_config, resolve
+    from .loader import _model_dtype
+    from .meta import build_empty_model
+    from .prequantized import Prequantized, describe, quantization_dict
+
+    folder = resolve(source, revision=revision)
+    check_weights_format(folder)
+    config = load_config(folder, trust_remote_code=trust_remote_code)
+    quant = quantization_dict(config)
+    with _core.Checkpoint(folder) as ckpt:
+        model_dtype = _model_dtype(dtype, config, ckpt)
+        dtypes: dict[str, dict[str, int]] = {}
+        for key in ckpt.keys():
+            info = ckpt[key]
+            entry = dtypes.setdefault(info.dtype, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += info.nbytes
+        shards = [Path(f).name for f in ckpt.files]
+        tensors, tensor_bytes = len(ckpt), ckpt.total_bytes
+    model = build_empty_model(config, trust_remote_code=trust_remote_code)
+    parameters = sum(p.numel() for p in model.parameters())
+    if quant is not None:
+        from .quantize import QuantSpec
+
+        pre = Prequantized.from_config(
+            config,
+            folder,
+            bits="auto",
+            requested=QuantSpec(),
+            skip_modules=None,
+            compute_dtype_given=False,
+        )
+        settings = {_setting_name(pre.spec.bits, pre.spec): pre.spec}
+        skip = pre.skip(model)
+    else:
+        settings = _standard_settings()
+        skip = None
+    predictions, quantized, kept = _predict(model, model_dtype, settings, skip)
+    return {
+        "folder": str(folder),
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "dtype": str(model_dtype).removeprefix("torch."),
+        "quantization": describe(quant) if quant is not None else None,
+        "shards": shards,
+        "tensors": tensors,
+        "tensor_bytes": tensor_bytes,
+        "dtypes": dtypes,
+        "parameters": parameters,
+        "quantizable_layers": quantized,
+        "kept_in_full_precision": kept,
+        "memory": [asdict(p) for p in predictions],
+    }
+
+
+def _standard_settings() -> dict[str, Any]:
+    from .quantize import QuantSpec
+
+    return {
+        "16-bit": QuantSpec(bits=16),
+        "8-bit (LLM.int8)": QuantSpec(bits=8),
+        "4-bit nf4": QuantSpec(bits=4),
+        "4-bit nf4 + double": QuantSpec(bits=4, double_quant=True),
+    }
+
+
+def _setting_name(bits: int, spec: Any) -> str:
+    if bits == 8:
+        return "8-bit (LLM.int8)"
+    return f"4-bit {spec.quant_type}" + (" + double" if spec.double_quant else "")
+
+
+def _predict(
+    model: Any, model_dtype: Any, settings: dict[str, Any], skip: set[str] | None
+) -> tuple[list[Prediction], int, list[str]]:
+    """Bytes of parameters and buffers after loading with each setting, by
+    :func:`leanstream.footprint`'s kinds; layers are chosen by :func:`replace_linears`
+    itself (run on the meta model: it allocates nothing)."""
+    import torch
+
+    from .quantize import QuantSpec, default_skip_modules, matches_any, replace_linears
+
+    skip = default_skip_modules(model) if skip is None else skip
+    fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    kept = sorted(name for name, module in model.named_modules() if _is_linear(module))
+    replaced = replace_linears(model, QuantSpec(bits=4), skip)
+    kept = [name for name in kept if name not in replaced]
+    shapes = []  # (out_features, in_features) of every weight that gets quantized
+    plain: dict[str, int] = {}  # bytes of the tensors no setting changes, by kind
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if name == "weight" and module_name in replaced:
+                shapes.append((int(module.out_features), int(module.in_features)))
+                continue
+            if _is_shared(model, f"{module_name}.{name}".lstrip(".")):
+                continue
+            dtype = torch.float32 if matches_any(module_name, fp32_modules) else model_dtype
+            if not param.is_floating_point():
+                dtype = param.dtype
+            _add(plain, _kind(dtype), param.numel() * dtype.itemsize)
+    for buf in model.buffers():
+        _add(plain, _kind(buf.dtype), buf.numel() * buf.element_size())
+    predictions = []
+    for label, spec in settings.items():
+        by_kind = dict(plain)
+        for out_features, in_features in shapes:
+            n = out_features * in_features
+            if spec.bits == 16:
+                _add(by_kind, _kind(model_dtype), n * model_dtype.itemsize)
+            elif spec.bits == 8:
+                _add(by_kind, "int8", n)
+                _add(by_kind, "quant_state", out_features * 4)  # SCB, float32
+            else:
+                _add(by_kind, spec.quant_type, (n + 1) // 2)
+                blocks = -(-n // spec.blocksize)
+                stats = 16 * 4  # quant_map: 16 float32
+                if spec.double_quant:  # uint8 absmax, float32 nested absmax/map, offset
+                    stats += blocks + -(-blocks // 256) * 4 + 256 * 4 + 4
+                else:
+                    stats += blocks * 4
+                _add(by_kind, "quant_state", stats)
+        predictions.append(Prediction(label, sum(by_kind.values()), by_kind))
+    return predictions, len(shapes), kept
+
+
+def _is_linear(module: Any) -> bool:
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def _is_shared(model: Any, name: str) -> bool:
+    """A tied weight's second name (counted once, as the loaded model shares it)."""
+    return name in (getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def _kind(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _add(table: dict[str, int], kind: str, nbytes: int) -> None:
+    table[kind] = table.get(kind, 0) + nbytes
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+# --- quantize and generate ------------------------------------------------------------
+
+
+def _load_options(args: argparse.Namespace, bits: int | str | None) -> dict[str, Any]:
+    return dict(
+        bits=bits,
+        quant_type=args.quant_type,
+        double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype,
+        skip_modules=args.skip_modules,
+        dtype=args.dtype,
+        device=args.device,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+    )
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .footprint import footprint
+    from .loader import load
+    from .save import save
+
+    model = load(args.source, **_load_options(args, args.bits))
+    out = save(model, args.out, max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    shards = sorted(out.glob("*.safetensors"))
+    on_disk = sum(shard.stat().st_size for shard in shards)
+    print(
+        f"wrote {out}: {len(shards)} shard(s), {_size(on_disk)}; "
+        f"in memory {_size(footprint(model).total_bytes)}"
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import resolve
+    from .loader import load
+    from .save import tokenizer_files
+
+    folder = resolve(args.source, revision=args.revision)
+    if not tokenizer_files(folder):
+        raise ConfigError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model...); generate needs the checkpoint's own tokenizer: copy it into "
+            "the folder (leanstream quantize and leanstream.save copy it from their source)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{folder}: the tokenizer cannot be loaded: {err}") from err
+    bits = None if args.bits == "16" else args.bits if args.bits == "auto" else int(args.bits)
+    model = load(folder, **_load_options(args, bits))
+    device = next(model.parameters()).device
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    if inputs["input_ids"].shape[1] == 0:
+        raise ConfigError("--prompt: the tokenizer turned it into no tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad
+        )
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0
+
+
+__all__ = ["Prediction", "inspect_checkpoint", "main"]

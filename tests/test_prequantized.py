@@ -253,3 +253,13 @@ def test_packed_weight_of_another_storage_dtype(
     _edit(folder, "model.layers.0.mlp.up_proj.weight", torch.zeros(6144, 1, dtype=torch.int8))
     with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"stored as torch\.int8"):
         _load(folder)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["nf4-dq", "int8"])
+def test_onto_gpu(saved: dict[tuple[str, str], Path], setting: str) -> None:
+    folder = saved[setting, "llama"]
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda:0")
+    got = leanstream.load(folder, device="cuda", progress=False)
+    assert got.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+    assert assert_same_weights(reloaded, got) > 0

@@ -351,3 +351,19 @@ def test_progress_bar(
 ) -> None:
     leanstream.save(_load(sources["llama"]), tmp_path / "out", max_shard_size="40KB")
     assert "leanstream save out" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["nf4-dq", "int8"])
+def test_gpu_model_round_trip(sources: dict[str, Path], tmp_path: Path, setting: str) -> None:
+    """A CUDA model is copied to the CPU shard by shard; the folder loads back onto CUDA."""
+    model = leanstream.load(
+        sources["llama"], device="cuda", progress=False, compute_dtype=torch.bfloat16,
+        **SETTINGS[setting],
+    )  # fmt: skip
+    folder = _save(model, tmp_path / "out")
+    got = leanstream.load(folder, device="cuda", progress=False)
+    assert got.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+    assert assert_same_weights(model, got) > 0
+    theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda:0")
+    assert assert_same_weights(model, theirs) > 0

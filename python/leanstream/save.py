@@ -286,9 +286,9 @@ def _write_shards(
 
 
 def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().to("cpu").contiguous()
-    # bitsandbytes' parameter subclasses (Params4bit, Int8Params) → plain tensors
-    return tensor if type(tensor) is torch.Tensor else tensor.as_subclass(torch.Tensor)
+    # bitsandbytes' parameter subclasses become plain tensors first: Params4bit.to()
+    # would move the quant_state it shares with the model's weight along with it
+    return tensor.detach().as_subclass(torch.Tensor).to("cpu").contiguous()
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:

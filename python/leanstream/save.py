@@ -67,9 +67,11 @@ def save(
         model: a ``transformers.PreTrainedModel``; its ``config.quantization_config``
             must describe its bitsandbytes layers (``leanstream.load`` sets it).
         folder: the checkpoint folder to write. If it exists it is replaced as a
-            whole, atomically; a non-empty folder that holds neither ``config.json``
-            nor ``*.safetensors`` is refused (:class:`ConfigError`), so that a wrong
-            path cannot delete an unrelated directory.
+            whole, atomically, only once the new one is complete (a failure, even a
+            killed process, leaves it as it was; a killed process also leaves a
+            hidden ``.NAME.*.leanstream-tmp`` folder beside it). A non-empty folder
+            that holds neither ``config.json`` nor ``*.safetensors`` is refused
+            (:class:`ConfigError`), so that a wrong path cannot delete a directory.
         max_shard_size: largest shard, in bytes or as ``"4GB"``, ``"500MB"``.
         tokenizer_from: folder whose tokenizer files are copied; default: the folder
             the model was loaded from (``model.config.name_or_path``), when it exists.

@@ -1,10 +1,14 @@
 # The two set-up commands (see README): `make demo` and `make test`.
 # Both build everything they need from nothing: the cached virtual environment
-# (scripts/env.sh), then the Rust extension, installed into it with maturin.
+# (scripts/env.sh), then the Rust extension, built in place into python/leanstream/
+# by maturin (no install: PY puts this checkout on PYTHONPATH).
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 VENV = $(shell scripts/env.sh)
-PY = $(VENV)/bin/python
+# The venv is shared by every checkout on this machine (it is keyed by the
+# dependency list, not by the checkout), and maturin's editable install points
+# it at whichever checkout built last: always run this checkout's package.
+PY = PYTHONPATH=$(CURDIR)/python $(VENV)/bin/python
 
 .PHONY: env build demo test test-rust test-python lint bench clean
 
@@ -12,7 +16,7 @@ env:
 	@scripts/env.sh >/dev/null
 
 build: env
-	@cd . && VIRTUAL_ENV=$(VENV) $(PY) -m maturin develop --release --quiet
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/python -m maturin develop --release --quiet --skip-install
 
 demo: build
 	$(PY) -m leanstream.demo

@@ -281,6 +281,8 @@ trait Source {
     fn nan_abs(b: &[u8]) -> f32;
     /// `x.to(torch.float16)`, bit for bit.
     fn to_f16(b: &[u8]) -> u16;
+    /// `x.to(torch.float16).float()`, exact (a NaN's payload is not kept).
+    fn half(b: &[u8]) -> f32;
     /// The absmax torch stores for a one-element last block holding a NaN: the
     /// element's `.float().abs()`, quieted by `max()`.
     fn lone_nan_abs(b: &[u8]) -> f32 {
@@ -332,6 +334,10 @@ impl Source for Bf16 {
     fn to_f16(b: &[u8]) -> u16 {
         f32_to_f16(Self::load(b))
     }
+    #[inline(always)]
+    fn half(b: &[u8]) -> f32 {
+        round_to_f16(Self::load(b))
+    }
 }
 
 impl Source for F16 {
@@ -361,6 +367,10 @@ impl Source for F16 {
     fn to_f16(b: &[u8]) -> u16 {
         u16_le(b)
     }
+    #[inline(always)]
+    fn half(b: &[u8]) -> f32 {
+        Self::load(b)
+    }
 }
 
 impl Source for F32 {
@@ -384,6 +394,10 @@ impl Source for F32 {
     #[inline(always)]
     fn to_f16(b: &[u8]) -> u16 {
         f32_to_f16(Self::load(b))
+    }
+    #[inline(always)]
+    fn half(b: &[u8]) -> f32 {
+        round_to_f16(Self::load(b))
     }
 }
 
@@ -438,6 +452,28 @@ pub fn f32_to_f16(x: f32) -> u16 {
         subnormal
     };
     (sign | h) as u16
+}
+
+/// `f16_to_f32(f32_to_f16(x))` without leaving f32: the mantissa rounded to 10
+/// bits (to the 2^-24 grid below 2^-14), to nearest even, 65520 and above to inf.
+/// A NaN stays a NaN (payload not kept). Branch-free so that it vectorizes.
+#[inline(always)]
+pub fn round_to_f16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let a = bits & 0x7fff_ffff;
+    let normal = a.wrapping_add(0x0fff + ((a >> 13) & 1)) & 0xffff_e000;
+    // below 2^-14 the FPU rounds |x| onto the 2^-24 grid of 0.5's ulp
+    let subnormal = ((f32::from_bits(a) + 0.5) - 0.5).to_bits();
+    let r = if a > 0x7f80_0000 {
+        a
+    } else if a >= 0x477f_f000 {
+        0x7f80_0000
+    } else if a >= 0x3880_0000 {
+        normal
+    } else {
+        subnormal
+    };
+    f32::from_bits((bits & 0x8000_0000) | r)
 }
 
 // --- code books -----------------------------------------------------------------
@@ -858,29 +894,31 @@ fn int8_rows_generic<S: Source>(
     out: &mut [i8],
     scb: &mut [f32],
 ) {
-    let mut half = vec![0u16; cols];
     let rows = input
         .chunks_exact(cols * S::BYTES)
         .zip(out.chunks_exact_mut(cols))
         .zip(scb.iter_mut());
     for (r, ((row, out), stat)) in rows.enumerate() {
-        for (h, e) in half.iter_mut().zip(row.chunks_exact(S::BYTES)) {
-            *h = S::to_f16(e);
-        }
-        let key = half.iter().map(|&h| h & 0x7fff).fold(0, u16::max);
-        let s = if key <= 0x7c00 {
-            f16_to_f32(key)
+        let key = row
+            .chunks_exact(S::BYTES)
+            .map(|e| S::half(e).to_bits() & 0x7fff_ffff)
+            .fold(0, u32::max);
+        let s = if key <= 0x7f80_0000 {
+            f32::from_bits(key)
         } else if first_row + r < tail_from {
-            let nan = half.iter().find(|&&h| h & 0x7fff > 0x7c00).copied();
-            f32::from_bits(f16_to_f32(nan.unwrap_or(key)).to_bits() & 0x7fff_ffff)
+            let first = row
+                .chunks_exact(S::BYTES)
+                .map(S::to_f16)
+                .find(|&h| h & 0x7fff > 0x7c00);
+            f32::from_bits(f16_to_f32(first.unwrap_or(0x7e00)).to_bits() & 0x7fff_ffff)
         } else {
             f32::from_bits(0x7fff_ffff)
         };
         *stat = s;
         // torch: `127.0 / t` is `t.reciprocal() * 127.0`; `A * scale` is f32
         let scale = (1.0 / s) * 127.0;
-        for (q, &h) in out.iter_mut().zip(half.iter()) {
-            *q = to_i8_even(f16_to_f32(h) * scale);
+        for (q, e) in out.iter_mut().zip(row.chunks_exact(S::BYTES)) {
+            *q = to_i8_even(S::half(e) * scale);
         }
     }
 }
@@ -1170,6 +1208,37 @@ mod tests {
         assert_eq!(f32_to_f16(f32::from_bits(1)), 0);
         assert_eq!(f32_to_f16(f32::from_bits(0x7fc1_2345)), 0x7e09);
         assert_eq!(f32_to_f16(f32::from_bits(0x7f80_0001)), 0x7e00);
+    }
+
+    #[test]
+    fn round_to_f16_is_the_round_trip() {
+        let mut seed = 11;
+        let check = |x: f32| {
+            let want = f16_to_f32(f32_to_f16(x));
+            let got = round_to_f16(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e} ({:#x}): {got:e} != {want:e}",
+                x.to_bits()
+            );
+        };
+        for bits in (0..=u32::MAX).step_by(4099) {
+            check(f32::from_bits(bits));
+        }
+        for _ in 0..100_000 {
+            check(lcg(&mut seed) * 2.0f32.powi((lcg(&mut seed) * 10.0) as i32));
+        }
+        for x in [
+            65504.0,
+            65519.99,
+            65520.0,
+            6.1e-5,
+            2.0f32.powi(-25),
+            3.0 * 2.0f32.powi(-25),
+        ] {
+            check(x);
+            check(-x);
+        }
     }
 
     #[test]

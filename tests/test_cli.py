@@ -140,6 +140,11 @@ def test_inspect_predicts_the_footprint(
         "8-bit (LLM.int8)": dict(bits=8),
         "4-bit nf4": dict(bits=4),
         "4-bit nf4 + double": dict(bits=4, double_quant=True),
+        "8-bit + emb/head": dict(bits=8, quantize_embeddings=True, quantize_lm_head=True),
+        "4-bit nf4 + emb/head": dict(bits=4, quantize_embeddings=True, quantize_lm_head=True),
+        "4-bit nf4 + double + emb/head": dict(
+            bits=4, double_quant=True, quantize_embeddings=True, quantize_lm_head=True
+        ),
     }
     assert [row["setting"] for row in report["memory"]] == list(options)
     for row in report["memory"]:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -259,12 +260,16 @@ def inspect_checkpoint(
             skip_modules=None,
             compute_dtype_given=False,
         )
-        settings = {_setting_name(pre.spec.bits, pre.spec): pre.spec}
-        skip = pre.skip(model)
+        embeddings, output = pre.extra_modules(model)
+        spec = dataclasses.replace(pre.spec, embeddings=bool(embeddings), lm_head=bool(output))
+        settings = {_setting_name(pre.spec.bits, spec): spec}
+        skip = pre.skip(model) - output
+        pre_extra = (embeddings, output)
     else:
         settings = _standard_settings()
         skip = None
-    predictions, quantized, kept = _predict(model, model_dtype, settings, skip)
+        pre_extra = None
+    predictions, quantized, kept = _predict(model, model_dtype, settings, skip, pre_extra)
     return {
         "folder": str(folder),
         "architecture": type(model).__name__,
@@ -290,50 +295,85 @@ def _standard_settings() -> dict[str, Any]:
         "8-bit (LLM.int8)": QuantSpec(bits=8),
         "4-bit nf4": QuantSpec(bits=4),
         "4-bit nf4 + double": QuantSpec(bits=4, double_quant=True),
+        # quantize_embeddings=True, quantize_lm_head=True
+        "8-bit + emb/head": QuantSpec(bits=8, embeddings=True, lm_head=True),
+        "4-bit nf4 + emb/head": QuantSpec(bits=4, embeddings=True, lm_head=True),
+        "4-bit nf4 + double + emb/head": QuantSpec(
+            bits=4, double_quant=True, embeddings=True, lm_head=True
+        ),
     }
 
 
 def _setting_name(bits: int, spec: Any) -> str:
+    extra = " + emb/head" if spec.embeddings or spec.lm_head else ""
     if bits == 8:
-        return "8-bit (LLM.int8)"
-    return f"4-bit {spec.quant_type}" + (" + double" if spec.double_quant else "")
+        return "8-bit (LLM.int8)" if not extra else "8-bit" + extra
+    return f"4-bit {spec.quant_type}" + (" + double" if spec.double_quant else "") + extra
 
 
 def _predict(
-    model: Any, model_dtype: Any, settings: dict[str, Any], skip: set[str] | None
+    model: Any,
+    model_dtype: Any,
+    settings: dict[str, Any],
+    skip: set[str] | None,
+    pre_extra: tuple[set[str], set[str]] | None = None,
 ) -> tuple[list[Prediction], int, list[str]]:
     """Bytes of parameters and buffers after loading with each setting, by
     :func:`leanstream.footprint`'s kinds; layers are chosen by :func:`replace_linears`
     itself (run on the meta model: it allocates nothing)."""
     import torch
 
-    from .quantize import QuantSpec, default_skip_modules, matches_any, replace_linears
+    from .quantize import (
+        QuantSpec,
+        default_skip_modules,
+        extra_modules,
+        matches_any,
+        replace_linears,
+    )
 
-    skip = default_skip_modules(model) if skip is None else skip
     fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if pre_extra is not None:  # a pre-quantized checkpoint: what it stores
+        embeddings, output = pre_extra
+    else:
+        embeddings, output = extra_modules(
+            model, QuantSpec(bits=4, embeddings=True, lm_head=True), fp32_modules
+        )
+    skip = default_skip_modules(model) if skip is None else skip
     kept = sorted(name for name, module in model.named_modules() if _is_linear(module))
     replaced = replace_linears(model, QuantSpec(bits=4), skip)
     kept = [name for name in kept if name not in replaced]
     shapes = []  # (out_features, in_features) of every weight that gets quantized
+    extra = []  # the same for embeddings / lm_head, quantized only with the flags
     plain: dict[str, int] = {}  # bytes of the tensors no setting changes, by kind
+    extra_plain: dict[str, int] = {}  # bytes of those embeddings / lm_head unquantized
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
+            if _is_shared(model, f"{module_name}.{name}".lstrip(".")):
+                continue
             if name == "weight" and module_name in replaced:
                 shapes.append((int(module.out_features), int(module.in_features)))
-                continue
-            if _is_shared(model, f"{module_name}.{name}".lstrip(".")):
                 continue
             dtype = torch.float32 if matches_any(module_name, fp32_modules) else model_dtype
             if not param.is_floating_point():
                 dtype = param.dtype
+            if name == "weight" and module_name in embeddings | output:
+                extra.append(tuple(int(d) for d in param.shape))
+                _add(extra_plain, _kind(dtype), param.numel() * dtype.itemsize)
+                continue
             _add(plain, _kind(dtype), param.numel() * dtype.itemsize)
     for buf in model.buffers():
         _add(plain, _kind(buf.dtype), buf.numel() * buf.element_size())
     predictions = []
     for label, spec in settings.items():
         by_kind = dict(plain)
-        for out_features, in_features in shapes:
+        quantized = list(shapes)
+        if spec.embeddings or spec.lm_head:
+            quantized += extra
+        else:
+            for kind, nbytes in extra_plain.items():
+                _add(by_kind, kind, nbytes)
+        for out_features, in_features in quantized:
             n = out_features * in_features
             if spec.bits == 16:
                 _add(by_kind, _kind(model_dtype), n * model_dtype.itemsize)

@@ -24,7 +24,15 @@ from .checkpoint import check_weights_format, load_config, resolve
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .meta import build_empty_model, meta_tensors
 from .prequantized import Prequantized
-from .quantize import QuantSpec, QuantType, default_skip_modules, materialize, replace_linears
+from .quantize import (
+    QuantSpec,
+    QuantType,
+    default_skip_modules,
+    extra_modules,
+    materialize,
+    replace_embeddings,
+    replace_linears,
+)
 from .reader import DTYPES, as_tensor
 
 
@@ -64,6 +72,8 @@ def load(
     progress: bool = True,
     window: int = _core.DEFAULT_WINDOW,
     native_quantizer: bool = True,
+    quantize_embeddings: bool = False,
+    quantize_lm_head: bool = False,
 ) -> Any:
     """Load a safetensors causal LM, quantizing each linear weight as it streams in.
 
@@ -96,6 +106,14 @@ def load(
         window: read-ahead window of the Rust reader, in bytes.
         native_quantizer: on the CPU, quantize with leanstream's Rust kernels
             (bit-identical to bitsandbytes', much faster); False: bitsandbytes' own.
+        quantize_embeddings: also quantize every ``nn.Embedding`` (exactly that
+            class) with bitsandbytes' ``Embedding4bit`` / ``Embedding8bit``.
+        quantize_lm_head: also quantize the output embeddings (``lm_head``) as a
+            ``Linear4bit`` / ``Linear8bitLt``. When input and output embeddings are
+            tied they are one tensor: either flag quantizes it, once, and both
+            modules share the quantized weight. Both flags need ``bits`` 4 or 8
+            (:class:`ConfigError` otherwise); transformers cannot load such a model
+            from disk: :func:`leanstream.save` writes it in leanstream's format.
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose
@@ -115,6 +133,8 @@ def load(
         quant_storage=quant_storage,
         threshold=threshold,
         native=native_quantizer,
+        embeddings=quantize_embeddings,
+        lm_head=quantize_lm_head,
     )
     target_device = _as_device(device)
     folder = resolve(
@@ -180,7 +200,18 @@ def _fill(
         skip = default_skip_modules(model) | set(skip_modules or [])
     else:
         skip = prequantized.skip(model)
+    embeddings: set[str] = set()
+    output: set[str] = set()
+    if spec.quantized:
+        if prequantized is None:
+            embeddings, output = extra_modules(model, spec, {*(skip_modules or []), *fp32_modules})
+        else:
+            embeddings, output = prequantized.extra_modules(model)
+        skip -= output
     replaced = replace_linears(model, spec, skip) if spec.quantized else {}
+    if embeddings:
+        replace_embeddings(model, spec, embeddings, model_dtype)
+        replaced.update(dict.fromkeys(embeddings, False))
     targets, ties = _plan(
         model, ckpt, folder, expected, replaced, model_dtype, fp32_modules, prequantized
     )
@@ -230,6 +261,7 @@ def _fill(
                 trim.freed(nbytes)
         assert len(stream) == 0
     _tie(model, ties)
+    _share_quantized(model, output)
     left = meta_tensors(model)
     if left:
         raise MismatchError(str(folder), missing=left)
@@ -239,6 +271,10 @@ def _fill(
             if hasattr(module, "compute_dtype") and module.compute_dtype is None:
                 module.compute_dtype = compute
         model.config.quantization_config = spec.config(sorted(skip), compute)
+        if embeddings or output:
+            # what leanstream.save writes in its own format (transformers cannot load it)
+            model.config.quantization_config.leanstream_quantized_embeddings = sorted(embeddings)
+            model.config.quantization_config.leanstream_quantized_lm_head = sorted(output)
         model.is_loaded_in_4bit = spec.bits == 4
         model.is_loaded_in_8bit = spec.bits == 8
     model.config.dtype = model_dtype
@@ -287,6 +323,33 @@ def _tie(model: Any, ties: dict[str, str]) -> None:
     for target, source in ties.items():
         module_name, _, attr = target.rpartition(".")
         model.get_submodule(module_name)._parameters[attr] = model.get_parameter(source)
+
+
+def _share_quantized(model: Any, output: set[str]) -> None:
+    """Let a quantized ``lm_head`` tied to a quantized embedding share its weight safely.
+
+    bitsandbytes' ``Linear4bit`` repacks its weight in place at the first CPU forward
+    (AVX512-BF16), which the embedding would then misread: it is switched off for a
+    shared weight. ``Linear8bitLt`` moves ``CB``/``SCB`` off the weight into its own
+    state at the first forward, which ``Embedding8bit`` needs: done here, keeping ``SCB``.
+    """
+    import bitsandbytes as bnb
+
+    embedding_weights = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Embedding4bit | bnb.nn.Embedding8bit)
+    }
+    for name in output:
+        module = model.get_submodule(name)
+        if id(module.weight) not in embedding_weights:
+            continue
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            module.state.CB = module.weight.data
+            module.state.SCB = module.weight.SCB
+            module.weight.CB = None
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

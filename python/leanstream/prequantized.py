@@ -34,6 +34,7 @@ from torch import nn
 
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .quantize import QuantSpec, default_skip_modules
+from .save import LEANSTREAM_METHOD, leanstream_extras
 
 #: Statistics of a 4-bit weight, relative to the module (``<module>.weight.absmax`` ...).
 STATS_4BIT = (
@@ -63,13 +64,18 @@ def quantization_dict(config: Any) -> dict[str, Any] | None:
 def describe(quant: Mapping[str, Any]) -> str:
     """``"bitsandbytes 4-bit nf4, double quant"``, ``"bitsandbytes 8-bit"``, ``"awq"``..."""
     method = str(quant.get("quant_method", "unknown method"))
-    if method != "bitsandbytes":
+    if method not in ("bitsandbytes", LEANSTREAM_METHOD):
         return method
+    extra = leanstream_extras(quant)
+    more = ""
+    if extra:
+        names = [*extra["leanstream_quantized_embeddings"], *extra["leanstream_quantized_lm_head"]]
+        more = f", also {', '.join(names)} (leanstream format)"
     if quant.get("load_in_4bit"):
         text = f"bitsandbytes 4-bit {quant.get('bnb_4bit_quant_type', 'fp4')}"
-        return text + (", double quant" if quant.get("bnb_4bit_use_double_quant") else "")
+        return text + (", double quant" if quant.get("bnb_4bit_use_double_quant") else "") + more
     if quant.get("load_in_8bit"):
-        return "bitsandbytes 8-bit (LLM.int8)"
+        return "bitsandbytes 8-bit (LLM.int8)" + more
     return "bitsandbytes (neither load_in_4bit nor load_in_8bit)"
 
 
@@ -85,6 +91,9 @@ class Prequantized:
     spec: QuantSpec
     skip_modules: tuple[str, ...] | None
     config_file: str
+    #: quantized ``nn.Embedding`` modules and output embeddings (leanstream format)
+    embeddings: tuple[str, ...] = ()
+    lm_head: tuple[str, ...] = ()
 
     @classmethod
     def from_config(
@@ -109,7 +118,7 @@ class Prequantized:
         path = str(folder / "config.json")
         quant = quantization_dict(config) or {}
         what = describe(quant)
-        if quant.get("quant_method") != "bitsandbytes" or not (
+        if quant.get("quant_method") not in ("bitsandbytes", LEANSTREAM_METHOD) or not (
             quant.get("load_in_4bit") or quant.get("load_in_8bit")
         ):
             raise checkpoint_error(
@@ -119,6 +128,8 @@ class Prequantized:
                 file=path,
             )
         stored_bits = 4 if quant.get("load_in_4bit") else 8
+        if quant.get("quant_method") == LEANSTREAM_METHOD:  # see leanstream.save
+            quant = {**quant, "bnb_4bit_compute_dtype": quant.get("leanstream_compute_dtype")}
         if bits != "auto" and (16 if bits is None else bits) != stored_bits:
             raise ConfigError(
                 f"{path}: the checkpoint is pre-quantized ({what}) but bits={bits!r} was asked; "
@@ -138,6 +149,18 @@ class Prequantized:
                         f"{path}: the checkpoint is pre-quantized ({what}) but {option}={asked!r} "
                         f"was asked; it stores {option}={value!r}: leave {option} out"
                     )
+        extra = leanstream_extras(quant)
+        embeddings = tuple(extra.get("leanstream_quantized_embeddings", ()))
+        lm_head = tuple(extra.get("leanstream_quantized_lm_head", ()))
+        for flag, asked, have in (
+            ("quantize_embeddings", requested.embeddings, embeddings),
+            ("quantize_lm_head", requested.lm_head, lm_head),
+        ):
+            if asked and not have:
+                raise ConfigError(
+                    f"{path}: {flag}=True was asked but the checkpoint is pre-quantized ({what}) "
+                    "without it; leanstream does not requantize: load the original checkpoint"
+                )
         if skip_modules:
             raise ConfigError(
                 f"{path}: skip_modules cannot apply to a pre-quantized checkpoint ({what}): "
@@ -161,7 +184,13 @@ class Prequantized:
             spec=spec,
             skip_modules=None if skip is None else tuple(skip),
             config_file=path,
+            embeddings=embeddings,
+            lm_head=lm_head,
         )
+
+    def extra_modules(self, model: Any) -> tuple[set[str], set[str]]:
+        """The embeddings and output embeddings stored quantized (leanstream format)."""
+        return set(self.embeddings), set(self.lm_head)
 
     def skip(self, model: Any) -> set[str]:
         """Modules kept in full precision, by transformers' rule: the checkpoint's
@@ -229,7 +258,7 @@ class Prequantized:
 
         own = {stat: value.to(device=device, copy=True) for stat, value in stats.items()}
         data = weight.to(device=device, copy=True)
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
             if weight.dtype != self.spec.quant_storage:
                 raise checkpoint_error(
                     UnsupportedCheckpointError,
@@ -269,7 +298,7 @@ class Prequantized:
                 )
             module.weight = param
             return
-        if isinstance(module, bnb.nn.Linear8bitLt):
+        if isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit):
             layout = own.pop("weight_format", None)
             if layout is not None and int(layout.item()) != 0:
                 raise checkpoint_error(
@@ -288,6 +317,10 @@ class Prequantized:
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
+    """``(rows, columns)`` of a quantized weight: a linear's ``(out, in)``, an embedding's
+    ``(num_embeddings, embedding_dim)``."""
+    if isinstance(module, nn.Embedding):
+        return int(module.num_embeddings), int(module.embedding_dim)
     return int(module.out_features), int(module.in_features)
 
 

@@ -24,6 +24,8 @@ bitsandbytes' kernels.
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,10 +52,17 @@ class QuantSpec:
     quant_storage: torch.dtype = torch.uint8
     threshold: float = 6.0
     native: bool = True  # quantize CPU weights with the Rust kernels, not bitsandbytes'
+    embeddings: bool = False  # also quantize every ``nn.Embedding`` (Embedding4bit/8bit)
+    lm_head: bool = False  # also quantize the output embeddings (a Linear4bit/8bitLt)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 16):
             raise ConfigError(f"bits must be 4, 8 or 16 (None), got {self.bits!r}")
+        if self.bits == 16 and (self.embeddings or self.lm_head):
+            raise ConfigError(
+                "quantize_embeddings / quantize_lm_head need bits=4 or bits=8; "
+                "with bits=16 (None) nothing is quantized"
+            )
         if self.quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
@@ -111,6 +120,136 @@ def _is_conv1d(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
+
+
+def extra_modules(model: Any, spec: QuantSpec, skip: Iterable[str]) -> tuple[set[str], set[str]]:
+    """The modules ``quantize_embeddings`` / ``quantize_lm_head`` add: ``(embeddings,
+    output)``, the names of the ``nn.Embedding`` modules (exactly that class: subclasses
+    such as OPT's learned positional embedding have their own forward) and of the
+    output embeddings to quantize.
+
+    A tied pair (input embeddings sharing their weight with ``lm_head``) is one tensor:
+    either flag quantizes it, and both modules end up sharing the one quantized weight.
+    ``skip`` (the user's ``skip_modules`` and ``_keep_in_fp32_modules``) wins.
+    """
+    skip = list(skip)
+    names = {id(m): n for n, m in model.named_modules()}
+    embeddings: set[str] = set()
+    output: set[str] = set()
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = (
+        out is not None and inp is not None and _tied(model, names.get(id(inp)), names.get(id(out)))
+    )
+    if spec.embeddings or (tied and spec.lm_head):
+        for name, module in model.named_modules():
+            if type(module) is nn.Embedding and not matches_any(name, skip):
+                if module is inp or spec.embeddings:
+                    embeddings.add(name)
+    if out is not None and type(out) is nn.Linear and (spec.lm_head or (tied and spec.embeddings)):
+        name = names.get(id(out))
+        if name is not None and not matches_any(name, skip):
+            if not tied or names.get(id(inp)) in embeddings:
+                output.add(name)
+    if tied and names.get(id(inp)) in embeddings and not output:
+        embeddings.discard(names[id(inp)])  # the pair is quantized as one or not at all
+    return embeddings, output
+
+
+def _tied(model: Any, inp: str | None, out: str | None) -> bool:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    pair = {f"{inp}.weight", f"{out}.weight"}
+    return any({target, source} == pair for target, source in tied.items())
+
+
+def replace_embeddings(
+    model: nn.Module, spec: QuantSpec, names: Iterable[str], dtype: torch.dtype
+) -> None:
+    """Replace the ``nn.Embedding`` modules ``names`` on ``meta`` with bitsandbytes'
+    ``Embedding4bit`` / ``Embedding8bit`` (weights in the model's ``dtype`` at forward)."""
+
+    for name in names:
+        module = model.get_submodule(name)
+        if spec.bits == 4:
+            new: nn.Module = embedding4bit_class()(
+                module.num_embeddings,
+                module.embedding_dim,
+                dtype=dtype,
+                quant_type=spec.quant_type,
+                quant_storage=spec.quant_storage,
+                device="meta",
+            )
+            # its constructor leaves these unset, unlike Linear4bit's
+            new.weight.compress_statistics = spec.double_quant
+            new.weight.blocksize = spec.blocksize
+        else:
+            new = embedding8bit_class()(
+                module.num_embeddings, module.embedding_dim, device="meta", dtype=dtype
+            )
+        new.padding_idx = module.padding_idx
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+
+
+@functools.cache
+def embedding4bit_class() -> type:
+    """bitsandbytes' ``Embedding4bit``, with a fix for double quantization.
+
+    Its forward gathers the rows' ``absmax`` before dequantizing them; with double
+    quantization those are uint8 codes whose nested blocks (256 codes each) no
+    longer line up once gathered, and the rows come out wrong (bitsandbytes 0.50).
+    This subclass dequantizes ``absmax`` first (``num_embeddings * dim / blocksize``
+    floats, transient) and gathers the floats.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    class Embedding4bit(bnb.nn.Embedding4bit):  # type: ignore[misc]
+        def _forward_with_partial_dequantize(self, input: torch.Tensor) -> torch.Tensor:
+            state = self.weight.quant_state
+            if not state.nested:
+                return super()._forward_with_partial_dequantize(input)
+            flat = copy.copy(state)
+            flat.absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            flat.nested, flat.state2, flat.offset = False, None, None
+            self.weight.quant_state = flat
+            try:
+                return super()._forward_with_partial_dequantize(input)
+            finally:
+                self.weight.quant_state = state
+
+        def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+            # bitsandbytes refuses; leanstream writes Linear4bit's key scheme
+            nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+            for key, value in self.weight.quant_state.as_dict(packed=True).items():
+                destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
+    Embedding4bit.__module__ = __name__
+    return Embedding4bit
+
+
+@functools.cache
+def embedding8bit_class() -> type:
+    """bitsandbytes' ``Embedding8bit``, serializable: ``weight`` (int8) and ``SCB``."""
+    import bitsandbytes as bnb
+
+    class Embedding8bit(bnb.nn.Embedding8bit):  # type: ignore[misc]
+        def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+            nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+            scb = self.weight.SCB
+            destination[f"{prefix}SCB"] = scb if keep_vars else scb.detach()
+
+    Embedding8bit.__module__ = __name__
+    return Embedding8bit
+
+
+def is_quantized_module(module: nn.Module, bits: int) -> bool:
+    """Whether ``module`` is a bitsandbytes layer of ``bits`` (linear or embedding)."""
+    import bitsandbytes as bnb
+
+    if bits == 4:
+        return isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit)
+    return isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit)
 
 
 def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> dict[str, bool]:
@@ -175,7 +314,7 @@ def materialize(
     linear and ``attr`` is its weight, else copied with ``dtype`` (None: as is)."""
     import bitsandbytes as bnb
 
-    if attr == "weight" and isinstance(module, bnb.nn.Linear4bit):
+    if attr == "weight" and isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
         weight = tensor.to(device=device, dtype=dtype)
         if transpose:
             weight = weight.t()
@@ -193,7 +332,7 @@ def materialize(
         )
         module.weight = param.to(device)
         return
-    if attr == "weight" and isinstance(module, bnb.nn.Linear8bitLt):
+    if attr == "weight" and isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit):
         weight = tensor.to(dtype=dtype)
         if transpose:
             weight = weight.t()
@@ -305,4 +444,13 @@ def _native_int8(weight: torch.Tensor) -> Any:
     return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
 
 
-__all__ = ["QuantSpec", "default_skip_modules", "matches_any", "materialize", "replace_linears"]
+__all__ = [
+    "QuantSpec",
+    "default_skip_modules",
+    "extra_modules",
+    "is_quantized_module",
+    "matches_any",
+    "materialize",
+    "replace_embeddings",
+    "replace_linears",
+]

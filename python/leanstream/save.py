@@ -164,9 +164,43 @@ def _config_to_save(model: Any) -> Any:
         )
     config = copy.deepcopy(config)
     config.architectures = [type(model).__name__]
+    extra = leanstream_extras(quant)
+    if extra:
+        # transformers cannot load bitsandbytes embeddings (nor a quantized lm_head): a
+        # quant_method of its own makes from_pretrained refuse the folder by name
+        fields = _quant_dict(quant)
+        config.quantization_config = {
+            **fields,
+            **extra,
+            "quant_method": LEANSTREAM_METHOD,
+            # transformers still parses this as a BitsAndBytesConfig (load_in_4bit/8bit) and
+            # fails on this field, naming it: "module 'torch' has no attribute '<REFUSAL>'"
+            "bnb_4bit_compute_dtype": REFUSAL,
+            "leanstream_compute_dtype": str(fields.get("bnb_4bit_compute_dtype")),
+        }
     if getattr(config, "dtype", None) is None:
         config.dtype = getattr(model, "dtype", None)
     return config
+
+
+#: ``quant_method`` of a folder whose embeddings or lm_head are quantized (leanstream format).
+LEANSTREAM_METHOD = "leanstream"
+#: What transformers' ``from_pretrained`` reports on such a folder (as an AttributeError).
+REFUSAL = (
+    "saved_by_leanstream_with_quantized_embeddings_or_lm_head"
+    "__transformers_cannot_load_it__use_leanstream_load"
+)
+_EXTRA_FIELDS = ("leanstream_quantized_embeddings", "leanstream_quantized_lm_head")
+
+
+def leanstream_extras(quant: Any) -> dict[str, list[str]]:
+    """The quantized embeddings / lm_head recorded in a quantization config (empty: none)."""
+    extra = {name: list(_quant_field(quant, name) or []) for name in _EXTRA_FIELDS}
+    return extra if any(extra.values()) else {}
+
+
+def _quant_dict(quant: Any) -> dict[str, Any]:
+    return dict(quant) if isinstance(quant, dict) else dict(quant.to_dict())
 
 
 def _quant_field(quant: Any, name: str) -> Any:
@@ -191,8 +225,29 @@ def _state_dict(model: Any) -> dict[str, torch.Tensor]:
             + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
         )
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # a quantized lm_head tied to a quantized embedding: its statistics are the
+    # embedding's, stored once with the shared weight
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        prefix = target.removesuffix("weight")
+        if _is_bnb(model, prefix.rstrip(".")) and model.get_parameter(
+            target
+        ) is model.get_parameter(source):
+            for key in [k for k in state if k.startswith(f"{prefix}weight.")]:
+                del state[key]
+            state.pop(f"{prefix}SCB", None)
+            state.pop(f"{prefix}weight_format", None)
     state = remove_tied_weights_from_state_dict(state, model)
     return dict(revert_weight_conversion(model, state))
+
+
+def _is_bnb(model: Any, module_name: str) -> bool:
+    import bitsandbytes as bnb
+
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
 
 
 def _fix_cpu_packed_absmax(model: Any) -> None:

@@ -262,3 +262,35 @@ def test_inspect_a_prequantized_folder_with_the_flags(
     actual = leanstream.footprint(load(folder))
     assert row["setting"] == "4-bit nf4 + double + emb/head"
     assert (row["total_bytes"], row["by_kind"]) == (actual.total_bytes, actual.by_kind)
+
+
+# --- quality and the two CPU quantizers -------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_native_and_bitsandbytes_quantizers_agree(
+    checkpoints: dict[str, Path], setting: str
+) -> None:
+    native = state(load(checkpoints["llama-tied"], **SETTINGS[setting], **FLAGS["both"]))
+    kernels = load(
+        checkpoints["llama-tied"], **SETTINGS[setting], **FLAGS["both"], native_quantizer=False
+    )
+    other = state(kernels)
+    assert set(native) == set(other)
+    for key, tensor in native.items():
+        assert torch.equal(tensor, other[key]), key
+
+
+def test_quality_cost_against_bf16(checkpoints: dict[str, Path]) -> None:
+    """What benches/quality.py measures, bounded: the flags add error, not garbage."""
+    folder = checkpoints["llama"]
+    reference = logits(load(folder, bits=16))
+
+    def error(**kwargs: Any) -> float:
+        return float((logits(load(folder, **kwargs)) - reference).norm() / reference.norm())
+
+    for setting in ("nf4", "int8"):
+        base = error(**SETTINGS[setting])
+        more = error(**SETTINGS[setting], **FLAGS["both"])
+        assert base < (0.5 if setting == "nf4" else 0.05)
+        assert more < base * 1.5 + 0.01, (setting, base, more)

@@ -5,6 +5,7 @@
 //! binding (`py`, feature `python`) exposes them as `leanstream._core`.
 
 pub mod error;
+pub mod fault;
 pub mod header;
 #[cfg(feature = "python")]
 mod py;

@@ -122,6 +122,14 @@ impl PyTensorView {
         Ok(())
     }
 
+    /// Raise `TruncatedFileError` if the file shrank under this tensor while
+    /// it was mapped (the lost bytes read as zeros instead of crashing with
+    /// SIGBUS) or changed since it was opened. Call it after using the bytes.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.view.check())?;
+        Ok(())
+    }
+
     fn __repr__(&self) -> String {
         let info = self.view.info();
         format!(
@@ -233,6 +241,15 @@ impl PyTensorStream {
     }
     fn __len__(&self) -> PyResult<usize> {
         Ok(self.stream.lock().map_err(|_| poisoned())?.remaining())
+    }
+
+    /// Check the views yielded since the last check, after their bytes were
+    /// used (`TensorView.check`); `__next__` checks the previous view too.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let mut stream = self.stream.lock().map_err(|_| poisoned())?;
+            stream.check().map_err(PyErr::from)
+        })
     }
 
     /// Stop and join the read-ahead thread. Views already yielded stay valid.

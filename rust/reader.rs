@@ -6,16 +6,26 @@
 //! ever written through a mapping, and pages dropped with `MADV_DONTNEED` are
 //! faulted in again from the page cache, so releasing a range never changes
 //! what a live view reads.
+//!
+//! A shard may still shrink or be rewritten by another process while it is
+//! mapped. Each mapping is registered with [`crate::fault`], so reading a page
+//! that was cut off reads zeros instead of killing the process with SIGBUS;
+//! [`View::check`] then reports [`ErrorKind::Truncated`] for every tensor whose
+//! bytes were touched by that, or whose file changed size or mtime since it
+//! was opened.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::fault::Region;
 use crate::header::{self, Dtype, Header, Json};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 /// File name of the sharded-checkpoint index inside a folder.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -37,11 +47,36 @@ pub fn page_size() -> usize {
     })
 }
 
+/// Open `path` for reading without blocking (a FIFO would block `open`
+/// until a writer appears) and check that it is a regular file.
+fn open_regular(path: &Path, what: &str) -> Result<(File, std::fs::Metadata)> {
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(&e, path, &format!("open {what}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(&e, path, &format!("stat {what}")))?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("is not a regular file (expected a {what})"),
+        )
+        .in_file(path));
+    }
+    Ok((file, meta))
+}
+
 /// One mapped, validated shard file.
 #[derive(Debug)]
 pub struct Shard {
     path: PathBuf,
     file: File,
+    /// Size and modification time at open: a change means the bytes may differ.
+    opened: (u64, Option<SystemTime>),
+    /// Registered with the SIGBUS handler; dropped (unregistered) before `mmap`.
+    region: Region,
     mmap: Mmap,
     header: Header,
 }
@@ -49,17 +84,7 @@ pub struct Shard {
 impl Shard {
     /// Open, map and validate `path` (absolute).
     pub fn open(path: &Path) -> Result<Shard> {
-        let mut file = File::open(path).map_err(|e| Error::io(&e, path, "open shard"))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(&e, path, "stat shard"))?;
-        if !meta.is_file() {
-            return Err(Error::new(
-                ErrorKind::Io,
-                "is not a regular file (expected a .safetensors shard)",
-            )
-            .in_file(path));
-        }
+        let (mut file, meta) = open_regular(path, ".safetensors shard")?;
         if meta.len() < 8 {
             // Too short to map usefully; read it so the parser reports it.
             let mut bytes = Vec::new();
@@ -70,13 +95,25 @@ impl Shard {
         }
         // SAFETY: the mapping is read-only (PROT_READ, MAP_SHARED). If another
         // process truncates the file while it is mapped, touching the lost
-        // pages raises SIGBUS; `View::check_available` re-checks the file size
-        // (fstat) before each view is handed out.
+        // pages raises SIGBUS: the region registered below turns that into
+        // zeros plus a mark that `View::check` reports, and
+        // `View::check_available` re-checks the file (fstat) before each view
+        // is handed out.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&e, path, "map shard"))?;
+        let region = Region::register(mmap.as_ptr(), mmap.len());
         let header = header::parse(&mmap).map_err(|e| e.in_file(path))?;
+        if let Some(lost) = region.lost_from() {
+            return Err(Error::new(
+                ErrorKind::Truncated,
+                format!("the file shrank below byte {lost} while its header was read"),
+            )
+            .in_file(path));
+        }
         Ok(Shard {
             path: path.to_path_buf(),
             file,
+            opened: (meta.len(), meta.modified().ok()),
+            region,
             mmap,
             header,
         })
@@ -95,6 +132,14 @@ impl Shard {
         self.file
             .metadata()
             .map(|m| m.len())
+            .map_err(|e| Error::io(&e, &self.path, "stat shard"))
+    }
+
+    /// Current size and modification time (fstat).
+    fn current(&self) -> Result<(u64, Option<SystemTime>)> {
+        self.file
+            .metadata()
+            .map(|m| (m.len(), m.modified().ok()))
             .map_err(|e| Error::io(&e, &self.path, "stat shard"))
     }
 }
@@ -156,22 +201,54 @@ impl View {
     }
 
     /// Fail with [`ErrorKind::Truncated`] (instead of a later SIGBUS) if the
-    /// file shrank below this tensor's end since it was opened.
+    /// file shrank below this tensor's end since it was opened, or was
+    /// modified (its mtime changed: rewritten in place, e.g. by a save into
+    /// the same folder).
     pub fn check_available(&self) -> Result<()> {
-        let len = self.shard.current_len()?;
+        crate::fault::ensure_installed();
+        let (len, modified) = self.shard.current()?;
         if len < self.info.end {
-            return Err(Error::new(
-                ErrorKind::Truncated,
-                format!(
-                    "the file shrank to {len} bytes after it was opened, but the tensor \
-                     occupies bytes [{}, {}): was the checkpoint overwritten while in use?",
-                    self.info.start, self.info.end
-                ),
-            )
-            .for_tensor(&self.info.name)
-            .in_file(&self.shard.path));
+            return Err(self.truncated(format!(
+                "the file shrank to {len} bytes after it was opened, but the tensor \
+                 occupies bytes [{}, {}): was the checkpoint overwritten while in use?",
+                self.info.start, self.info.end
+            )));
+        }
+        let (opened_len, opened_modified) = self.shard.opened;
+        if modified != opened_modified {
+            return Err(self.truncated(format!(
+                "the file was modified after it was opened (size {opened_len} -> {len} \
+                 bytes, new modification time): was the checkpoint overwritten while in use?"
+            )));
         }
         Ok(())
+    }
+
+    /// Check, after the bytes were used, that they were the file's: fail with
+    /// [`ErrorKind::Truncated`] if the file shrank under this tensor while it
+    /// was mapped (the lost pages were read as zeros, see [`crate::fault`]),
+    /// or if [`View::check_available`] fails now.
+    pub fn check(&self) -> Result<()> {
+        if let Some(lost) = self.shard.region.lost_from() {
+            if lost < self.info.end {
+                let len = self.shard.current_len().unwrap_or(0);
+                return Err(self.truncated(format!(
+                    "the file was truncated (to {len} bytes) while the tensor was read: \
+                     its bytes from offset {} of [{}, {}) were gone and read as zeros; \
+                     was the checkpoint overwritten while in use?",
+                    lost.max(self.info.start),
+                    self.info.start,
+                    self.info.end
+                )));
+            }
+        }
+        self.check_available()
+    }
+
+    fn truncated(&self, message: String) -> Error {
+        Error::new(ErrorKind::Truncated, message)
+            .for_tensor(&self.info.name)
+            .in_file(&self.shard.path)
     }
 
     /// Fault in the pages of `[offset, offset + len)` of this tensor (relative
@@ -352,7 +429,7 @@ impl Checkpoint {
     pub fn open_index(index: &Path) -> Result<Checkpoint> {
         let index = absolute(index)?;
         let mismatch = |msg: String| Error::new(ErrorKind::IndexMismatch, msg).in_file(&index);
-        let file = File::open(&index).map_err(|e| Error::io(&e, &index, "open index"))?;
+        let (file, _) = open_regular(&index, "index file")?;
         let mut text = String::new();
         file.take(MAX_INDEX_SIZE + 1)
             .read_to_string(&mut text)
@@ -416,6 +493,16 @@ impl Checkpoint {
                 )
                 .for_tensor(&name));
             }
+            let inside = Path::new(&file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if file.is_empty() || !inside {
+                return Err(mismatch(format!(
+                    "weight_map names the shard {file:?}, which is not a file name inside \
+                     the checkpoint folder (absolute, or with '..')"
+                ))
+                .for_tensor(&name));
+            }
             listed.insert(name, file);
         }
         if listed.is_empty() {
@@ -428,7 +515,7 @@ impl Checkpoint {
         let mut shards = Vec::with_capacity(files.len());
         for file in &files {
             let path = dir.join(file);
-            if !path.is_file() {
+            if !path.exists() {
                 let users: Vec<&str> = listed
                     .iter()
                     .filter(|(_, f)| f == file)
@@ -636,6 +723,15 @@ pub(crate) mod tests {
         std::fs::write(path, shard(&header, &data)).unwrap();
     }
 
+    /// Truncate `path` to `len` bytes, keeping its modification time (so that
+    /// only the size can tell).
+    pub fn shrink(path: &Path, len: u64) {
+        let f = File::options().write(true).open(path).unwrap();
+        let modified = f.metadata().unwrap().modified().unwrap();
+        f.set_len(len).unwrap();
+        f.set_modified(modified).unwrap();
+    }
+
     fn write_index(dir: &Path, map: &[(&str, &str)]) {
         let entries: Vec<String> = map.iter().map(|(n, f)| format!(r#""{n}":"{f}""#)).collect();
         let text = format!(
@@ -815,16 +911,86 @@ pub(crate) mod tests {
         let b = ckpt.view("b").unwrap();
         b.check_available().unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 5000)
-            .unwrap();
+        shrink(&path, len - 5000);
         assert_eq!(b.check_available().unwrap_err().kind, ErrorKind::Truncated);
         // Prefetching a shrunk file must not crash either.
         b.prefetch(0, 10000);
         assert!(ckpt.view("a").unwrap().check_available().is_ok());
+    }
+
+    #[test]
+    fn truncation_while_reading_is_reported_after_use() {
+        let page = page_size();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let big = vec![9u8; 8 * page];
+        write_shard(&path, &[("a", &[1; 100]), ("b", &big)]);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let (a, b) = (ckpt.view("a").unwrap(), ckpt.view("b").unwrap());
+        b.check_available().unwrap();
+        b.release();
+        // Cut the file in the middle of b after it was handed out: reading it
+        // would SIGBUS without `fault`; it reads zeros and `check` says so.
+        let len = std::fs::metadata(&path).unwrap().len();
+        shrink(&path, len - 4 * page as u64);
+        let sum: u64 = b.bytes().iter().map(|&x| u64::from(x)).sum();
+        assert!(sum < 9 * 8 * page as u64);
+        let e = b.check().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Truncated);
+        assert_eq!(e.tensor.as_deref(), Some("b"));
+        assert!(e.message.contains("read as zeros"), "{e}");
+        // a lies below the lost pages: intact.
+        assert_eq!(a.bytes(), &[1; 100]);
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn modified_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_shard(&path, &[("a", b"aaaa")]);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let a = ckpt.view("a").unwrap();
+        a.check().unwrap();
+        let f = File::options().write(true).open(&path).unwrap();
+        let later = f.metadata().unwrap().modified().unwrap() + std::time::Duration::from_secs(5);
+        f.set_modified(later).unwrap();
+        let e = a.check().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Truncated);
+        assert!(e.message.contains("modified"), "{e}");
+    }
+
+    #[test]
+    fn fifo_shard_and_index_do_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["x.safetensors", "x.index.json"] {
+            let path = dir.path().join(name);
+            let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            let e = Checkpoint::open(&path).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Io);
+            assert!(e.message.contains("not a regular file"), "{e}");
+        }
+        // Named by an index: not "missing", not a hang.
+        write_index(dir.path(), &[("a", "x.safetensors")]);
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Io);
+        assert!(e.file.unwrap().ends_with("x.safetensors"));
+    }
+
+    #[test]
+    fn index_cannot_name_files_outside_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("ckpt");
+        std::fs::create_dir(&sub).unwrap();
+        write_shard(&dir.path().join("out.safetensors"), &[("a", b"a")]);
+        for bad in ["../out.safetensors", "/etc/hostname", ""] {
+            write_index(&sub, &[("a", bad)]);
+            let e = Checkpoint::open(&sub).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::IndexMismatch, "{bad}: {e}");
+            assert_eq!(e.tensor.as_deref(), Some("a"));
+        }
     }
 
     #[test]

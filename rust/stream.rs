@@ -9,6 +9,11 @@
 //! skips items the consumer has already passed or released, and stops when
 //! it reaches the end, or promptly when the stream is closed or dropped (it
 //! waits on a `Condvar`, never polls).
+//!
+//! Every view is checked twice: before it is handed out (the file still holds
+//! its bytes) and after it was used ([`Stream::check`], or implicitly when the
+//! consumer asks for the next item or reaches the end): the file did not
+//! shrink under it while it was read (see [`crate::fault`]).
 
 use crate::error::{Error, Result};
 use crate::reader::{page_size, View};
@@ -102,6 +107,8 @@ pub struct Stream {
     items: Arc<[View]>,
     shared: Arc<Shared>,
     next: usize,
+    /// Items `[0, checked)` were checked after use.
+    checked: usize,
     window: u64,
     total_bytes: u64,
     thread: Option<JoinHandle<()>>,
@@ -147,6 +154,7 @@ impl Stream {
             items,
             shared,
             next: 0,
+            checked: 0,
             window,
             total_bytes,
             thread,
@@ -167,11 +175,15 @@ impl Stream {
         self.items.len() - self.next
     }
 
-    /// The next view, after releasing the previous one. `None` at the end
-    /// (or after [`Stream::close`]). The file's size is checked (fstat) before
-    /// the view is handed out.
+    /// The next view, after checking ([`Stream::check`]) and releasing the
+    /// previous one. `None` at the end (or after [`Stream::close`]); at the end,
+    /// a failed check of the last view is returned first. The file's size is
+    /// checked (fstat) before the view is handed out.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Result<(View, Slot)>> {
+        if let Err(e) = self.check() {
+            return Some(Err(e));
+        }
         if self.next > 0 {
             let prev = self.next - 1;
             if let Err(e) = self.shared.release(prev, &self.items[prev]) {
@@ -199,8 +211,20 @@ impl Stream {
         Some(Ok((view, slot)))
     }
 
-    /// Stop and join the read-ahead thread, and release what it prefetched
-    /// for items never yielded. Views already handed out stay valid.
+    /// Check the views handed out since the last check, after their bytes were
+    /// used: [`View::check`] (the file did not shrink under them). Cheap: an
+    /// atomic load and an fstat per view.
+    pub fn check(&mut self) -> Result<()> {
+        while self.checked < self.next {
+            self.items[self.checked].check()?;
+            self.checked += 1;
+        }
+        Ok(())
+    }
+
+    /// Stop and join the read-ahead thread, release what it prefetched for
+    /// items never yielded, and let go of the items: a closed stream keeps no
+    /// shard mapped (views already handed out keep theirs, and stay valid).
     /// Idempotent.
     pub fn close(&mut self) -> Result<()> {
         let stopped = self.shared.lock().map(|mut st| st.stop = true);
@@ -221,7 +245,8 @@ impl Stream {
         for i in unread {
             self.shared.release(i, &self.items[i])?;
         }
-        self.next = self.items.len();
+        self.items = Arc::from(Vec::new());
+        (self.next, self.checked) = (0, 0);
         stopped.and(joined)
     }
 
@@ -462,6 +487,25 @@ mod tests {
     }
 
     #[test]
+    fn close_lets_go_of_the_mappings() {
+        let (dir, ckpt) = checkpoint(&[page_size(), page_size()]);
+        let path = dir.path().join("m.safetensors");
+        let mut stream = Stream::new(ckpt.views(&["t0", "t1"]).unwrap(), 1).unwrap();
+        drop(ckpt);
+        let (kept, _) = stream.next().unwrap().unwrap();
+        let mapped = || {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            maps.lines().any(|l| l.ends_with(path.to_str().unwrap()))
+        };
+        stream.close().unwrap();
+        assert!(stream.next().is_none());
+        assert_eq!(stream.remaining(), 0);
+        assert!(mapped(), "a handed-out view keeps its shard");
+        drop(kept);
+        assert!(!mapped(), "the closed stream pins nothing");
+    }
+
+    #[test]
     fn empty_stream_and_zero_byte_items() {
         let (_dir, ckpt) = checkpoint(&[0, 0]);
         let mut stream = Stream::new(Vec::new(), DEFAULT_WINDOW).unwrap();
@@ -479,16 +523,40 @@ mod tests {
         let (dir, ckpt) = checkpoint(&[page, page]);
         let path = dir.path().join("m.safetensors");
         let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 10)
-            .unwrap();
+        crate::reader::tests::shrink(&path, len - 10);
         let mut stream = Stream::new(ckpt.views(&["t0", "t1"]).unwrap(), 1 << 20).unwrap();
         assert!(stream.next().unwrap().is_ok());
         let e = stream.next().unwrap().unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::Truncated);
         assert_eq!(e.tensor.as_deref(), Some("t1"));
+    }
+
+    #[test]
+    fn truncation_after_hand_out_is_reported_by_check_next_or_the_end() {
+        let page = page_size();
+        let sum = |v: &View| v.bytes().iter().map(|&b| u64::from(b)).sum::<u64>();
+        for how in ["check", "next", "end"] {
+            let (dir, ckpt) = checkpoint(&[page, 4 * page, 4 * page]);
+            let path = dir.path().join("m.safetensors");
+            let len = std::fs::metadata(&path).unwrap().len();
+            let mut stream = Stream::new(ckpt.views(&["t1", "t2"]).unwrap(), 1).unwrap();
+            let (t1, _) = stream.next().unwrap().unwrap();
+            let (cut, victim) = if how == "end" {
+                stream.check().unwrap();
+                (2 * page as u64, stream.next().unwrap().unwrap().0)
+            } else {
+                (6 * page as u64, t1)
+            };
+            // Handed out (fstat said fine), then cut: reading it would SIGBUS.
+            crate::reader::tests::shrink(&path, len - cut);
+            let value = victim.info().name[1..].parse::<u64>().unwrap();
+            assert!(sum(&victim) < value * 4 * page as u64, "{how}");
+            let e = match how {
+                "check" => stream.check().unwrap_err(),
+                _ => stream.next().unwrap().unwrap_err(),
+            };
+            assert_eq!(e.kind, crate::error::ErrorKind::Truncated, "{how}");
+            assert_eq!(e.tensor, Some(victim.info().name.clone()), "{how}");
+        }
     }
 }

@@ -332,11 +332,18 @@ def test_zero_length_tensors_overlap_nothing(tmp_path: Path) -> None:
     assert len(ckpt.view("z")) == 0
 
 
+def shrink(path: Path, size: int) -> None:
+    """Truncate ``path`` keeping its modification time: only the size can tell."""
+    stat = path.stat()
+    os.truncate(path, size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_file_shrunk_after_open_is_an_error_not_sigbus(tmp_path: Path) -> None:
     path = good(tmp_path / "m.safetensors")
     ckpt = _core.Checkpoint(path)
     early = ckpt.view("b")
-    os.truncate(path, path.stat().st_size - 6)
+    shrink(path, path.stat().st_size - 6)
     with pytest.raises(E.TruncatedFileError, match="shrank") as exc:
         ckpt.view("b")
     assert exc.value.tensor == "b"
@@ -348,3 +355,21 @@ def test_file_shrunk_after_open_is_an_error_not_sigbus(tmp_path: Path) -> None:
         next(stream)
     stream.close()
     del early  # never read: its pages are gone with the file's tail
+
+
+def test_file_modified_after_open_is_an_error(tmp_path: Path) -> None:
+    """Rewritten in place (same size, a save into the same folder): the bytes may be
+    another checkpoint's, so every view is refused, before and after use."""
+    path = good(tmp_path / "m.safetensors")
+    ckpt = _core.Checkpoint(path)
+    view = ckpt.view("a")
+    view.check()
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    with pytest.raises(E.TruncatedFileError, match="modified after it was opened") as exc:
+        view.check()
+    assert (exc.value.file, exc.value.tensor) == (str(path), "a")
+    with pytest.raises(E.TruncatedFileError, match="modified"):
+        ckpt.view("b")
+    with pytest.raises(E.TruncatedFileError, match="modified"), ckpt.stream(["a"]) as stream:
+        next(stream)

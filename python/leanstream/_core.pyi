@@ -124,6 +124,11 @@ class TensorView:
         """Tell the reader these bytes are consumed: their pages leave the
         process's resident set. The view stays valid (pages are faulted in
         again from the page cache if touched)."""
+    def check(self) -> None:
+        """Raise :class:`TruncatedFileError` if the file shrank under these bytes
+        while they were mapped (the lost pages read as zeros instead of crashing
+        the process with SIGBUS), or was modified since it was opened. Call it
+        after the bytes were used (copied, quantized)."""
 
 @final
 class TensorStream:
@@ -145,6 +150,9 @@ class TensorStream:
     def __next__(self) -> tuple[str, TensorView]: ...
     def __len__(self) -> int:
         """Number of tensors not yet yielded."""
+    def check(self) -> None:
+        """:meth:`TensorView.check` the views yielded since the last check. Asking
+        for the next item (or the end) checks the previous one too."""
     def close(self) -> None:
         """Stop and join the read-ahead thread and release what it prefetched
         for items not yet yielded; iteration then ends. Idempotent."""

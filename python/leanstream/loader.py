@@ -255,6 +255,7 @@ def _fill(
                     transpose=target.transpose,
                     buffer=target.buffer,
                 )
+            stream.check()  # the file did not shrink under the bytes just used
             del tensor, stats
             bar.update(nbytes)
             if trim is not None:

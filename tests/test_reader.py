@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from leanstream import _core
+from leanstream.errors import UnsupportedCheckpointError
 from leanstream.reader import DTYPES, as_tensor
 
 SHAPES = [(4, 3), (5,), (2, 3, 4), (), (0,), (3, 0)]
@@ -299,8 +300,9 @@ def test_as_tensor_refuses_dtypes_without_torch_equivalent(tmp_path: Path) -> No
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x12\x34")
     view = _core.Checkpoint(path).view("w")
     assert (view.dtype, view.shape, view.nbytes) == ("F4", (4,), 2)
-    with pytest.raises(TypeError, match="F4"):
+    with pytest.raises(UnsupportedCheckpointError, match="F4") as exc:
         as_tensor(view)
+    assert (exc.value.file, exc.value.tensor) == (str(path), "w")
 
 
 def test_exception_classes() -> None:

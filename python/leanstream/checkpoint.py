@@ -32,6 +32,8 @@ HUB_PATTERNS = [
 ]
 
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+#: Largest config.json read (real ones are a few KB; a larger one is not a config).
+MAX_CONFIG_SIZE = 16 << 20
 
 
 def resolve(
@@ -108,7 +110,12 @@ def check_weights_format(folder: Path) -> None:
 def read_config_dict(folder: Path) -> dict[str, Any]:
     """Parse ``config.json`` strictly: it must exist and be a JSON object with a model_type."""
     path = folder / "config.json"
+    if path.exists() and not path.is_file():
+        # a FIFO would block the read, a device (/dev/zero) never end it
+        raise ConfigError(f"{path}: not a regular file")
     try:
+        if path.stat().st_size > MAX_CONFIG_SIZE:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_SIZE} bytes: not a config")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing; a checkpoint folder needs its config.json") from None
@@ -130,8 +137,10 @@ def load_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
     read_config_dict(folder)
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{folder / 'config.json'}: transformers cannot use it: {err}") from err
+    except Exception as err:  # whatever a hostile value makes the config class raise
+        raise ConfigError(
+            f"{folder / 'config.json'}: transformers cannot use it: {type(err).__name__}: {err}"
+        ) from err
 
 
 __all__ = ["HUB_PATTERNS", "check_weights_format", "load_config", "read_config_dict", "resolve"]

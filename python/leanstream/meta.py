@@ -91,6 +91,12 @@ def build_empty_model(config: Any, *, trust_remote_code: bool = False) -> Any:
             f"transformers has no causal LM class for model_type "
             f"{getattr(config, 'model_type', None)!r}: {err}"
         ) from err
+    except Exception as err:  # a hostile config value (0 heads, negative sizes, ...)
+        folder = getattr(config, "name_or_path", "")
+        raise ConfigError(
+            f"{folder + '/' if folder else ''}config.json: transformers cannot build the "
+            f"model from it: {type(err).__name__}: {err}"
+        ) from err
     finally:
         config.dtype = dtype
     model.config.dtype = dtype

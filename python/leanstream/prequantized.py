@@ -275,7 +275,7 @@ class Prequantized:
                     device=device,
                     module=module,
                 )
-            except (ValueError, KeyError, AssertionError, TypeError) as err:
+            except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as err:
                 raise checkpoint_error(
                     UnsupportedCheckpointError,
                     f"{self.config_file}: the quantization statistics of {name!r} are invalid "
@@ -283,6 +283,7 @@ class Prequantized:
                     file=self.config_file,
                     tensor=name,
                 ) from err
+            _check_4bit(self.config_file, name, param.quant_state)
             expected = _features(module)
             if tuple(param.quant_state.shape) != expected:
                 raise MismatchError(
@@ -308,12 +309,73 @@ class Prequantized:
                     file=self.config_file,
                     tensor=name,
                 )
+            scb, rows, scb_name = own["SCB"], _features(module)[0], f"{name[:-6]}SCB"
+            if tuple(scb.shape) != (rows,):
+                raise MismatchError(
+                    self.config_file, mismatched=[(scb_name, tuple(scb.shape), (rows,))]
+                )
+            if not scb.is_floating_point():
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{self.config_file}: {scb_name!r} is {scb.dtype}; LLM.int8 row scales "
+                    "are floating point",
+                    file=self.config_file,
+                    tensor=scb_name,
+                )
             param = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
             param.CB = param.data
             param.SCB = own["SCB"]
             module.weight = param
             return
         raise TypeError(f"{name}: not a bitsandbytes layer: {type(module).__name__}")
+
+
+def _check_4bit(config_file: str, name: str, state: Any) -> None:
+    """Refuse 4-bit statistics that bitsandbytes would accept but read out of bounds
+    (or misread) at the first matmul: every length follows from the shape and block
+    sizes, and the values' types from the format (``QuantState.from_dict`` checks none)."""
+
+    def invalid(what: str) -> UnsupportedCheckpointError:
+        return checkpoint_error(
+            UnsupportedCheckpointError,
+            f"{config_file}: the quantization statistics of {name!r} are invalid: {what}",
+            file=config_file,
+            tensor=name,
+        )
+
+    def block(size: Any, what: str) -> int:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size & (size - 1):
+            raise invalid(f"{what} {size!r} is not a positive power of two")
+        return size
+
+    if state.quant_type not in ("nf4", "fp4"):
+        raise invalid(f"quant_type {state.quant_type!r} is neither 'nf4' nor 'fp4'")
+    if not state.dtype.is_floating_point:
+        raise invalid(f"dtype {state.dtype} is not a floating-point dtype")
+    shape = tuple(state.shape)
+    if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise invalid(f"shape {list(shape)} is not two positive sizes")
+    stat = f"{name}."
+    expected = [(stat + "quant_map", state.code, 16, torch.float32)]
+    count = -(-shape[0] * shape[1] // block(state.blocksize, "blocksize"))
+    if state.nested:
+        nested = state.state2
+        inner = -(-count // block(nested.blocksize, "nested blocksize"))
+        expected += [
+            (stat + "absmax", state.absmax, count, torch.uint8),
+            (stat + "nested_absmax", nested.absmax, inner, torch.float32),
+            (stat + "nested_quant_map", nested.code, 256, torch.float32),
+        ]
+    else:
+        expected.append((stat + "absmax", state.absmax, count, torch.float32))
+    mismatched = [
+        (key, tuple(t.shape), (n,)) for key, t, n, _ in expected if tuple(t.shape) != (n,)
+    ]
+    if mismatched:
+        raise MismatchError(config_file, mismatched=mismatched)
+    for key, tensor, _, dtype in expected:
+        if tensor.dtype != dtype:
+            raise invalid(f"{key} is {tensor.dtype}, not {dtype}")
 
 
 def _features(module: nn.Module) -> tuple[int, int]:

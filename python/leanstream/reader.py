@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from leanstream import _core
+from leanstream.errors import UnsupportedCheckpointError, checkpoint_error
 
 __all__ = ["DTYPES", "as_tensor"]
 
@@ -58,12 +59,17 @@ def as_tensor(view: _core.TensorView) -> torch.Tensor:
 
     The tensor shares the mapping's memory and keeps ``view`` (and so the
     mapping) alive. It must be treated as read-only: writing to it is refused
-    by the operating system (the pages are mapped ``PROT_READ``).
+    by the operating system (the pages are mapped ``PROT_READ``). A safetensors
+    dtype torch has no element type for (``F4``, ``F6_*``) raises
+    :class:`UnsupportedCheckpointError`.
     """
     dtype = DTYPES.get(view.dtype)
     if dtype is None:
-        raise TypeError(
-            f"{view.file}: tensor '{view.name}': dtype {view.dtype} has no torch equivalent"
+        raise checkpoint_error(
+            UnsupportedCheckpointError,
+            f"{view.file}: tensor '{view.name}': dtype {view.dtype} has no torch equivalent",
+            file=view.file,
+            tensor=view.name,
         )
     shape = view.shape
     if len(view) == 0:

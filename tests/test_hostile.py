@@ -1,0 +1,57 @@
+"""Every checkpoint of the hostile corpus (``tests/hostile.py``) goes through
+``leanstream.load`` and is refused: the exact exception class, a message naming the
+file and the tensor, no Rust panic, and within a second."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from hostile import CASES, Case, write_bases
+
+import leanstream
+
+#: Seconds a refusal may take (the slowest cases take a few hundredths).
+LIMIT = 1.0
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folders = write_bases(tmp_path_factory.mktemp("hostile-bases"))
+    # warm up: the first load of a process imports modeling code (seconds)
+    for base in ("llama", "nf4"):
+        leanstream.load(folders[base], device="cpu", progress=False)
+    return folders
+
+
+def test_corpus_is_large_and_names_are_unique() -> None:
+    assert len(CASES) >= 30
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_checkpoint_is_refused(case: Case, bases: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    expect = case.build(bases, folder)
+    started = time.perf_counter()
+    try:
+        leanstream.load(folder, device="cpu", progress=False)
+    except BaseException as caught:  # the exact class is asserted below
+        err = caught
+    else:
+        pytest.fail("loaded without an error")
+    elapsed = time.perf_counter() - started
+    message = str(err)
+    assert type(err) is expect.error, f"{type(err).__module__}.{type(err).__name__}: {message}"
+    assert elapsed < LIMIT, f"took {elapsed:.2f}s"
+    assert "panic" not in message.lower(), message
+    assert expect.file in message, message
+    if isinstance(err, leanstream.CheckpointError):
+        assert err.file is not None and expect.file in err.file, (err.file, message)
+    if expect.tensor is not None:
+        assert f"{expect.tensor}" in message, message
+        if isinstance(err, leanstream.CheckpointError):
+            assert err.tensor == expect.tensor, (err.tensor, message)
+    if expect.verify is not None:
+        expect.verify()

@@ -227,6 +227,57 @@ def test_two_loads_in_two_threads(checkpoints: dict[str, Path]) -> None:
         assert assert_same_weights(ref, results[arch]) > 0
 
 
+def test_two_loads_of_one_checkpoint_while_a_third_thread_streams_it(
+    checkpoints: dict[str, Path],
+) -> None:
+    """Mappings, read-ahead threads and the meta build belong to each load: the same
+    folder loads in two threads while a third reads it with the raw reader."""
+    from safetensors.torch import load_file
+
+    from leanstream.reader import as_tensor
+
+    folder = checkpoints["llama"]
+    results: dict[int, Any] = {}
+    streamed: dict[str, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def load(i: int) -> None:
+        try:
+            start.wait(30)
+            results[i] = ours(folder, SETTINGS["nf4"])
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    def stream() -> None:
+        try:
+            start.wait(30)
+            for _ in range(3):
+                with (
+                    leanstream.Checkpoint(folder) as ckpt,
+                    ckpt.stream(ckpt.keys(), window=16 << 10) as tensors,
+                ):
+                    for name, view in tensors:
+                        streamed[name] = as_tensor(view).clone()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    threads.append(threading.Thread(target=stream))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    ref = ours(folder, SETTINGS["nf4"])
+    for i in range(2):
+        assert assert_same_weights(ref, results[i]) > 0
+    expected = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert streamed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(streamed[name], tensor), name
+
+
 def test_footprint_reports_the_saving(checkpoints: dict[str, Path]) -> None:
     full = leanstream.footprint(
         leanstream.load(checkpoints["opt"], bits=16, device="cpu", progress=False)

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import os
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -173,9 +174,12 @@ def load(
                 window,
                 prequantized,
             )
-        except BaseException:
-            # the traceback keeps this frame alive: do not let it keep the model too
+        except BaseException as err:
+            # the traceback keeps this frame and those below alive (pytest.raises, a
+            # notebook's sys.last_traceback): let it keep neither the partly built model
+            # nor views of the mapped shards
             model = None
+            traceback.clear_frames(err.__traceback__)
             raise
     _load_generation_config(model, folder)
     return model

@@ -231,6 +231,29 @@ def test_quantize_in_process(
     assert torch.equal(logits(model), logits(expected))
 
 
+def test_quantize_embeddings_and_lm_head(
+    sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "all"
+    code, _, err = call(
+        capsys, "quantize", sources["llama-tied"], out, "--quantize-embeddings",
+        "--quantize-lm-head", "--no-progress", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    model = leanstream.load(out, device="cpu", progress=False)
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    expected = leanstream.load(
+        sources["llama-tied"], device="cpu", progress=False, quantize_embeddings=True
+    )
+    assert torch.equal(logits(model), logits(expected))
+    code, _, err = call(capsys, "quantize", sources["llama"], tmp_path / "x", "--bits", "8",
+                        "--quantize-lm-head", "--no-progress", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    code, _, err = call(capsys, "generate", sources["llama"], "--prompt", "hi", "--bits", "16",
+                        "--quantize-embeddings", "--no-progress")  # fmt: skip
+    assert code == 1 and "bits=4 or bits=8" in one_error_line(err)
+
+
 def test_quantize_errors(
     sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

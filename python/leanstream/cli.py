@@ -146,6 +146,16 @@ def _quant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--double-quant", action="store_true", help="quantize 4-bit absmax too")
     parser.add_argument("--compute-dtype", choices=_DTYPES, help="default: the model's dtype")
     parser.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="quantize nn.Embedding modules too (a folder only leanstream loads)",
+    )
+    parser.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="quantize lm_head too (a folder only leanstream loads)",
+    )
+    parser.add_argument(
         "--skip-modules", nargs="+", metavar="NAME", help="modules kept in full precision"
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
@@ -429,6 +439,8 @@ def _load_options(args: argparse.Namespace, bits: int | str | None) -> dict[str,
         quant_type=args.quant_type,
         double_quant=args.double_quant,
         compute_dtype=args.compute_dtype,
+        quantize_embeddings=args.quantize_embeddings,
+        quantize_lm_head=args.quantize_lm_head,
         skip_modules=args.skip_modules,
         dtype=args.dtype,
         device=args.device,

@@ -892,6 +892,20 @@ pub(crate) mod tests {
         shard(h, &[7; 23])
     }
 
+    /// A JSON number that stresses the parser: small, a page or two, huge,
+    /// u64::MAX, beyond 64 bits, or negative.
+    fn hostile_number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (0u64..40).prop_map(|n| n.to_string()),
+            1 => (4090u64..4100).prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => Just(u64::MAX.to_string()),
+            1 => Just("18446744073709551616".to_owned()),
+            1 => (1i64..1000).prop_map(|n| (-n).to_string()),
+            1 => Just("1.5".to_owned()),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -926,6 +940,52 @@ pub(crate) mod tests {
                 for t in &h.tensors {
                     prop_assert!(t.begin <= t.end && t.end <= data_len);
                 }
+            }
+        }
+
+        /// Hostile but well-formed JSON: any dtype string, shapes and offsets
+        /// from a mix of small, huge and negative numbers. Never a panic, and
+        /// whatever is accepted is consistent: in bounds, sized exactly
+        /// `prod(shape) x bits / 8` (computed here without overflow), disjoint.
+        #[test]
+        fn accepted_entries_are_consistent(
+            entries in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        4 => proptest::sample::select(Dtype::ALL.to_vec()).prop_map(|d| d.as_str().to_owned()),
+                        1 => "[A-Z0-9_]{0,8}",
+                    ],
+                    proptest::collection::vec(hostile_number(), 0..4),
+                    (hostile_number(), hostile_number()),
+                ),
+                0..6,
+            ),
+            data_len in 0usize..96,
+        ) {
+            let text: Vec<String> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, (dtype, shape, (b, e)))| {
+                    format!(
+                        r#""t{i}":{{"dtype":"{dtype}","shape":[{}],"data_offsets":[{b},{e}]}}"#,
+                        shape.join(",")
+                    )
+                })
+                .collect();
+            let bytes = shard(&format!("{{{}}}", text.join(",")), &vec![7; data_len]);
+            if let Ok(h) = parse(&bytes) {
+                let mut spans = Vec::new();
+                for t in &h.tensors {
+                    prop_assert!(t.begin <= t.end && t.end <= data_len as u64);
+                    let elements = t.shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(u128::from(d)));
+                    let bits = elements.and_then(|n| n.checked_mul(u128::from(t.dtype.bits())));
+                    prop_assert_eq!(bits, Some(u128::from(t.nbytes()) * 8));
+                    if t.end > t.begin {
+                        spans.push((t.begin, t.end));
+                    }
+                }
+                spans.sort_unstable();
+                prop_assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0));
             }
         }
 

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 pub enum ErrorKind {
     /// The path, a shard named by the index, or any safetensors file is missing.
     FileNotFound,
-    /// The file is shorter than 8 bytes, than its header says, or shrank after opening.
+    /// The file is shorter than 8 bytes, than its header says, or shrank (or
+    /// was rewritten) after opening, possibly while its bytes were read.
     Truncated,
     /// The header length exceeds `MAX_HEADER_SIZE` or the file.
     HeaderTooLarge,
@@ -144,7 +145,7 @@ pub mod py {
         leanstream._core,
         TruncatedFileError,
         CheckpointError,
-        "The file is shorter than its header says (or than 8 bytes), or shrank after it was opened."
+        "The file is shorter than its header says (or than 8 bytes), or shrank or was rewritten after it was opened (possibly while its bytes were read)."
     );
     create_exception!(
         leanstream._core,

@@ -44,7 +44,8 @@ class FileNotFoundCheckpointError(CheckpointError):
 
 class TruncatedFileError(CheckpointError):
     """The file is shorter than its header says (or shorter than 8 bytes), or
-    shrank after it was opened."""
+    shrank or was rewritten after it was opened (also while its bytes were read:
+    see :meth:`TensorView.check`)."""
 
 class HeaderTooLargeError(CheckpointError):
     """The 8-byte header length exceeds ``MAX_HEADER_SIZE`` or the file."""

@@ -7,34 +7,21 @@ from typing import Any
 
 import torch
 
+# the decoder shape shared by the llama-like tiny models (dims bnb's CPU 4-bit matmul accepts)
+_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=128,
+)
+
 # name -> (config class name, kwargs); small but real architectures
 TINY: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": (
-        "LlamaConfig",
-        dict(
-            hidden_size=64,
-            intermediate_size=192,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=320,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "llama-tied": (
-        "LlamaConfig",
-        dict(
-            hidden_size=64,
-            intermediate_size=192,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=320,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "llama": ("LlamaConfig", {**_DECODER, "tie_word_embeddings": False}),
+    "llama-tied": ("LlamaConfig", {**_DECODER, "tie_word_embeddings": True}),
     "opt": (
         "OPTConfig",
         dict(
@@ -59,19 +46,7 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
             eos_token_id=0,
         ),
     ),
-    "qwen2": (
-        "Qwen2Config",
-        dict(
-            hidden_size=64,
-            intermediate_size=192,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=320,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        ),
-    ),
+    "qwen2": ("Qwen2Config", {**_DECODER, "tie_word_embeddings": False}),
 }
 
 

@@ -1,12 +1,15 @@
 //! leanstream's Rust core: bytes only. It parses and validates safetensors
 //! headers ([`header`]), maps shards and indexes tensors ([`reader`]), and
 //! streams zero-copy views with bounded read-ahead ([`stream`]), and quantizes
-//! tensors' bytes to NF4/FP4/int8 like bitsandbytes ([`quant`]). The PyO3
+//! tensors' bytes to NF4/FP4/int8 like bitsandbytes ([`quant`]), and reads
+//! tensors in chunks into a ring of caller-owned buffers with worker threads
+//! ([`pipeline`], the host side of the overlapped GPU load). The PyO3
 //! binding (`py`, feature `python`) exposes them as `leanstream._core`.
 
 pub mod error;
 pub mod fault;
 pub mod header;
+pub mod pipeline;
 #[cfg(feature = "python")]
 mod py;
 #[cfg(feature = "python")]
@@ -30,6 +33,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::PyTensorStream>()?;
     m.add_class::<py::PyTensorView>()?;
     m.add_class::<py::PyTensorInfo>()?;
+    m.add_class::<py::PyTensorPipeline>()?;
+    m.add_class::<py::PyWarmup>()?;
     m.add_function(wrap_pyfunction!(py_quant::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::quantize_int8, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::codebook, m)?)?;

@@ -251,6 +251,43 @@ impl View {
             .in_file(&self.shard.path)
     }
 
+    /// Copy `dst.len()` bytes of this tensor, from `offset` (relative), into
+    /// `dst` with `pread` (not through the mapping: the pages never enter the
+    /// process's resident set, and a file cut short gives a short read, not
+    /// SIGBUS). Fails with [`ErrorKind::Truncated`] if the file ends first or
+    /// changed since it was opened (checked after the read), with
+    /// [`ErrorKind::Io`] on a read error; both name the file and the tensor.
+    pub fn read_into(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let len = dst.len() as u64;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.info.nbytes())
+        {
+            return Err(Error::internal("read past the end of a tensor"));
+        }
+        let at = self.info.start + offset;
+        match self.shard.file.read_exact_at(dst, at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let now = self.shard.current_len().unwrap_or(0);
+                return Err(self.truncated(format!(
+                    "the file ended (at {now} bytes) before bytes [{at}, {}) of the tensor's \
+                     [{}, {}) could be read: was the checkpoint overwritten while in use?",
+                    at + len,
+                    self.info.start,
+                    self.info.end
+                )));
+            }
+            Err(e) => {
+                return Err(
+                    Error::io(&e, &self.shard.path, "read shard").for_tensor(&self.info.name)
+                )
+            }
+        }
+        self.check_available()
+    }
+
     /// Fault in the pages of `[offset, offset + len)` of this tensor (relative
     /// offsets), without copying: `MADV_POPULATE_READ`, or on kernels without
     /// it `MADV_WILLNEED` plus one read per page. Advisory: errors are ignored.

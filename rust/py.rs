@@ -1,13 +1,16 @@
 //! The PyO3 classes of `leanstream._core`: `Checkpoint`, `TensorStream`,
-//! `TensorView`, `TensorInfo` (typed in `python/leanstream/_core.pyi`).
+//! `TensorView`, `TensorInfo`, `TensorPipeline`, `Warmup` (typed in
+//! `python/leanstream/_core.pyi`).
 //!
 //! Every call that touches files (open, fstat, madvise) releases the GIL with
 //! `py.detach`; the read-ahead thread never touches Python objects. Errors
 //! become the exception classes of [`crate::error::py`].
 
 use crate::error::Error;
+use crate::pipeline::{Pipeline, SlotBuf, Warmup};
 use crate::reader::{Checkpoint, TensorInfo, View};
 use crate::stream::{Slot, Stream, DEFAULT_WINDOW};
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -275,6 +278,132 @@ impl PyTensorStream {
     }
 }
 
+/// `(seq, item, offset, nbytes, slot)`, as `TensorPipeline` yields it.
+type ChunkTuple = (usize, usize, u64, u64, usize);
+
+/// Chunks of tensors read by Rust worker threads into a ring of caller-owned
+/// writable buffers; see `Pipeline`. Yields `(seq, item, offset, nbytes,
+/// slot)` tuples; `release(seq)` hands a slot back.
+#[pyclass(frozen, name = "TensorPipeline", module = "leanstream._core")]
+pub struct PyTensorPipeline {
+    // Declared (so dropped) before `_slots`: the workers are joined before
+    // the buffers they write into are let go.
+    pipeline: Mutex<Pipeline>,
+    _slots: Vec<PyBuffer<u8>>,
+    total_bytes: u64,
+    slot_bytes: usize,
+    slots: usize,
+    chunks: usize,
+}
+
+#[pymethods]
+impl PyTensorPipeline {
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+    /// Length of a chunk (the smallest slot's length).
+    #[getter]
+    fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+    #[getter]
+    fn slots(&self) -> usize {
+        self.slots
+    }
+    /// Number of chunks in all.
+    #[getter]
+    fn chunks(&self) -> usize {
+        self.chunks
+    }
+    #[getter]
+    fn bytes_read(&self) -> PyResult<u64> {
+        let pipeline = self.pipeline.lock().map_err(|_| poisoned())?;
+        Ok(pipeline.stats()?.bytes_read)
+    }
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<ChunkTuple>> {
+        let next = py.detach(|| {
+            let mut pipeline = self.pipeline.lock().map_err(|_| poisoned())?;
+            Ok::<_, PyErr>(pipeline.next())
+        })?;
+        match next {
+            None => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(c)) => Ok(Some((c.seq, c.item, c.offset, c.len, c.slot))),
+        }
+    }
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.pipeline.lock().map_err(|_| poisoned())?.remaining())
+    }
+    /// Let chunk `seq`'s slot be overwritten: its bytes were consumed (on a
+    /// GPU: the copy out of it finished).
+    fn release(&self, seq: usize) -> PyResult<()> {
+        let mut pipeline = self.pipeline.lock().map_err(|_| poisoned())?;
+        pipeline.release(seq).map_err(PyErr::from)
+    }
+    /// Stop and join the worker threads; no slot is written after this.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let mut pipeline = self.pipeline.lock().map_err(|_| poisoned())?;
+            pipeline.close().map_err(PyErr::from)
+        })
+    }
+    /// Whether a worker thread is still running.
+    #[getter]
+    fn threads_alive(&self) -> PyResult<bool> {
+        Ok(self
+            .pipeline
+            .lock()
+            .map_err(|_| poisoned())?
+            .threads_alive())
+    }
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.close(py)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "TensorPipeline(chunks={}, slots={}, slot_bytes={}, total_bytes={})",
+            self.chunks, self.slots, self.slot_bytes, self.total_bytes
+        )
+    }
+}
+
+/// A thread reading tensors into the page cache ahead of time; see `Warmup`.
+#[pyclass(frozen, name = "Warmup", module = "leanstream._core")]
+pub struct PyWarmup {
+    warmup: Mutex<Warmup>,
+}
+
+#[pymethods]
+impl PyWarmup {
+    #[getter]
+    fn bytes_read(&self) -> PyResult<u64> {
+        Ok(self.warmup.lock().map_err(|_| poisoned())?.bytes_read())
+    }
+    #[getter]
+    fn running(&self) -> PyResult<bool> {
+        Ok(self.warmup.lock().map_err(|_| poisoned())?.is_running())
+    }
+    /// Stop (after the read in progress) and join; returns the bytes read.
+    fn stop(&self, py: Python<'_>) -> PyResult<u64> {
+        py.detach(|| Ok(self.warmup.lock().map_err(|_| poisoned())?.stop()))
+    }
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<u64> {
+        self.stop(py)
+    }
+}
+
 /// One safetensors checkpoint, validated completely on open.
 #[pyclass(frozen, name = "Checkpoint", module = "leanstream._core")]
 pub struct PyCheckpoint {
@@ -397,6 +526,59 @@ impl PyCheckpoint {
             total_bytes: stream.total_bytes(),
             window,
             stream: Mutex::new(stream),
+        })
+    }
+
+    /// Read the named tensors, in this order, in chunks into `slots` (writable
+    /// C-contiguous byte buffers, e.g. numpy views of pinned torch tensors)
+    /// with `threads` worker threads.
+    #[pyo3(signature = (names, slots, *, threads = 4))]
+    fn pipeline(
+        &self,
+        py: Python<'_>,
+        names: Vec<String>,
+        slots: Vec<Bound<'_, PyAny>>,
+        threads: usize,
+    ) -> PyResult<PyTensorPipeline> {
+        let ckpt = self.get()?;
+        let views = ckpt.views(&names)?;
+        let mut buffers = Vec::with_capacity(slots.len());
+        let mut ring = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.iter().enumerate() {
+            let buffer = PyBuffer::<u8>::get(slot)?;
+            let (ptr, len) = crate::py_quant::writable(&buffer, &format!("slot {i}"))?;
+            // SAFETY: `buffer` keeps the exporter's memory alive and is held
+            // by the returned object, whose pipeline (declared first) joins its
+            // workers before the buffers are released.
+            ring.push(unsafe { SlotBuf::new(ptr, len) });
+            buffers.push(buffer);
+        }
+        if ring.is_empty() || ring.iter().any(SlotBuf::is_empty) {
+            return Err(PyValueError::new_err(
+                "pipeline() needs at least one slot, and no empty slot",
+            ));
+        }
+        // SAFETY: see above; the Python side reads a slot only between the
+        // chunk being yielded and released.
+        let pipeline = py.detach(|| unsafe { Pipeline::new(views, ring, threads) })?;
+        Ok(PyTensorPipeline {
+            total_bytes: pipeline.total_bytes(),
+            slot_bytes: pipeline.slot_len(),
+            slots: pipeline.slots(),
+            chunks: pipeline.chunks().len(),
+            pipeline: Mutex::new(pipeline),
+            _slots: buffers,
+        })
+    }
+
+    /// Start reading the named tensors, in this order, into the page cache in
+    /// a background thread, up to `budget` bytes (default: all).
+    #[pyo3(signature = (names, *, budget = None))]
+    fn warm(&self, names: Vec<String>, budget: Option<u64>) -> PyResult<PyWarmup> {
+        let ckpt = self.get()?;
+        let warmup = Warmup::start(ckpt.views(&names)?, budget.unwrap_or(u64::MAX))?;
+        Ok(PyWarmup {
+            warmup: Mutex::new(warmup),
         })
     }
 

@@ -33,7 +33,7 @@ fn contiguous<T: Element>(buf: &PyBuffer<T>, what: &str) -> PyResult<(*mut T, us
     Ok((ptr.as_ptr().cast::<T>(), ptr.len()))
 }
 
-fn writable<T: Element>(buf: &PyBuffer<T>, what: &str) -> PyResult<(*mut T, usize)> {
+pub(crate) fn writable<T: Element>(buf: &PyBuffer<T>, what: &str) -> PyResult<(*mut T, usize)> {
     if buf.readonly() {
         return Err(PyBufferError::new_err(format!(
             "{what} must be a writable buffer"

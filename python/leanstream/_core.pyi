@@ -161,6 +161,70 @@ class TensorStream:
     def __exit__(self, *exc: object) -> None: ...
 
 @final
+class TensorPipeline:
+    """Chunks of tensors, read by Rust worker threads (no GIL) into a ring of
+    caller-owned buffers: the host side of :func:`leanstream.load`'s overlapped
+    GPU pipeline (see :meth:`Checkpoint.pipeline`).
+
+    Each tensor is cut into chunks of at most ``slot_bytes``; chunk ``seq``
+    always lands in slot ``seq % slots``, and is read (``pread``, so the
+    checkpoint never enters the process's resident set) as soon as the chunk
+    before it in that slot was released. Iteration waits for the next chunk and
+    yields ``(seq, item, offset, nbytes, slot)``: bytes ``[offset, offset +
+    nbytes)`` of tensor ``names[item]`` are in ``slots[slot][:nbytes]`` until
+    :meth:`release` (seq) is called. Asking for a chunk whose slot still holds an
+    unreleased one raises :class:`LeanstreamError` instead of waiting forever.
+    A file that was cut short or rewritten raises :class:`TruncatedFileError`
+    naming the file and tensor.
+    """
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the byte sizes of all tensors requested."""
+    @property
+    def slot_bytes(self) -> int:
+        """Largest chunk: the smallest slot's length."""
+    @property
+    def slots(self) -> int: ...
+    @property
+    def chunks(self) -> int:
+        """Number of chunks in all (an empty tensor is one chunk of 0 bytes)."""
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the workers have read so far."""
+    @property
+    def threads_alive(self) -> bool:
+        """Whether a worker thread is still running."""
+    def __iter__(self) -> Iterator[tuple[int, int, int, int, int]]: ...
+    def __next__(self) -> tuple[int, int, int, int, int]: ...
+    def __len__(self) -> int:
+        """Number of chunks not yet yielded."""
+    def release(self, seq: int) -> None:
+        """Let chunk ``seq``'s slot be overwritten (its bytes were consumed; on a
+        GPU, the copy out of it has finished). Idempotent."""
+    def close(self) -> None:
+        """Stop and join the workers (each finishes its current read): no slot is
+        written after this returns. Idempotent; iteration then ends."""
+    def __enter__(self) -> TensorPipeline: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+@final
+class Warmup:
+    """A background thread reading tensors into the page cache (not into this
+    process's memory) ahead of need, e.g. while the model is still being built.
+    Read errors end it quietly: the real read reports them."""
+
+    @property
+    def bytes_read(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    def stop(self) -> int:
+        """Stop after the read in progress (at most 4 MiB) and join; returns the
+        bytes read. Idempotent."""
+    def __enter__(self) -> Warmup: ...
+    def __exit__(self, *exc: object) -> int: ...
+
+@final
 class Checkpoint:
     """One safetensors checkpoint: a set of shards, validated completely on open.
 
@@ -203,6 +267,22 @@ class Checkpoint:
         Raises :class:`MissingTensorError` before anything is read if a name is
         unknown. ``window`` (bytes, > 0) bounds the read-ahead.
         """
+    def pipeline(
+        self, names: Sequence[str], slots: Sequence[Buffer], *, threads: int = 4
+    ) -> TensorPipeline:
+        """Read the named tensors, in this order (duplicates allowed), in chunks
+        into ``slots``: writable C-contiguous byte buffers (``numpy`` views of
+        pinned ``torch`` tensors in :func:`leanstream.load`), kept alive by the
+        pipeline until it is closed, and not written by the caller meanwhile.
+        ``threads`` workers (clamped to ``1..len(slots)``) read in parallel.
+
+        Raises :class:`MissingTensorError` before anything is read if a name is
+        unknown, ``ValueError`` without slots or with an empty one, and
+        ``BufferError`` for a read-only or non-contiguous slot.
+        """
+    def warm(self, names: Sequence[str], *, budget: int | None = None) -> Warmup:
+        """Start reading the named tensors, in this order, into the page cache in
+        a background thread, up to ``budget`` bytes (default: all of them)."""
     def close(self) -> None:
         """Drop this object's mappings (live views keep theirs). Any later use
         of this object but ``close()`` raises ``ValueError``."""

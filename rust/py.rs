@@ -398,9 +398,10 @@ impl PyWarmup {
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
     }
+    /// Stops the thread; never suppresses the exception in flight.
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<u64> {
-        self.stop(py)
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.stop(py).map(|_| ())
     }
 }
 

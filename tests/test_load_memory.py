@@ -80,23 +80,35 @@ def status(key):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
 
-window = int(sys.argv[2])
+window, pipeline = int(sys.argv[2]), sys.argv[3] == "pipeline"
 base = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM to the current RSS
-model = leanstream.load(sys.argv[1], bits=4, device="cpu", progress=False, window=window)
+model = leanstream.load(
+    sys.argv[1], bits=4, device="cpu", progress=False, window=window, pipeline=pipeline,
+    ring_bytes=window,
+)
 peak = status("VmHWM")
 print(json.dumps({"base": base, "peak": peak, "model": leanstream.footprint(model).total_bytes}))
 """
 
 
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    folder = tmp_path_factory.mktemp("memory") / "big"
+    return folder, write_big_checkpoint(folder)
+
+
 @pytest.mark.slow
-def test_cpu_4bit_load_peak_rss(tmp_path: Path) -> None:
-    total = write_big_checkpoint(tmp_path / "big")
+@pytest.mark.parametrize("how", ["mapped", "pipeline"])
+def test_cpu_4bit_load_peak_rss(big: tuple[Path, int], how: str) -> None:
+    """Mapped: window of read-ahead; pipelined: a ring of the same size (the
+    checkpoint itself is read with pread and never enters the resident set)."""
+    folder, total = big
     assert total > 300e6
     window = 64 * MIB
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "big"), str(window)],
+        [sys.executable, "-c", CHILD, str(folder), str(window), how],
         capture_output=True,
         text=True,
         timeout=600,

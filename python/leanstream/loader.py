@@ -1,18 +1,29 @@
 """``load()``: the one pipeline that ties checkpoint, meta model, reader and quantizer.
 
-files → Rust reader (validated headers, ordered zero-copy views, read-ahead)
-→ :func:`leanstream.reader.as_tensor` → :func:`leanstream.quantize.materialize`
-→ the module's parameter on the target device. At any time at most one
-full-precision tensor exists outside the mapped file.
+While the meta model is built, a Rust thread already reads the tensors most
+likely needed first into the page cache (:meth:`leanstream._core.Checkpoint.warm`).
+Then, in module traversal order, one of two sources delivers each tensor:
+
+- mapped (the default on the CPU): Rust reader (validated headers, ordered
+  zero-copy views, read-ahead) → :func:`leanstream.reader.as_tensor`;
+- pipelined (the default on a GPU): Rust reader threads → a ring of pinned
+  buffers → asynchronous copies on a side stream
+  (:class:`leanstream.pipeline.DeviceStream`);
+
+→ :func:`leanstream.quantize.materialize` → the module's parameter on the
+target device. At any time at most one full-precision tensor is in hand
+outside the file (plus, pipelined, the next one being copied).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import re
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +35,7 @@ from . import _core
 from .checkpoint import check_weights_format, load_config, resolve
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .meta import build_empty_model, meta_tensors
+from .pipeline import DEFAULT_SLOTS, DeviceStream
 from .prequantized import Prequantized
 from .quantize import (
     QuantSpec,
@@ -75,6 +87,9 @@ def load(
     native_quantizer: bool = True,
     quantize_embeddings: bool = False,
     quantize_lm_head: bool = False,
+    pipeline: bool | None = None,
+    threads: int | None = None,
+    ring_bytes: int = 256 << 20,
 ) -> Any:
     """Load a safetensors causal LM, quantizing each linear weight as it streams in.
 
@@ -104,7 +119,7 @@ def load(
             when available, else ``"cpu"``.
         trust_remote_code: allow custom modeling code from the checkpoint.
         progress: show a progress bar (bytes, with rate).
-        window: read-ahead window of the Rust reader, in bytes.
+        window: read-ahead window of the Rust reader (mapped, not pipelined), in bytes.
         native_quantizer: on the CPU, quantize with leanstream's Rust kernels
             (bit-identical to bitsandbytes', much faster); False: bitsandbytes' own.
         quantize_embeddings: also quantize every ``nn.Embedding`` (exactly that
@@ -115,6 +130,16 @@ def load(
             modules share the quantized weight. Both flags need ``bits`` 4 or 8
             (:class:`ConfigError` otherwise); transformers cannot load such a model
             from disk: :func:`leanstream.save` writes it in leanstream's format.
+        pipeline: overlap reading, host-to-device copies and quantization
+            (:mod:`leanstream.pipeline`): Rust threads read chunks into a ring of
+            pinned buffers, copies run on a side CUDA stream, each tensor is
+            quantized on the device as soon as it has landed. ``None`` (the
+            default): on for CUDA devices, off on the CPU (where quantizing
+            straight from the mapped file copies less). The result is bit for
+            bit the same either way.
+        threads: reader threads of the pipeline (default: one per core, at most 8).
+        ring_bytes: host memory of the pipeline's ring (pinned on CUDA), split
+            into 8 buffers; each is the largest chunk read and copied at once.
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose
@@ -158,7 +183,12 @@ def load(
             compute_dtype_given=compute_dtype is not None,
         )
         spec = prequantized.spec
-    with _core.Checkpoint(folder) as ckpt:
+    if pipeline is None:
+        pipeline = target_device.type == "cuda"
+    if ring_bytes < DEFAULT_SLOTS:
+        raise ConfigError(f"ring_bytes must be at least {DEFAULT_SLOTS}, got {ring_bytes}")
+    source = _Source(pipeline=pipeline, window=window, threads=threads, ring_bytes=ring_bytes)
+    with _core.Checkpoint(folder) as ckpt, ckpt.warm(likely_order(ckpt.keys())) as warm:
         model_dtype = _model_dtype(dtype, config, ckpt)
         model = build_empty_model(config, trust_remote_code=trust_remote_code)
         try:
@@ -171,8 +201,9 @@ def load(
                 model_dtype,
                 target_device,
                 progress,
-                window,
+                source,
                 prequantized,
+                warm,
             )
         except BaseException as err:
             # the traceback keeps this frame and those below alive (pytest.raises, a
@@ -194,8 +225,9 @@ def _fill(
     model_dtype: torch.dtype,
     device: torch.device,
     progress: bool,
-    window: int,
+    source: _Source,
     prequantized: Prequantized | None = None,
+    warm: _core.Warmup | None = None,
 ) -> None:
     expected = _expected_shapes(model)
     fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -223,10 +255,12 @@ def _fill(
 
     from tqdm.auto import tqdm
 
+    if warm is not None:
+        warm.stop()  # the ordered reads start now: the warm-up would compete
     with (
-        ckpt.stream(names, window=window) as stream,
+        source.open(ckpt, names, device) as tensors,
         tqdm(
-            total=stream.total_bytes,
+            total=tensors.total_bytes,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
@@ -236,18 +270,18 @@ def _fill(
         ) as bar,
     ):
         trim = _MallocTrim() if device.type == "cpu" else None
+        owned = source.pipeline
         for target in targets:
             stats, nbytes = {}, 0
             for stat, stat_key in target.stats or ():
-                key, view = next(stream)
-                assert key == stat_key
-                stats[stat], nbytes = as_tensor(view), nbytes + view.nbytes
-            key, view = next(stream)
-            assert key == target.key
-            tensor = as_tensor(view)
-            nbytes += view.nbytes
+                stats[stat] = tensors.take(stat_key)
+                nbytes += stats[stat].nbytes
+            tensor = tensors.take(target.key)
+            nbytes += tensor.nbytes
             if target.stats is not None and prequantized is not None:
-                prequantized.materialize(target.name, target.module, tensor, stats, device=device)
+                prequantized.materialize(
+                    target.name, target.module, tensor, stats, device=device, owned=owned
+                )
             else:
                 materialize(
                     target.module,
@@ -258,13 +292,14 @@ def _fill(
                     spec=spec,
                     transpose=target.transpose,
                     buffer=target.buffer,
+                    owned=owned,
                 )
-            stream.check()  # the file did not shrink under the bytes just used
+            tensors.used()
             del tensor, stats
             bar.update(nbytes)
             if trim is not None:
                 trim.freed(nbytes)
-        assert len(stream) == 0
+        tensors.finish()
     _tie(model, ties)
     _share_quantized(model, output)
     left = meta_tensors(model)
@@ -286,6 +321,89 @@ def _fill(
     # the bitsandbytes layers were created after build_empty_model's eval(): LLM.int8
     # takes another code path in training mode
     model.eval()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """How tensors are delivered: mapped views, or the overlapped pipeline."""
+
+    pipeline: bool
+    window: int
+    threads: int | None
+    ring_bytes: int
+
+    @contextlib.contextmanager
+    def open(
+        self, ckpt: _core.Checkpoint, names: list[str], device: torch.device
+    ) -> Iterator[_Mapped | _Pipelined]:
+        if self.pipeline:
+            with DeviceStream(
+                ckpt,
+                names,
+                device,
+                slot_bytes=self.ring_bytes // DEFAULT_SLOTS,
+                slots=DEFAULT_SLOTS,
+                threads=self.threads,
+            ) as stream:
+                yield _Pipelined(stream)
+        else:
+            with ckpt.stream(names, window=self.window) as stream:
+                yield _Mapped(stream)
+
+
+class _Mapped:
+    """Zero-copy read-only views of the mapped shards, checked after use."""
+
+    def __init__(self, stream: _core.TensorStream) -> None:
+        self.stream = stream
+        self.total_bytes = stream.total_bytes
+
+    def take(self, key: str) -> torch.Tensor:
+        got, view = next(self.stream)
+        assert got == key
+        return as_tensor(view)
+
+    def used(self) -> None:
+        self.stream.check()  # the file did not shrink under the bytes just used
+
+    def finish(self) -> None:
+        assert len(self.stream) == 0
+
+
+class _Pipelined:
+    """Fresh tensors on the device from :class:`DeviceStream` (checked as read)."""
+
+    def __init__(self, stream: DeviceStream) -> None:
+        self.tensors = iter(stream)
+        self.total_bytes = stream.total_bytes
+
+    def take(self, key: str) -> torch.Tensor:
+        got, tensor = next(self.tensors)
+        assert got == key
+        return tensor
+
+    def used(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        assert next(self.tensors, None) is None
+
+
+def likely_order(keys: list[str]) -> list[str]:
+    """Guess, before the model exists, the order in which its tensors will be
+    asked for: numbered blocks in numeric order (``layers.2`` before
+    ``layers.10``), embeddings first, other unnumbered tensors (final norm,
+    ``lm_head``) last. Only a guess for the warm-up: a wrong one costs nothing
+    but reading those bytes into the page cache early."""
+
+    def rank(key: str) -> tuple[int, list[tuple[int, str]]]:
+        parts = re.split(r"(\d+)", key)
+        natural = [(int(p), "") if p.isdigit() else (-1, p) for p in parts if p]
+        if any(p.isdigit() for p in parts):
+            return 1, natural
+        return (0 if "embed" in key or "wte" in key or "wpe" in key else 2), natural
+
+    return sorted(keys, key=rank)
 
 
 class _MallocTrim:
@@ -543,4 +661,4 @@ def _load_generation_config(model: Any, folder: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
-__all__ = ["load"]
+__all__ = ["likely_order", "load"]

@@ -251,13 +251,15 @@ class Prequantized:
         stats: Mapping[str, torch.Tensor],
         *,
         device: torch.device,
+        owned: bool = False,
     ) -> None:
         """Make ``module.weight`` the bitsandbytes parameter stored as ``weight`` and
-        ``stats`` (read-only views of the mapped file: copied once to ``device``)."""
+        ``stats`` (read-only views of the mapped file: copied once to ``device``;
+        ``owned``: fresh tensors of the caller's, used as they are when already there)."""
         import bitsandbytes as bnb
 
-        own = {stat: value.to(device=device, copy=True) for stat, value in stats.items()}
-        data = weight.to(device=device, copy=True)
+        own = {stat: value.to(device=device, copy=not owned) for stat, value in stats.items()}
+        data = weight.to(device=device, copy=not owned)
         if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
             if weight.dtype != self.spec.quant_storage:
                 raise checkpoint_error(

@@ -308,10 +308,14 @@ def materialize(
     spec: QuantSpec,
     transpose: bool = False,
     buffer: bool = False,
+    owned: bool = False,
 ) -> None:
     """Make ``tensor`` (full precision, possibly a read-only view of the mapped
     file) ``module.<attr>`` on ``device``: quantized if ``module`` is a replaced
-    linear and ``attr`` is its weight, else copied with ``dtype`` (None: as is)."""
+    linear and ``attr`` is its weight, else copied with ``dtype`` (None: as is).
+    ``owned``: ``tensor`` is the caller's to give away (a fresh tensor from the
+    pipeline), so when it already has the right device and dtype it becomes the
+    parameter itself instead of being copied."""
     import bitsandbytes as bnb
 
     if attr == "weight" and isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
@@ -343,7 +347,7 @@ def materialize(
         # Int8Params.to() quantizes only from the CPU; _quantize is what it calls
         module.weight = param._quantize(device)
         return
-    value = tensor.to(device=device, dtype=dtype, copy=True)
+    value = tensor.to(device=device, dtype=dtype, copy=not owned)
     if buffer:
         module._buffers[attr] = value
     else:

@@ -1,0 +1,402 @@
+"""The overlapped pipeline (Rust reader threads → ring → device) and the warm-up,
+on the CPU: same bytes, same model bit for bit, errors named, nothing left running.
+The GPU tests at the end skip without CUDA."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_load import SETTINGS, assert_same_weights, logits
+
+import leanstream
+from leanstream import _core
+from leanstream.loader import likely_order
+from leanstream.pipeline import DeviceStream
+from models import write_model
+
+ARCHS = ["llama", "llama-tied", "gpt2", "qwen2"]
+# 8 slots of 1000 bytes: every weight of the tiny models spans several chunks,
+# and no chunk boundary falls on an element boundary of the big ones
+SMALL_RING = 8 * 1000
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    return {arch: write_model(root / arch, arch) for arch in ARCHS}
+
+
+def reader_threads() -> list[str]:
+    """Names of this process's leanstream threads (Rust threads included)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("leanstream"):
+            names.append(name)
+    return names
+
+
+def load(folder: Path, **kwargs: Any) -> Any:
+    return leanstream.load(folder, device="cpu", progress=False, **kwargs)
+
+
+# --- _core.TensorPipeline --------------------------------------------------------------
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.mark.parametrize(("slots", "slot_bytes", "threads"), [(1, 1, 1), (2, 7, 2), (8, 4096, 4)])
+def test_chunks_reassemble_every_tensor(
+    checkpoints: dict[str, Path], slots: int, slot_bytes: int, threads: int
+) -> None:
+    folder = checkpoints["llama"]
+    expected = stored(folder)
+    names = sorted(expected)[::-1] + sorted(expected)[:3]  # any order, duplicates
+    ring = [np.zeros(slot_bytes, dtype=np.uint8) for _ in range(slots)]
+    got = {name: bytearray(expected[name].nbytes) for name in names}
+    with _core.Checkpoint(folder) as ckpt, ckpt.pipeline(names, ring, threads=threads) as pipe:
+        assert pipe.slots == slots and pipe.slot_bytes == slot_bytes
+        assert pipe.total_bytes == sum(expected[n].nbytes for n in names)
+        count = 0
+        for seq, item, offset, nbytes, slot in pipe:
+            assert seq == count and slot == seq % slots
+            got[names[item]][offset : offset + nbytes] = ring[slot][:nbytes].tobytes()
+            pipe.release(seq)
+            count += 1
+        assert count == pipe.chunks and len(pipe) == 0
+        assert pipe.bytes_read == pipe.total_bytes
+    for name in names:
+        want = expected[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        assert bytes(got[name]) == want, name
+    assert not reader_threads()
+
+
+def test_pipeline_refuses_bad_slots_and_names(checkpoints: dict[str, Path]) -> None:
+    with _core.Checkpoint(checkpoints["llama"]) as ckpt:
+        name = ckpt.keys()[0]
+        with pytest.raises(ValueError, match="at least one slot"):
+            ckpt.pipeline([name], [])
+        with pytest.raises(ValueError, match="no empty slot"):
+            ckpt.pipeline([name], [np.zeros(0, dtype=np.uint8)])
+        with pytest.raises(BufferError, match="writable"):
+            ckpt.pipeline([name], [b"read-only bytes"])
+        with pytest.raises(BufferError, match="contiguous"):
+            ckpt.pipeline([name], [np.zeros(64, dtype=np.uint8)[::2]])
+        with pytest.raises(leanstream.MissingTensorError) as err:
+            ckpt.pipeline([name, "nope"], [np.zeros(64, dtype=np.uint8)])
+        assert err.value.tensor == "nope"
+
+
+def test_a_slot_never_released_is_an_error_not_a_hang(checkpoints: dict[str, Path]) -> None:
+    with _core.Checkpoint(checkpoints["llama"]) as ckpt:
+        ring = [np.zeros(16, dtype=np.uint8) for _ in range(2)]
+        with ckpt.pipeline(ckpt.keys(), ring, threads=2) as pipe:
+            next(pipe)
+            next(pipe)
+            with pytest.raises(leanstream.LeanstreamError, match="never released"):
+                next(pipe)
+            assert next(pipe, None) is None
+    assert not reader_threads()
+
+
+def test_close_stops_the_readers_midway(checkpoints: dict[str, Path]) -> None:
+    with _core.Checkpoint(checkpoints["llama"]) as ckpt:
+        pipe = ckpt.pipeline(ckpt.keys(), [np.zeros(8, dtype=np.uint8)] * 2, threads=2)
+        seq = next(pipe)[0]
+        pipe.release(seq)
+        assert reader_threads()
+        pipe.close()
+        assert not pipe.threads_alive
+        assert not reader_threads()
+        assert next(pipe, None) is None
+        pipe.close()
+
+
+@pytest.mark.parametrize("mtime", ["changed", "restored"])
+def test_a_shard_cut_while_open_is_truncated_naming_file_and_tensor(
+    tmp_path: Path, mtime: str
+) -> None:
+    """A new mtime fails the first tensor read after it (the file was rewritten); with
+    the mtime put back, the tensor whose bytes are gone fails, on its short read."""
+    save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, tmp_path / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    with _core.Checkpoint(tmp_path) as ckpt:
+        stat = path.stat()
+        os.truncate(path, stat.st_size - 100)
+        if mtime == "restored":
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        with ckpt.pipeline(["a", "b"], [np.zeros(4096, dtype=np.uint8)] * 2) as pipe:
+            with pytest.raises(leanstream.TruncatedFileError) as err:
+                for seq, *_ in pipe:
+                    pipe.release(seq)
+    assert err.value.file == str(path)
+    if mtime == "changed":
+        assert err.value.tensor == "a" and "modified" in str(err.value)
+    else:
+        assert err.value.tensor == "b" and "ended" in str(err.value)
+
+
+# --- DeviceStream ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slot_bytes", [1, 100, 1 << 20])
+def test_device_stream_yields_each_tensor_as_stored(
+    checkpoints: dict[str, Path], slot_bytes: int
+) -> None:
+    folder = checkpoints["qwen2"]
+    expected = stored(folder)
+    names = likely_order(list(expected))
+    with (
+        _core.Checkpoint(folder) as ckpt,
+        DeviceStream(ckpt, names, torch.device("cpu"), slot_bytes=slot_bytes, slots=3) as stream,
+    ):
+        assert stream.ring_bytes <= 3 * slot_bytes
+        got = list(stream)
+    assert [name for name, _ in got] == names
+    for name, tensor in got:
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+        assert tensor.is_contiguous()
+    assert not reader_threads()
+
+
+def test_device_stream_empty_tensors_and_dtypes(tmp_path: Path) -> None:
+    tensors = {
+        "empty": torch.zeros(0, 3),
+        "i64": torch.arange(5),
+        "f16": torch.randn(7, 3).half(),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    with (
+        _core.Checkpoint(tmp_path) as ckpt,
+        DeviceStream(ckpt, list(tensors), torch.device("cpu"), slot_bytes=4, slots=2) as stream,
+    ):
+        got = dict(stream)
+    for name, tensor in tensors.items():
+        assert got[name].shape == tensor.shape and torch.equal(got[name], tensor), name
+
+
+# --- load(pipeline=True) ---------------------------------------------------------------
+
+LOADS = {
+    **SETTINGS,
+    "bf16": dict(bits=None),
+    "nf4-embeddings": dict(bits=4, quantize_embeddings=True, quantize_lm_head=True),
+    "int8-embeddings": dict(bits=8, quantize_embeddings=True, quantize_lm_head=True),
+}
+
+
+@pytest.mark.parametrize("setting", list(LOADS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pipelined_load_is_bit_identical(
+    checkpoints: dict[str, Path], arch: str, setting: str
+) -> None:
+    folder = checkpoints[arch]
+    simple = load(folder, **LOADS[setting])
+    piped = load(folder, **LOADS[setting], pipeline=True, ring_bytes=SMALL_RING, threads=3)
+    assert assert_same_weights(simple, piped) == assert_same_weights(piped, simple)
+    if arch == "llama-tied":
+        assert piped.lm_head.weight is piped.model.embed_tokens.weight
+    assert torch.equal(logits(simple), logits(piped))
+    assert not reader_threads()
+
+
+def test_pipelined_load_of_a_prequantized_checkpoint(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    for setting in ("nf4-dq", "int8"):
+        model = load(checkpoints["llama"], **SETTINGS[setting])
+        folder = leanstream.save(model, tmp_path / setting, progress=False)
+        simple = load(folder)
+        piped = load(folder, pipeline=True, ring_bytes=SMALL_RING)
+        assert assert_same_weights(simple, piped) > 0
+        assert torch.equal(logits(simple), logits(piped))
+
+
+def test_pipelined_load_converts_dtype(checkpoints: dict[str, Path]) -> None:
+    simple = load(checkpoints["llama"], bits=4, dtype=torch.float16)
+    piped = load(checkpoints["llama"], bits=4, dtype=torch.float16, pipeline=True)
+    assert piped.model.norm.weight.dtype == torch.float16
+    assert assert_same_weights(simple, piped) > 0
+
+
+def test_pipelined_load_of_a_cut_shard_names_file_and_tensor(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import leanstream.loader
+
+    folder = tmp_path / "cut"
+    shutil.copytree(checkpoints["llama"], folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    victim = shards[len(shards) // 2]
+    build = leanstream.loader.build_empty_model
+
+    def build_then_cut(*args: Any, **kwargs: Any) -> Any:
+        # the checkpoint is open and validated: the file shrinks under it
+        model = build(*args, **kwargs)
+        os.truncate(victim, victim.stat().st_size - 64)
+        return model
+
+    monkeypatch.setattr(leanstream.loader, "build_empty_model", build_then_cut)
+    with pytest.raises(leanstream.TruncatedFileError) as err:
+        load(folder, pipeline=True, ring_bytes=SMALL_RING)
+    assert err.value.file == str(victim)
+    assert err.value.tensor is not None and err.value.tensor in str(err.value)
+    assert not reader_threads()
+
+
+def test_an_interrupted_pipelined_load_leaves_nothing_running(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import leanstream.loader
+
+    calls = 0
+    materialize = leanstream.loader.materialize
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise KeyboardInterrupt
+        materialize(*args, **kwargs)
+
+    monkeypatch.setattr(leanstream.loader, "materialize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load(checkpoints["llama"], pipeline=True, ring_bytes=SMALL_RING)
+    assert calls == 5
+    assert not reader_threads()
+
+
+def test_two_pipelined_loads_in_two_threads(checkpoints: dict[str, Path]) -> None:
+    reference = load(checkpoints["llama"])
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = load(checkpoints["llama"], pipeline=True, ring_bytes=SMALL_RING)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    for model in results.values():
+        assert assert_same_weights(reference, model) > 0
+
+
+def test_ring_bytes_must_hold_the_slots(checkpoints: dict[str, Path]) -> None:
+    with pytest.raises(leanstream.ConfigError, match="ring_bytes"):
+        load(checkpoints["llama"], pipeline=True, ring_bytes=4)
+
+
+# --- the warm-up -----------------------------------------------------------------------
+
+
+def test_likely_order_is_module_order_for_decoders() -> None:
+    keys = [
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.10.mlp.up_proj.weight",
+        "model.layers.2.mlp.up_proj.weight",
+        "model.layers.2.input_layernorm.weight",
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ]
+    order = likely_order(keys)
+    assert order[0] == "model.embed_tokens.weight"
+    assert order[1:5] == [
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.2.input_layernorm.weight",
+        "model.layers.2.mlp.up_proj.weight",
+        "model.layers.10.mlp.up_proj.weight",
+    ]
+    assert set(order[5:]) == {"lm_head.weight", "model.norm.weight"}
+    assert sorted(order) == sorted(keys)
+
+
+def test_warmup_reads_everything_or_stops(checkpoints: dict[str, Path]) -> None:
+    with _core.Checkpoint(checkpoints["llama"]) as ckpt:
+        with ckpt.warm(ckpt.keys()) as warm:
+            while warm.running:
+                threading.Event().wait(0.001)
+            assert warm.bytes_read == ckpt.total_bytes
+        with ckpt.warm(ckpt.keys(), budget=1000) as warm:
+            assert warm.stop() <= 1000
+            assert not warm.running
+        with pytest.raises(leanstream.MissingTensorError):
+            ckpt.warm(["nope"])
+    assert not reader_threads()
+
+
+def test_load_warms_while_building_and_stops_before_streaming(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import leanstream.loader
+
+    seen: list[list[str]] = []
+    build = leanstream.loader.build_empty_model
+
+    def build_and_look(*args: Any, **kwargs: Any) -> Any:
+        seen.append(reader_threads())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(leanstream.loader, "build_empty_model", build_and_look)
+    load(checkpoints["llama"])
+    # the warm-up thread was started before the build (it may already be done)
+    assert seen and all(name == "leanstream-warm" for name in seen[0])
+    assert not reader_threads()
+
+
+# --- on a GPU --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8", "bf16"])
+def test_gpu_pipeline_is_bit_identical_to_the_simple_gpu_path(
+    checkpoints: dict[str, Path], setting: str
+) -> None:
+    folder = checkpoints["llama"]
+    kwargs = dict(device="cuda", progress=False, **LOADS[setting])
+    simple = leanstream.load(folder, pipeline=False, **kwargs)
+    piped = leanstream.load(folder, pipeline=True, ring_bytes=SMALL_RING, **kwargs)
+    assert piped.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+    assert assert_same_weights(simple, piped) == assert_same_weights(piped, simple)
+
+
+@pytest.mark.gpu
+def test_gpu_peak_is_the_model_plus_the_largest_tensor(checkpoints: dict[str, Path]) -> None:
+    folder = checkpoints["llama"]
+    largest = max(t.nbytes for t in stored(folder).values())
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model = leanstream.load(folder, device="cuda", progress=False, bits=4)
+    torch.cuda.synchronize()
+    final = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+    assert leanstream.footprint(model).total_bytes > 0
+    # the tensor being quantized and the next being copied may overlap
+    assert peak <= final + 2 * largest + (1 << 20), (peak, final, largest)

@@ -2,6 +2,7 @@
 
     python benches/load.py --shapes 1b --reps 3            # CPU, Llama-3.2-1B shapes
     python benches/load.py --shapes 8b --device cuda       # GPU, Llama-3.1-8B shapes
+    python benches/load.py --shapes 8b --device cuda --cold --loaders "leanstream nf4"
 
 Writes synthetic bf16 checkpoints with real architectures' shapes (cached under
 ``~/.cache/leanstream/bench``), then runs every loader in its **own fresh
@@ -9,7 +10,9 @@ process**. The child imports torch, transformers and bitsandbytes before the
 clock starts and times only the load call; the parent samples the child's
 ``/proc/<pid>/status`` (VmRSS, RssAnon, RssFile) every 5 ms. Each child also
 writes the logits of a fixed prompt, compared with the transformers loader of
-the same setting. Prints a markdown table; ``--record`` appends it to
+the same setting. With ``--cold`` the page cache is evicted before each run
+(``posix_fadvise(DONTNEED)``, no root needed) and each round also times ``cat``
+of the files, the floor for reading them. Prints a markdown table; ``--record`` appends it to
 benches/RESULTS.md with date, machine, versions and command.
 """
 
@@ -63,6 +66,10 @@ LOADERS = {
     "leanstream nf4": ("leanstream", dict(bits=4, quant_type="nf4")),
     "leanstream nf4+dq": ("leanstream", dict(bits=4, quant_type="nf4", double_quant=True)),
     "leanstream int8": ("leanstream", dict(bits=8)),
+    # the default is pipelined on CUDA and mapped on the CPU: both, explicitly
+    "leanstream nf4 mapped": ("leanstream", dict(bits=4, quant_type="nf4", pipeline=False)),
+    "leanstream nf4 pipelined": ("leanstream", dict(bits=4, quant_type="nf4", pipeline=True)),
+    "leanstream int8 pipelined": ("leanstream", dict(bits=8, pipeline=True)),
     "transformers nf4": ("transformers", dict(bits=4, quant_type="nf4")),
     "transformers nf4+dq": ("transformers", dict(bits=4, quant_type="nf4", double_quant=True)),
     "transformers int8": ("transformers", dict(bits=8)),
@@ -134,6 +141,8 @@ def bnb_config():
                               bnb_4bit_use_double_quant=s.get("double_quant", False),
                               bnb_4bit_compute_dtype=dtype)
 
+if device == "cuda":
+    torch.empty(1, device=device)  # the CUDA context belongs to the base, not to the load
 print("ready", flush=True)
 sys.stdin.readline()
 if device == "cuda":
@@ -194,6 +203,17 @@ def drop_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
+def time_cat(folder: Path) -> float:
+    """Seconds ``cat`` takes to read the checkpoint's files from a cold page cache."""
+    drop_page_cache(folder)
+    files = sorted(str(p) for p in folder.glob("*.safetensors"))
+    start = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    seconds = time.perf_counter() - start
+    drop_page_cache(folder)
+    return seconds
+
+
 def run_one(kind: str, settings: dict, folder: Path, device: str, logits_path: Path) -> dict:
     args = dict(
         kind=kind, settings=settings, device=device, folder=str(folder), logits=str(logits_path)
@@ -242,7 +262,7 @@ def run_one(kind: str, settings: dict, folder: Path, device: str, logits_path: P
 
 def _peer(name: str) -> str | None:
     """The transformers loader with the same settings as ``name``."""
-    settings = LOADERS[name][1]
+    settings = {k: v for k, v in LOADERS[name][1].items() if k != "pipeline"}
     return next((n for n, (k, s) in LOADERS.items() if k == "transformers" and s == settings), None)
 
 
@@ -264,7 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict]] = {n: [] for n in names}
     logits: dict[str, Path] = {}
     work = Path(tempfile.mkdtemp(prefix="leanstream-bench-"))
+    cat: list[float] = []  # cold: seconds `cat` takes to read the same files
     for rep in range(args.reps):
+        if args.cold:
+            cat.append(time_cat(folder))
+            print(f"rep {rep} cat: {cat[-1]:.2f} s", file=sys.stderr)
         for name in names:  # interleaved, so drift hits every loader alike
             kind, settings = LOADERS[name]
             if args.cold:
@@ -286,12 +310,18 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"checkpoint: Llama {args.shapes} shapes, bf16, {size / GIB:.2f} GiB; "
         f"device {args.device}; "
-        f"{'cold' if args.cold else 'warm'} page cache; {args.reps} runs each (median, min-max)",
+        f"{'cold' if args.cold else 'warm'} page cache; {args.reps} runs each (median, min-max)"
+        + (f"; `cat` of the files, cold: {statistics.median(cat):.2f} s" if cat else ""),
         "",
-        "| loader | load s | min-max | vs transformers | peak RSS growth | peak RssFile | "
+        "| loader | load s | min-max | vs transformers | "
+        + ("vs cat | " if cat else "")
+        + "peak RSS growth | peak RssFile | "
         + ("GPU peak | GPU final | " if args.device == "cuda" else "")
         + "logits rel. err |",
-        "|---|---|---|---|---|---|" + ("---|---|" if args.device == "cuda" else "") + "---|",
+        "|---|---|---|---|---|---|"
+        + ("---|" if cat else "")
+        + ("---|---|" if args.device == "cuda" else "")
+        + "---|",
     ]
     medians = {n: statistics.median(r["seconds"] for r in results[n]) for n in names}
     for name in names:
@@ -306,8 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         file_peak = max(r["peak_file"] for r in runs)
         row = (
             f"| {name} | {medians[name]:.2f} | {min(r['seconds'] for r in runs):.2f}-"
-            f"{max(r['seconds'] for r in runs):.2f} | {ratio} | {grow / GIB:.2f} GiB | "
-            f"{file_peak / GIB:.2f} GiB | "
+            f"{max(r['seconds'] for r in runs):.2f} | {ratio} | "
+            + (f"{medians[name] / statistics.median(cat):.2f}x | " if cat else "")
+            + f"{grow / GIB:.2f} GiB | {file_peak / GIB:.2f} GiB | "
         )
         if args.device == "cuda":
             row += (

@@ -4,6 +4,7 @@ The GPU tests at the end skip without CUDA."""
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from pathlib import Path
@@ -18,7 +19,7 @@ from test_load import SETTINGS, assert_same_weights, logits
 import leanstream
 from leanstream import _core
 from leanstream.loader import likely_order
-from leanstream.pipeline import DeviceStream
+from leanstream.pipeline import Copies, DeviceStream
 from models import write_model
 
 ARCHS = ["llama", "llama-tied", "gpt2", "qwen2"]
@@ -190,6 +191,123 @@ def test_device_stream_empty_tensors_and_dtypes(tmp_path: Path) -> None:
         got = dict(stream)
     for name, tensor in tensors.items():
         assert got[name].shape == tensor.shape and torch.equal(got[name], tensor), name
+
+
+# --- asynchronous copies, emulated on the CPU -------------------------------------------
+
+
+class Deferred:
+    """An event of :class:`DeferredCopies`: reports done only after ``polls`` queries."""
+
+    def __init__(self, copies: DeferredCopies, polls: int) -> None:
+        self.copies, self.left, self.done = copies, polls, False
+
+    def query(self) -> bool:
+        if not self.done:
+            self.left -= 1
+            if self.left <= 0:
+                self.copies.run_upto(self)
+        return self.done
+
+    def synchronize(self) -> None:
+        self.copies.run_upto(self)
+
+
+class DeferredCopies(Copies):
+    """Copies that run late and in order, as on a CUDA stream: the bytes leave the
+    slot only when the copy's event is polled enough, waited for, or a later copy
+    is. A slot handed back to the readers before its copy ran is overwritten by a
+    later chunk, and the tensor comes out wrong."""
+
+    asynchronous = True
+
+    def __init__(self, device: torch.device, polls: int = 3) -> None:
+        super().__init__(device)
+        self.polls = polls
+        self.queue: collections.deque[tuple[Deferred, torch.Tensor, torch.Tensor]] = (
+            collections.deque()
+        )
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Deferred:
+        event = Deferred(self, self.polls)
+        self.queue.append((event, dst, src))
+        return event
+
+    def run_upto(self, event: Deferred) -> None:
+        while self.queue and not event.done:
+            done, dst, src = self.queue.popleft()
+            dst.copy_(src)
+            done.done = True
+
+    def hand_over(self, flat: torch.Tensor, last: Any) -> None:
+        self.run_upto(last)  # the host plays the compute stream: it waits here
+
+    def synchronize(self) -> None:
+        while self.queue:
+            self.run_upto(self.queue[-1][0])
+
+
+class Careless(DeviceStream):
+    """A broken pipeline that hands slots back without waiting for their copies."""
+
+    def _retire(self, need: int) -> None:
+        while self._pending:
+            self._reader.release(self._pending.popleft()[0])
+
+
+@pytest.mark.parametrize("polls", [1, 3, 10**9])
+@pytest.mark.parametrize("slots", [1, 2, 5])
+def test_deferred_copies_release_slots_only_once_copied(
+    checkpoints: dict[str, Path], polls: int, slots: int
+) -> None:
+    folder = checkpoints["llama"]
+    expected = stored(folder)
+    names = likely_order(list(expected))
+    copies = DeferredCopies(torch.device("cpu"), polls)
+    with (
+        _core.Checkpoint(folder) as ckpt,
+        DeviceStream(
+            ckpt, names, torch.device("cpu"), slot_bytes=300, slots=slots, copies=copies
+        ) as stream,
+    ):
+        for name, tensor in stream:
+            assert torch.equal(tensor, expected[name]), name
+    assert not copies.queue
+
+
+def test_a_slot_released_before_its_copy_ran_corrupts_the_tensor(
+    checkpoints: dict[str, Path],
+) -> None:
+    """The control for the test above: it can fail."""
+    folder = checkpoints["llama"]
+    expected = stored(folder)
+    name = "model.layers.0.mlp.up_proj.weight"
+    cpu = torch.device("cpu")
+    with (
+        _core.Checkpoint(folder) as ckpt,
+        Careless(ckpt, [name], cpu, slot_bytes=300, slots=1, copies=DeferredCopies(cpu)) as stream,
+    ):
+        ((_, tensor),) = list(stream)
+    assert not torch.equal(tensor, expected[name])
+
+
+def test_pipelined_load_with_deferred_copies_is_bit_identical(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import leanstream.pipeline
+
+    made: list[DeferredCopies] = []
+
+    def deferred(device: torch.device) -> DeferredCopies:
+        made.append(DeferredCopies(device, polls=2))
+        return made[-1]
+
+    folder = checkpoints["llama"]
+    simple = load(folder, bits=4, double_quant=True)
+    monkeypatch.setattr(leanstream.pipeline, "copies_for", deferred)
+    piped = load(folder, bits=4, double_quant=True, pipeline=True, ring_bytes=SMALL_RING)
+    assert made and not made[0].queue
+    assert assert_same_weights(simple, piped) > 0
 
 
 # --- load(pipeline=True) ---------------------------------------------------------------

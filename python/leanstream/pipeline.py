@@ -49,7 +49,15 @@ from . import _core
 from .errors import UnsupportedCheckpointError, checkpoint_error
 from .reader import DTYPES
 
-__all__ = ["DEFAULT_SLOTS", "DEFAULT_SLOT_BYTES", "DeviceStream", "default_threads"]
+__all__ = [
+    "DEFAULT_SLOTS",
+    "DEFAULT_SLOT_BYTES",
+    "Copies",
+    "CudaCopies",
+    "DeviceStream",
+    "copies_for",
+    "default_threads",
+]
 
 DEFAULT_SLOT_BYTES = 32 << 20
 """Size of one ring buffer (the largest chunk), in bytes."""
@@ -66,6 +74,81 @@ def default_threads() -> int:
     return max(1, min(8, cores))
 
 
+class Copies:
+    """How chunks get from the ring to the device: here synchronously (the CPU).
+
+    :class:`CudaCopies` makes them asynchronous. A copy returns an event
+    (``query()``, ``synchronize()``) after which its slot may be reused, or
+    ``None`` when the copy is already done.
+    """
+
+    pinned = False
+    asynchronous = False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Any | None:
+        dst.copy_(src)
+        return None
+
+    def hand_over(self, flat: torch.Tensor, last: Any) -> None:
+        """Make the caller's later work on ``flat`` wait for ``last``, the event of
+        its last chunk's copy."""
+
+    def handed_back(self) -> Any | None:
+        """An event marking that the work the caller queued on the tensor it was
+        handed has run (its memory may be reused), or None if it has."""
+        return None
+
+    def synchronize(self) -> None:
+        """Wait for every copy queued."""
+
+
+class CudaCopies(Copies):
+    """Pinned ring, ``non_blocking`` copies on a side stream, CUDA events."""
+
+    pinned = True
+    asynchronous = True
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.stream = torch.cuda.Stream(device)
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        # on the side stream: see the module's docstring
+        with torch.cuda.stream(self.stream):
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Any:
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return event
+
+    def hand_over(self, flat: torch.Tensor, last: Any) -> None:
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(last)
+        flat.record_stream(compute)
+
+    def handed_back(self) -> Any:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+
+def copies_for(device: torch.device) -> Copies:
+    """The :class:`Copies` for ``device``."""
+    return CudaCopies(device) if device.type == "cuda" else Copies(device)
+
+
 class DeviceStream:
     """Iterator over ``(name, tensor)``, the checkpoint tensors ``names`` in that
     order, each a fresh tensor on ``device`` owned by the caller (its dtype and
@@ -74,6 +157,7 @@ class DeviceStream:
     The ring is never larger than the bytes to read: a small checkpoint gets
     small slots. Use it as a context manager (or call :meth:`close`): closing
     joins the reader threads and waits for copies still reading the ring.
+    ``copies`` (default: :func:`copies_for` ``device``) moves the chunks.
     """
 
     def __init__(
@@ -86,14 +170,14 @@ class DeviceStream:
         slots: int = DEFAULT_SLOTS,
         threads: int | None = None,
         device_budget: int | None = None,
+        copies: Copies | None = None,
     ) -> None:
         if slot_bytes < 1 or slots < 1:
             raise ValueError(f"slot_bytes and slots must be positive, not {slot_bytes}, {slots}")
         self.names = list(names)
         self.device = device
-        infos = [ckpt[name] for name in self.names]
         self._layouts: list[tuple[torch.dtype, tuple[int, ...], int]] = []
-        for info in infos:
+        for info in (ckpt[name] for name in self.names):
             dtype = DTYPES.get(info.dtype)
             if dtype is None:
                 raise checkpoint_error(
@@ -107,11 +191,12 @@ class DeviceStream:
         largest = max((n for _, _, n in self._layouts), default=0)
         total = sum(n for _, _, n in self._layouts)
         slot_bytes = max(1, min(slot_bytes, largest, -(-total // slots)))
-        self._cuda = device.type == "cuda"
+        self._copies = copies or copies_for(device)
         self._ring = [
-            torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self._cuda) for _ in range(slots)
+            torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self._copies.pinned)
+            for _ in range(slots)
         ]
-        self._copy: Any = torch.cuda.Stream(device) if self._cuda else None
+        # chunks copied out of the ring, their slot not yet released: (seq, event)
         self._pending: collections.deque[tuple[int, Any]] = collections.deque()
         # tensors handed out whose device memory may still be read: (event, bytes)
         self._budget = largest if device_budget is None else device_budget
@@ -139,56 +224,47 @@ class DeviceStream:
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         slots = len(self._ring)
         flat: torch.Tensor | None = None
+        last: Any = None  # the event of the current tensor's latest chunk copy
         for seq, item, offset, nbytes, slot in self._reader:
             dtype, shape, total = self._layouts[item]
             if offset == 0:
-                flat = self._allocate(total)
+                flat, last = self._allocate(total), None
             assert flat is not None
+            event = None
             if nbytes:
                 src = self._ring[slot][:nbytes]
-                if self._cuda:
-                    with torch.cuda.stream(self._copy):
-                        flat[offset : offset + nbytes].copy_(src, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(self._copy)
-                    self._pending.append((seq, event))
-                else:
-                    flat[offset : offset + nbytes].copy_(src)
-                    self._reader.release(seq)
-            else:
+                event = self._copies.copy(flat[offset : offset + nbytes], src)
+            if event is None:
                 self._reader.release(seq)
+            else:
+                self._pending.append((seq, event))
+                last = event
             # the next chunk's slot must be free before we wait for that chunk
             self._retire(need=seq + 1 - slots)
-            if offset + nbytes == total:
-                if self._cuda and self._pending and total:
-                    compute = torch.cuda.current_stream(self.device)
-                    compute.wait_event(self._pending[-1][1])
-                    flat.record_stream(compute)
-                if total:
-                    tensor = flat.view(dtype).reshape(shape)
-                else:
-                    tensor = torch.empty(shape, dtype=dtype, device=self.device)
-                flat = None
-                yield self.names[item], tensor
-                del tensor
-                if self._cuda and total:
-                    # what the caller queued on the compute stream has read it after this
-                    done = torch.cuda.Event()
-                    done.record(torch.cuda.current_stream(self.device))
-                    self._inflight.append((done, total))
+            if offset + nbytes < total:
+                continue
+            if last is not None:
+                self._copies.hand_over(flat, last)
+            if total:
+                tensor = flat.view(dtype).reshape(shape)
+            else:
+                tensor = torch.empty(shape, dtype=dtype, device=self.device)
+            flat = last = None
+            yield self.names[item], tensor
+            del tensor
+            if self._copies.asynchronous and total:
+                self._inflight.append((self._copies.handed_back(), total))
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
-        if self._cuda:
+        if self._copies.asynchronous:
             # wait until the tensors in flight leave room within the budget
             while self._inflight and self._inflight_bytes + nbytes > self._budget:
                 done, size = self._inflight.popleft()
-                done.synchronize()
+                if done is not None:
+                    done.synchronize()
                 self._inflight_bytes -= size
             self._inflight_bytes += nbytes
-            # allocated on the side stream: see the module's docstring
-            with torch.cuda.stream(self._copy):
-                return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._copies.allocate(nbytes)
 
     def _retire(self, need: int) -> None:
         """Release every chunk whose copy has finished, and wait for those up
@@ -202,10 +278,9 @@ class DeviceStream:
             self._pending.popleft()
 
     def close(self) -> None:
-        """Join the reader threads; on CUDA, wait for copies still reading the ring."""
+        """Join the reader threads, and wait for copies still reading the ring."""
         self._reader.close()
-        if self._cuda:
-            self._copy.synchronize()
+        self._copies.synchronize()
         self._pending.clear()
 
     def __enter__(self) -> DeviceStream:

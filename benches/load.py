@@ -218,15 +218,23 @@ def run_one(kind: str, settings: dict, folder: Path, device: str, logits_path: P
     args = dict(
         kind=kind, settings=settings, device=device, folder=str(folder), logits=str(logits_path)
     )
+    # the child's warnings (one per int8 matmul) go to a file, shown if it fails
+    errors = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(args)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=errors,
         text=True,
     )
     assert proc.stdin and proc.stdout
+
+    def failed(what: str) -> RuntimeError:
+        errors.seek(0)
+        return RuntimeError(f"{kind} child {what}:\n{errors.read()[-4000:]}")
+
     if proc.stdout.readline().strip() != "ready":
-        raise RuntimeError(f"{kind} child failed to start")
+        raise failed("failed to start")
     base = _status(proc.pid)
     peak = dict(base)
     proc.stdin.write("go\n")
@@ -244,7 +252,7 @@ def run_one(kind: str, settings: dict, folder: Path, device: str, logits_path: P
             if line == "loaded":
                 break
             if not line:
-                raise RuntimeError(f"{kind} child died")
+                raise failed("died")
     final = _status(proc.pid)
     proc.stdin.write("go\n")
     proc.stdin.flush()

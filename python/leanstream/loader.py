@@ -35,7 +35,7 @@ from . import _core
 from .checkpoint import check_weights_format, load_config, resolve
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .meta import build_empty_model, meta_tensors
-from .pipeline import DEFAULT_SLOTS, DeviceStream
+from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
 from .prequantized import Prequantized
 from .quantize import (
     QuantSpec,
@@ -89,7 +89,7 @@ def load(
     quantize_lm_head: bool = False,
     pipeline: bool | None = None,
     threads: int | None = None,
-    ring_bytes: int = 256 << 20,
+    ring_bytes: int = DEFAULT_SLOTS * DEFAULT_SLOT_BYTES,
 ) -> Any:
     """Load a safetensors causal LM, quantizing each linear weight as it streams in.
 
@@ -138,8 +138,9 @@ def load(
             straight from the mapped file copies less). The result is bit for
             bit the same either way.
         threads: reader threads of the pipeline (default: one per core, at most 8).
-        ring_bytes: host memory of the pipeline's ring (pinned on CUDA), split
-            into 8 buffers; each is the largest chunk read and copied at once.
+        ring_bytes: host memory of the pipeline's ring (pinned on CUDA; default
+            128 MiB), split into 16 buffers; each is the largest chunk read and
+            copied at once.
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose

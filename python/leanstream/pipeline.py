@@ -59,10 +59,14 @@ __all__ = [
     "default_threads",
 ]
 
-DEFAULT_SLOT_BYTES = 32 << 20
-"""Size of one ring buffer (the largest chunk), in bytes."""
-DEFAULT_SLOTS = 8
-"""Number of ring buffers: 8 x 32 MiB = 256 MiB of pinned host memory at most."""
+DEFAULT_SLOT_BYTES = 8 << 20
+"""Size of one ring buffer (the largest chunk), in bytes. 8 MiB: large enough
+for full-speed host-to-device copies and few Python steps per GiB, small
+enough to stay in the CPU's caches while ``pread`` fills them (2-core CPU,
+warm page cache: 16 GB/s into 8 MiB slots, 9 GB/s into 32 MiB ones)."""
+DEFAULT_SLOTS = 16
+"""Number of ring buffers (chunks in flight): 16 x 8 MiB = 128 MiB of pinned
+host memory at most."""
 
 
 def default_threads() -> int:

@@ -482,30 +482,14 @@ impl Drop for Warmup {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use crate::reader::tests::{shrink, write_shard};
+    use crate::reader::tests::{checkpoint_of, shrink};
     use crate::reader::Checkpoint;
     use std::time::{Duration, Instant};
 
     /// A checkpoint of tensors `t0, t1, ...` of the given sizes, whose bytes
     /// are a function of (tensor, position) so misplaced chunks show.
     fn checkpoint(sizes: &[usize]) -> (tempfile::TempDir, Checkpoint) {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<(String, Vec<u8>)> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                let bytes = (0..n).map(|j| (j * 7 + i * 31 + j / 251) as u8).collect();
-                (format!("t{i}"), bytes)
-            })
-            .collect();
-        let tensors: Vec<(&str, &[u8])> = data
-            .iter()
-            .map(|(n, d)| (n.as_str(), d.as_slice()))
-            .collect();
-        let path = dir.path().join("m.safetensors");
-        write_shard(&path, &tensors);
-        let ckpt = Checkpoint::open(&path).unwrap();
-        (dir, ckpt)
+        checkpoint_of(sizes, |i, j| (j * 7 + i * 31 + j / 251) as u8)
     }
 
     fn ring(slots: usize, len: usize) -> (Vec<Vec<u8>>, Vec<SlotBuf>) {

@@ -740,6 +740,28 @@ pub(crate) mod tests {
     use crate::header::tests::shard;
     use std::io::Write;
 
+    /// A one-shard checkpoint of U8 tensors `t0, t1, ...` of the given sizes,
+    /// byte `j` of tensor `i` being `byte(i, j)`.
+    pub fn checkpoint_of(
+        sizes: &[usize],
+        byte: impl Fn(usize, usize) -> u8,
+    ) -> (tempfile::TempDir, Checkpoint) {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<(String, Vec<u8>)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (format!("t{i}"), (0..n).map(|j| byte(i, j)).collect()))
+            .collect();
+        let tensors: Vec<(&str, &[u8])> = data
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        let path = dir.path().join("m.safetensors");
+        write_shard(&path, &tensors);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        (dir, ckpt)
+    }
+
     /// Write a shard of U8 tensors `(name, bytes)` laid out contiguously.
     pub fn write_shard(path: &Path, tensors: &[(&str, &[u8])]) {
         let mut entries = Vec::new();

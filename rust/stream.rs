@@ -336,25 +336,12 @@ fn read_ahead(items: &[View], shared: &Shared, window: u64, chunk: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reader::tests::write_shard;
+    use crate::reader::tests::checkpoint_of;
     use crate::reader::Checkpoint;
     use std::time::{Duration, Instant};
 
     fn checkpoint(sizes: &[usize]) -> (tempfile::TempDir, Checkpoint) {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<(String, Vec<u8>)> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (format!("t{i}"), vec![i as u8; n]))
-            .collect();
-        let tensors: Vec<(&str, &[u8])> = data
-            .iter()
-            .map(|(n, d)| (n.as_str(), d.as_slice()))
-            .collect();
-        let path = dir.path().join("m.safetensors");
-        write_shard(&path, &tensors);
-        let ckpt = Checkpoint::open(&path).unwrap();
-        (dir, ckpt)
+        checkpoint_of(sizes, |i, _| i as u8)
     }
 
     fn wait_until(mut done: impl FnMut() -> bool) {

@@ -80,3 +80,13 @@ def write_model(
             param.add_(torch.randn_like(param) * 0.02)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     return folder
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with safetensors."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors

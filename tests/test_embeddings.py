@@ -9,11 +9,10 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import leanstream
-from models import write_model
+from models import stored, write_model
 
 SETTINGS = {
     "nf4": dict(bits=4, quant_type="nf4"),
@@ -37,13 +36,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def load(folder: Path, **kwargs: Any) -> Any:
     return leanstream.load(folder, device="cpu", progress=False, **kwargs)
-
-
-def stored(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 def logits(model: Any) -> torch.Tensor:

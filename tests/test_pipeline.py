@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from test_load import SETTINGS, assert_same_weights, logits
 
 import leanstream
 from leanstream import _core
 from leanstream.loader import likely_order
 from leanstream.pipeline import Copies, DeviceStream
-from models import write_model
+from models import stored, write_model
 
 ARCHS = ["llama", "llama-tied", "gpt2", "qwen2"]
 # 16 slots of 1000 bytes: every weight of the tiny models spans several chunks,
@@ -52,13 +52,6 @@ def load(folder: Path, **kwargs: Any) -> Any:
 
 
 # --- _core.TensorPipeline --------------------------------------------------------------
-
-
-def stored(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 @pytest.mark.parametrize(("slots", "slot_bytes", "threads"), [(1, 1, 1), (2, 7, 2), (8, 4096, 4)])

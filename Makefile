@@ -10,7 +10,7 @@ VENV = $(shell scripts/env.sh)
 # it at whichever checkout built last: always run this checkout's package.
 PY = PYTHONPATH=$(CURDIR)/python $(VENV)/bin/python
 
-.PHONY: env build demo test test-rust test-python lint bench clean
+.PHONY: env build demo test test-rust test-python lint bench gpu-wheels clean
 
 env:
 	@scripts/env.sh >/dev/null
@@ -38,6 +38,18 @@ test: lint test-rust test-python
 
 bench: build
 	$(PY) benches/load.py
+
+# What benches/gpu.sh needs on a lent GPU machine (Python 3.12, no Rust): the
+# abi3 wheel, bitsandbytes (missing there) and the transformers we pin (it has 5.17), into
+# .whl/ (git-ignored; 58 MB of the 64 MiB a call may carry).
+GPU_WHEELS = bitsandbytes==0.50.2 transformers==5.23.0
+gpu-wheels: env
+	rm -rf .whl && mkdir -p .whl
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/python -m maturin build --release --quiet --out .whl
+	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	cargo clean

@@ -6,8 +6,9 @@
 
 Writes synthetic bf16 checkpoints with real architectures' shapes (cached under
 ``~/.cache/leanstream/bench``), then runs every loader in its **own fresh
-process**. The child imports torch, transformers and bitsandbytes before the
-clock starts and times only the load call; the parent samples the child's
+process**. The child imports torch, transformers and bitsandbytes (and the
+model's transformers modules, which transformers imports lazily) before the
+clock starts, and times only the load call; the parent samples the child's
 ``/proc/<pid>/status`` (VmRSS, RssAnon, RssFile) every 5 ms. Each child also
 writes the logits of a fixed prompt, compared with the transformers loader of
 the same setting. With ``--cold`` the page cache is evicted before each run
@@ -143,6 +144,11 @@ def bnb_config():
 
 if device == "cuda":
     torch.empty(1, device=device)  # the CUDA context belongs to the base, not to the load
+# transformers imports its model registry and the model's modules lazily, at the first
+# use (about 0.5 s): imports, not load time, for every loader alike
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]
 print("ready", flush=True)
 sys.stdin.readline()
 if device == "cuda":

@@ -1,7 +1,8 @@
 """``load()``: the one pipeline that ties checkpoint, meta model, reader and quantizer.
 
-While the meta model is built, a Rust thread already reads the tensors most
-likely needed first into the page cache (:meth:`leanstream._core.Checkpoint.warm`).
+Once the shards are validated, and while ``config.json`` is parsed and the meta
+model built, a Rust thread already reads the tensors most likely needed first
+into the page cache (:meth:`leanstream._core.Checkpoint.warm`).
 Then, in module traversal order, one of two sources delivers each tensor:
 
 - mapped (the default on the CPU): Rust reader (validated headers, ordered
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from . import _core
-from .checkpoint import check_weights_format, load_config, resolve
+from .checkpoint import check_weights_format, load_config, read_config_dict, resolve
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .meta import build_empty_model, meta_tensors
 from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
@@ -172,24 +173,30 @@ def load(
         local_files_only=local_files_only,
     )
     check_weights_format(folder)
-    config = load_config(folder, trust_remote_code=trust_remote_code)
-    prequantized = None
-    if getattr(config, "quantization_config", None) is not None:
-        prequantized = Prequantized.from_config(
-            config,
-            folder,
-            bits=bits,
-            requested=spec,
-            skip_modules=skip_modules,
-            compute_dtype_given=compute_dtype is not None,
-        )
-        spec = prequantized.spec
-    if pipeline is None:
-        pipeline = target_device.type == "cuda"
+    read_config_dict(folder)  # a missing or malformed config.json is named first
     if ring_bytes < DEFAULT_SLOTS:
         raise ConfigError(f"ring_bytes must be at least {DEFAULT_SLOTS}, got {ring_bytes}")
+    if pipeline is None:
+        pipeline = target_device.type == "cuda"
     source = _Source(pipeline=pipeline, window=window, threads=threads, ring_bytes=ring_bytes)
-    with _core.Checkpoint(folder) as ckpt, ckpt.warm(likely_order(ckpt.keys())) as warm:
+    # validate the shards, then read ahead while transformers imports the model's
+    # code, parses config.json and builds the empty model (most of a second)
+    with (
+        _core.Checkpoint(folder) as ckpt,
+        ckpt.warm(likely_order(ckpt.keys()), budget=_warm_budget()) as warm,
+    ):
+        config = load_config(folder, trust_remote_code=trust_remote_code)
+        prequantized = None
+        if getattr(config, "quantization_config", None) is not None:
+            prequantized = Prequantized.from_config(
+                config,
+                folder,
+                bits=bits,
+                requested=spec,
+                skip_modules=skip_modules,
+                compute_dtype_given=compute_dtype is not None,
+            )
+            spec = prequantized.spec
         model_dtype = _model_dtype(dtype, config, ckpt)
         model = build_empty_model(config, trust_remote_code=trust_remote_code)
         try:
@@ -388,6 +395,20 @@ class _Pipelined:
 
     def finish(self) -> None:
         assert next(self.tensors, None) is None
+
+
+def _warm_budget() -> int | None:
+    """At most a quarter of the memory available now goes into the page cache
+    ahead of need: on a small machine, reading further ahead would evict what
+    was read first before it is used. None (no limit) where /proc is not."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def likely_order(keys: list[str]) -> list[str]:

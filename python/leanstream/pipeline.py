@@ -28,7 +28,9 @@ being read and copied:
 On the CPU the same pipeline runs with ordinary memory and synchronous copies
 (the default CPU load maps the file and quantizes from the mapping instead,
 which copies less): it yields the same bytes, which is how the pipeline's
-bit-identity is tested without a GPU.
+bit-identity is tested without a GPU; its asynchronous bookkeeping (slots
+released only once copied, the device budget) is tested there with a
+:class:`Copies` whose copies run late, in order, as on a CUDA stream.
 
 Host memory: the ring (``slots * slot_bytes``) and nothing else; the
 checkpoint is read with ``pread`` and never mapped into the resident set.

@@ -340,9 +340,13 @@ impl PyTensorPipeline {
     }
     /// Let chunk `seq`'s slot be overwritten: its bytes were consumed (on a
     /// GPU: the copy out of it finished).
-    fn release(&self, seq: usize) -> PyResult<()> {
-        let mut pipeline = self.pipeline.lock().map_err(|_| poisoned())?;
-        pipeline.release(seq).map_err(PyErr::from)
+    fn release(&self, py: Python<'_>, seq: usize) -> PyResult<()> {
+        // detached: another thread may hold the lock inside `__next__`, waiting
+        // for a read to finish
+        py.detach(|| {
+            let mut pipeline = self.pipeline.lock().map_err(|_| poisoned())?;
+            pipeline.release(seq).map_err(PyErr::from)
+        })
     }
     /// Stop and join the worker threads; no slot is written after this.
     fn close(&self, py: Python<'_>) -> PyResult<()> {

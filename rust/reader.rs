@@ -324,6 +324,27 @@ impl View {
         }
     }
 
+    /// Whether every page of `[offset, offset + len)` (relative) is in the page
+    /// cache (`mincore` on the mapping: nothing is read or faulted in). False
+    /// when unknown.
+    pub fn cached(&self, offset: u64, len: u64) -> bool {
+        let Some((start, len)) = self.absolute(offset, len) else {
+            return true;
+        };
+        let page = page_size();
+        let base = self.shard.mmap.as_ptr() as usize;
+        let first = (base + start) / page * page;
+        let end = base + start + len;
+        let pages = (end - first).div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `[first, end)` lies within the mapping (rounded down to its
+        // page-aligned start, which `mmap` returned aligned); `vec` has one
+        // byte per page. mincore only reads the page tables.
+        let rc =
+            unsafe { libc::mincore(first as *mut libc::c_void, end - first, vec.as_mut_ptr()) };
+        rc == 0 && vec.iter().all(|&b| b & 1 == 1)
+    }
+
     /// Drop this tensor's pages from the process's resident set
     /// (`MADV_DONTNEED` on the page-aligned range around it).
     pub fn release(&self) {

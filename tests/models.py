@@ -90,3 +90,20 @@ def stored(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(shard))
     return tensors
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A tiny word-level tokenizer (ids 0..319, like the tiny models), built offline."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>", "the", "meaning", "of", "life", "is"]
+    words += [f"w{i}" for i in range(320 - len(words))]
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(folder)
+    return folder

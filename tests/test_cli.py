@@ -12,22 +12,12 @@ from typing import Any
 import pytest
 import torch
 from test_load import logits
-from test_save import write_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import leanstream
 from leanstream.cli import main
-from models import write_model
 
 PACKAGE_ROOT = str(Path(leanstream.__file__).resolve().parent.parent)
-
-
-@pytest.fixture(scope="session")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("src")
-    folders = {arch: write_model(root / arch, arch) for arch in ("llama", "llama-tied", "gpt2")}
-    write_tokenizer(folders["llama"])
-    return folders
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

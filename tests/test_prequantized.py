@@ -22,20 +22,20 @@ CASES = [(s, "llama") for s in SETTINGS] + [("nf4", "gpt2"), ("int8", "gpt2"), (
 
 
 @pytest.fixture(scope="session")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("src")
     return {arch: write_model(root / arch, arch) for arch in ("llama", "gpt2", "opt")}
 
 
 @pytest.fixture(scope="session")
 def saved(
-    sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    originals: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[tuple[str, str], Path]:
     """Folders written by transformers' ``save_pretrained`` of a bitsandbytes model."""
     root = tmp_path_factory.mktemp("tf-saved")
     folders = {}
     for setting, arch in CASES:
-        model = reference(sources[arch], SETTINGS[setting])
+        model = reference(originals[arch], SETTINGS[setting])
         folder = root / f"{arch}-{setting}"
         model.save_pretrained(folder, max_shard_size="40KB")
         folders[setting, arch] = folder
@@ -48,11 +48,11 @@ def _load(folder: Path, **kwargs: Any) -> Any:
 
 @pytest.mark.parametrize(("setting", "arch"), CASES)
 def test_transformers_saved_loads_identically(
-    sources: dict[str, Path], saved: dict[tuple[str, str], Path], setting: str, arch: str
+    originals: dict[str, Path], saved: dict[tuple[str, str], Path], setting: str, arch: str
 ) -> None:
     folder = saved[setting, arch]
     assert len(list(folder.glob("*.safetensors"))) > 1, "the fixture must be sharded"
-    ref = reference(sources[arch], SETTINGS[setting])  # quantized from full precision
+    ref = reference(originals[arch], SETTINGS[setting])  # quantized from full precision
     reloaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
     got = _load(folder)  # bits="auto": what the checkpoint stores
     assert assert_same_weights(ref, got) > 0  # packed bytes, absmax, quant_map, SCB
@@ -164,9 +164,9 @@ def test_int8_without_scb_is_refused(saved: dict[tuple[str, str], Path], tmp_pat
 
 
 def test_config_claiming_quantization_of_full_precision_weights(
-    sources: dict[str, Path], tmp_path: Path
+    originals: dict[str, Path], tmp_path: Path
 ) -> None:
-    folder = _copy(sources["llama"], tmp_path / "m")
+    folder = _copy(originals["llama"], tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (folder / "config.json").write_text(json.dumps(config))

@@ -14,33 +14,8 @@ from test_load import SETTINGS, assert_same_weights, logits, reference
 from transformers import AutoModelForCausalLM
 
 import leanstream
-from models import write_model
 
 save_module = sys.modules["leanstream.save"]  # `leanstream.save` is the function
-
-
-def write_tokenizer(folder: Path) -> Path:
-    """A tiny word-level tokenizer (ids 0..319, like the tiny models), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[UNK]", "<s>", "</s>", "the", "meaning", "of", "life", "is"]
-    words += [f"w{i}" for i in range(320 - len(words))]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
-    )
-    fast.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("src")
-    folders = {arch: write_model(root / arch, arch) for arch in ("llama", "llama-tied", "gpt2")}
-    write_tokenizer(folders["llama"])
-    return folders
 
 
 def _load(folder: Path, setting: str = "nf4", **kwargs: Any) -> Any:

@@ -38,6 +38,7 @@ from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, chec
 from .meta import build_empty_model, meta_tensors
 from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
 from .prequantized import Prequantized
+from .progress import byte_progress
 from .quantize import (
     QuantSpec,
     QuantType,
@@ -261,21 +262,11 @@ def _fill(
     )
     names = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
 
-    from tqdm.auto import tqdm
-
     if warm is not None:
         warm.stop()  # the ordered reads start now: the warm-up would compete
     with (
         source.open(ckpt, names, device) as tensors,
-        tqdm(
-            total=tensors.total_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"leanstream {folder.name}",
-            disable=not progress,
-            leave=False,
-        ) as bar,
+        byte_progress(tensors.total_bytes, f"leanstream {folder.name}", enabled=progress) as bar,
     ):
         trim = _MallocTrim() if device.type == "cpu" else None
         owned = source.pipeline

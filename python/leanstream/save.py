@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .progress import byte_progress
 
 #: Files copied from the source folder along with the weights (tokenizer and chat template).
 TOKENIZER_PATTERNS = (
@@ -316,16 +317,10 @@ def _write_shards(
     state: dict[str, torch.Tensor], split: Any, tmp: Path, model: Any, progress: bool
 ) -> None:
     """Write each shard in turn; only one shard's CPU copies exist at a time."""
-    from tqdm.auto import tqdm
-
-    with tqdm(
-        total=split.metadata["total_size"],
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=f"leanstream save {tmp.name.split('.')[1]}",
-        disable=not progress,
-        leave=False,
+    with byte_progress(
+        split.metadata["total_size"],
+        f"leanstream save {tmp.name.split('.')[1]}",
+        enabled=progress,
     ) as bar:
         for filename, names in split.filename_to_tensors.items():
             shard = {name: _to_cpu(state.pop(name)) for name in names}

@@ -392,28 +392,20 @@ def _native_4bit(module: nn.Module, weight: torch.Tensor) -> Any:
     if meta.quant_storage != torch.uint8:
         packed = packed.squeeze().view(meta.quant_storage).unsqueeze(1)
     code = F.get_4bit_type(meta.quant_type, device=weight.device)
+    nested: dict[str, Any] = {}
     if meta.compress_statistics:
         offset = absmax.mean()
-        qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
-        state = F.QuantState(
-            absmax=qabsmax,
-            shape=weight.shape,
-            dtype=weight.dtype,
-            blocksize=meta.blocksize,
-            code=code,
-            quant_type=meta.quant_type,
-            offset=offset,
-            state2=state2,
-        )
-    else:
-        state = F.QuantState(
-            absmax=absmax,
-            shape=weight.shape,
-            dtype=weight.dtype,
-            blocksize=meta.blocksize,
-            code=code,
-            quant_type=meta.quant_type,
-        )
+        absmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+        nested = dict(offset=offset, state2=state2)
+    state = F.QuantState(
+        absmax=absmax,
+        shape=weight.shape,
+        dtype=weight.dtype,
+        blocksize=meta.blocksize,
+        code=code,
+        quant_type=meta.quant_type,
+        **nested,
+    )
     param = bnb.nn.Params4bit(
         packed,
         requires_grad=False,

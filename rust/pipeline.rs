@@ -93,6 +93,8 @@ struct State {
     bytes_read: u64,
     /// Peak of chunks claimed and not yet released (at most the slot count).
     peak_in_flight: usize,
+    /// Workers waiting for their next chunk's slot to be released.
+    waiting: usize,
 }
 
 #[derive(Debug)]
@@ -115,6 +117,9 @@ pub struct Stats {
     pub bytes_read: u64,
     pub claimed: usize,
     pub peak_in_flight: usize,
+    /// Workers waiting for a slot: while all are, nothing moves until the
+    /// consumer releases a chunk (or the pipeline is closed).
+    pub waiting: usize,
 }
 
 /// Chunks of `items`, read by `threads` workers into a ring of slots. Dropping
@@ -181,6 +186,7 @@ impl Pipeline {
                 stop: false,
                 bytes_read: 0,
                 peak_in_flight: 0,
+                waiting: 0,
             }),
             wake: Condvar::new(),
         });
@@ -313,6 +319,7 @@ impl Pipeline {
             bytes_read: st.bytes_read,
             claimed: st.claimed,
             peak_in_flight: st.peak_in_flight,
+            waiting: st.waiting,
         })
     }
 
@@ -360,8 +367,12 @@ fn work(items: &[View], chunks: &[Chunk], ring: &[SlotBuf], shared: &Shared) {
                     st.peak_in_flight = st.peak_in_flight.max(st.claimed - st.released_count);
                     break chunks[seq];
                 }
+                st.waiting += 1;
                 st = match shared.wake.wait(st) {
-                    Ok(st) => st,
+                    Ok(mut st) => {
+                        st.waiting -= 1;
+                        st
+                    }
                     Err(_) => return,
                 };
             }
@@ -487,7 +498,7 @@ impl Drop for Warmup {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use crate::reader::tests::{checkpoint_of, shrink};
+    use crate::reader::tests::{checkpoint_of, finishes, shrink, wait_until};
     use crate::reader::Checkpoint;
     use std::time::{Duration, Instant};
 
@@ -583,14 +594,17 @@ mod tests {
         let (_bufs, slots) = ring(3, 100);
         // SAFETY: `_bufs` outlives the pipeline.
         let mut pipeline = unsafe { Pipeline::new(ckpt.views(&names).unwrap(), slots, 4) }.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pipeline.stats().unwrap().claimed < 3 {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        // Once every worker (3: one per slot) waits, nothing can move until a
+        // release; a worker that did not wait would claim on and end instead.
+        wait_until("the workers wait for a slot", || {
+            pipeline.stats().unwrap().waiting == 3 || !pipeline.threads_alive()
+        });
         // Nothing released: exactly the ring was read, no more.
-        assert_eq!(pipeline.stats().unwrap().claimed, 3);
+        let stats = pipeline.stats().unwrap();
+        assert_eq!(
+            (stats.claimed, stats.waiting, stats.bytes_read),
+            (3, 3, 300)
+        );
         for _ in 0..3 {
             pipeline.next().unwrap().unwrap();
         }
@@ -634,9 +648,14 @@ mod tests {
         // SAFETY: `_bufs` outlives the pipeline.
         let mut pipeline = unsafe { Pipeline::new(ckpt.views(&names).unwrap(), slots, 2) }.unwrap();
         pipeline.next().unwrap().unwrap();
-        let start = Instant::now();
-        pipeline.close().unwrap();
-        assert!(start.elapsed() < Duration::from_secs(2));
+        // Both workers wait for a slot (chunk 0 is held): close must wake them.
+        wait_until("the workers wait for a slot", || {
+            pipeline.stats().unwrap().waiting == 2
+        });
+        let mut pipeline = finishes("close() with waiting workers", move || {
+            pipeline.close().unwrap();
+            pipeline
+        });
         assert!(!pipeline.threads_alive());
         assert!(pipeline.next().is_none());
         pipeline.close().unwrap();

@@ -803,6 +803,31 @@ pub(crate) mod tests {
         std::fs::write(path, shard(&header, &data)).unwrap();
     }
 
+    /// How long a test waits for something that must happen before it calls
+    /// it a hang: a safety net, never what a test measures (a slow or loaded
+    /// machine takes milliseconds where this allows a minute).
+    pub const HANG: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Wait (polling) until `done()`; fail after [`HANG`].
+    pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + HANG;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "hung: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// `f()` run in another thread: its result, or a failure after [`HANG`]
+    /// (where `f` would block forever, the test fails instead of hanging).
+    pub fn finishes<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(HANG)
+            .unwrap_or_else(|_| panic!("hung: {what}"))
+    }
+
     /// Truncate `path` to `len` bytes, keeping its modification time (so that
     /// only the size can tell).
     pub fn shrink(path: &Path, len: u64) {

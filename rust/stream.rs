@@ -47,6 +47,9 @@ struct State {
     /// Statistics, for tests: total bytes prefetched, and the peak of `in_use`.
     prefetched: u64,
     peak_in_use: u64,
+    /// The read-ahead thread waits for budget (everything it took so far was
+    /// faulted in).
+    waiting: bool,
 }
 
 /// What the read-ahead has done so far.
@@ -55,6 +58,9 @@ pub struct Stats {
     pub prefetched: u64,
     pub in_use: u64,
     pub peak_in_use: u64,
+    /// The read-ahead thread waits for budget: nothing moves until the
+    /// consumer does (or the stream is closed).
+    pub waiting: bool,
 }
 
 impl Shared {
@@ -131,6 +137,7 @@ impl Stream {
                 stop: false,
                 prefetched: 0,
                 peak_in_use: 0,
+                waiting: false,
             }),
             wake: Condvar::new(),
         });
@@ -261,6 +268,7 @@ impl Stream {
             prefetched: st.prefetched,
             in_use: st.in_use,
             peak_in_use: st.peak_in_use,
+            waiting: st.waiting,
         })
     }
 }
@@ -309,8 +317,12 @@ fn read_ahead(items: &[View], shared: &Shared, window: u64, chunk: u64) {
                 if len > 0 && (len == want || len >= page) {
                     break len;
                 }
+                st.waiting = true;
                 st = match shared.wake.wait(st) {
-                    Ok(st) => st,
+                    Ok(mut st) => {
+                        st.waiting = false;
+                        st
+                    }
                     Err(_) => return,
                 };
             };
@@ -336,20 +348,20 @@ fn read_ahead(items: &[View], shared: &Shared, window: u64, chunk: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reader::tests::checkpoint_of;
+    use crate::reader::tests::{checkpoint_of, finishes, wait_until};
     use crate::reader::Checkpoint;
-    use std::time::{Duration, Instant};
 
     fn checkpoint(sizes: &[usize]) -> (tempfile::TempDir, Checkpoint) {
         checkpoint_of(sizes, |i, _| i as u8)
     }
 
-    fn wait_until(mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    /// Wait until the read-ahead thread waits for budget (or has ended: a
+    /// thread that never waits shows in what the caller asserts next).
+    fn until_it_waits(stream: &Stream) -> Stats {
+        wait_until("the read-ahead waits for budget", || {
+            stream.stats().unwrap().waiting || !stream.thread_alive()
+        });
+        stream.stats().unwrap()
     }
 
     #[test]
@@ -381,10 +393,9 @@ mod tests {
         let window = 4 * page as u64;
         let mut stream = Stream::new(ckpt.views(&names).unwrap(), window).unwrap();
         // Before the consumer moves, read-ahead fills the window exactly (t0
-        // and a page of t1) and stops.
-        wait_until(|| stream.stats().unwrap().prefetched >= window);
-        std::thread::sleep(Duration::from_millis(20));
-        let stats = stream.stats().unwrap();
+        // and a page of t1) and waits.
+        let stats = until_it_waits(&stream);
+        assert!(stats.waiting, "{stats:?}");
         assert_eq!(stats.prefetched, window, "{stats:?}");
         let mut count = 0;
         while let Some(item) = stream.next() {
@@ -403,17 +414,22 @@ mod tests {
         let page = page_size();
         let (_dir, ckpt) = checkpoint(&[10 * page, page]);
         let mut stream = Stream::new(ckpt.views(&["t0", "t1"]).unwrap(), 1).unwrap();
-        wait_until(|| stream.stats().unwrap().prefetched > 0);
-        // One chunk (a page here) at a time, never more.
-        assert!(stream.stats().unwrap().peak_in_use <= page as u64);
-        // The thread holds one chunk of t0 and waits; the consumer reads t0
-        // itself, and moving on releases it, so read-ahead moves to t1.
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(stream.stats().unwrap().prefetched, page as u64);
+        // One chunk (a page here) at a time, never more: the thread holds one
+        // chunk of t0 and waits.
+        let stats = until_it_waits(&stream);
+        assert!(stats.waiting, "{stats:?}");
+        assert_eq!(
+            (stats.prefetched, stats.peak_in_use),
+            (page as u64, page as u64)
+        );
+        // The consumer reads t0 itself, and moving on releases it, so
+        // read-ahead moves to t1.
         let (v, _) = stream.next().unwrap().unwrap();
         assert_eq!(v.len(), 10 * page);
         assert!(stream.next().unwrap().is_ok());
-        wait_until(|| stream.stats().unwrap().prefetched >= 2 * page as u64);
+        wait_until("read-ahead reaches t1", || {
+            stream.stats().unwrap().prefetched >= 2 * page as u64
+        });
         assert!(stream.next().is_none());
         stream.close().unwrap();
         let stats = stream.stats().unwrap();
@@ -425,12 +441,14 @@ mod tests {
     fn close_joins_promptly_while_waiting_for_budget() {
         let page = page_size();
         let (_dir, ckpt) = checkpoint(&[page, page, page]);
-        let mut stream = Stream::new(ckpt.views(&["t0", "t1", "t2"]).unwrap(), 1).unwrap();
-        wait_until(|| stream.stats().unwrap().prefetched > 0);
-        assert!(stream.thread_alive());
-        let started = Instant::now();
-        stream.close().unwrap();
-        assert!(started.elapsed() < Duration::from_secs(1));
+        let stream = Stream::new(ckpt.views(&["t0", "t1", "t2"]).unwrap(), 1).unwrap();
+        // The thread holds t0 and waits for budget: close must wake it.
+        assert!(until_it_waits(&stream).waiting);
+        let mut stream = finishes("close() while the read-ahead waits", move || {
+            let mut stream = stream;
+            stream.close().unwrap();
+            stream
+        });
         assert!(!stream.thread_alive());
         assert!(stream.next().is_none());
         // Prefetched-but-never-yielded bytes were given back.
@@ -444,7 +462,9 @@ mod tests {
         let (_dir, ckpt) = checkpoint(&[2 * page, 2 * page]);
         let mut stream = Stream::new(ckpt.views(&["t0", "t1"]).unwrap(), 1 << 30).unwrap();
         let (view, slot) = stream.next().unwrap().unwrap();
-        wait_until(|| stream.stats().unwrap().prefetched == 4 * page as u64);
+        wait_until("read-ahead takes both tensors", || {
+            stream.stats().unwrap().prefetched == 4 * page as u64
+        });
         slot.release(&view).unwrap();
         slot.release(&view).unwrap();
         assert_eq!(stream.stats().unwrap().in_use, 2 * page as u64);

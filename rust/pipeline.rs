@@ -422,40 +422,26 @@ pub struct Warmup {
 }
 
 /// Bytes read per `pread` by [`Warmup`] (between two checks of `stop`).
-const WARMUP_PIECE: usize = 4 << 20;
+const WARMUP_PIECE: u64 = 4 << 20;
 
 impl Warmup {
     pub fn start(items: Vec<View>, budget: u64) -> Result<Warmup> {
+        Warmup::start_with(items, budget, WARMUP_PIECE, View::cached)
+    }
+
+    /// [`Warmup::start`] with the piece size and the residency test given
+    /// (tests pass a fake one: what the kernel keeps cached is not theirs to
+    /// decide).
+    fn start_with<F>(items: Vec<View>, budget: u64, piece: u64, resident: F) -> Result<Warmup>
+    where
+        F: Fn(&View, u64, u64) -> bool + Send + 'static,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let bytes_read = Arc::new(AtomicU64::new(0));
         let (flag, count) = (Arc::clone(&stop), Arc::clone(&bytes_read));
         let thread = std::thread::Builder::new()
             .name("leanstream-warmup".into())
-            .spawn(move || {
-                let mut scratch = vec![0u8; WARMUP_PIECE];
-                let mut left = budget;
-                for view in &items {
-                    let nbytes = view.info().nbytes();
-                    let mut offset = 0;
-                    while offset < nbytes && left > 0 {
-                        if flag.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        let len = (nbytes - offset).min(left).min(WARMUP_PIECE as u64);
-                        // already cached (a warm load): nothing to do, copy nothing
-                        if !view.cached(offset, len) {
-                            if view
-                                .read_into(offset, &mut scratch[..len as usize])
-                                .is_err()
-                            {
-                                return;
-                            }
-                            count.fetch_add(len, Ordering::Relaxed);
-                        }
-                        (offset, left) = (offset + len, left - len);
-                    }
-                }
-            })
+            .spawn(move || warm(&items, budget, piece, &flag, &count, resident))
             .map_err(|e| {
                 Error::new(
                     crate::error::ErrorKind::Io,
@@ -494,13 +480,54 @@ impl Drop for Warmup {
     }
 }
 
+/// The warm-up thread's body: go through `items` in pieces of at most `piece`
+/// bytes, until `budget` bytes were gone through or `stop` is set (checked
+/// before each piece); read each piece that `resident(view, offset, len)` says
+/// is not in the page cache, and add its length to `bytes_read`. A read error
+/// ends it.
+fn warm(
+    items: &[View],
+    budget: u64,
+    piece: u64,
+    stop: &AtomicBool,
+    bytes_read: &AtomicU64,
+    resident: impl Fn(&View, u64, u64) -> bool,
+) {
+    let mut scratch = Vec::new();
+    let mut left = budget;
+    for view in items {
+        let nbytes = view.info().nbytes();
+        let mut offset = 0;
+        while offset < nbytes && left > 0 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let len = (nbytes - offset).min(left).min(piece);
+            // already cached (a warm load): nothing to do, copy nothing
+            if !resident(view, offset, len) {
+                // `len <= piece`, a buffer length
+                scratch.resize(scratch.len().max(len as usize), 0);
+                if view
+                    .read_into(offset, &mut scratch[..len as usize])
+                    .is_err()
+                {
+                    return;
+                }
+                bytes_read.fetch_add(len, Ordering::Relaxed);
+            }
+            (offset, left) = (offset + len, left - len);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
     use crate::reader::tests::{checkpoint_of, finishes, shrink, wait_until};
     use crate::reader::Checkpoint;
-    use std::time::{Duration, Instant};
+    use std::sync::mpsc;
+    use std::sync::Mutex;
 
     /// A checkpoint of tensors `t0, t1, ...` of the given sizes, whose bytes
     /// are a function of (tensor, position) so misplaced chunks show.
@@ -683,48 +710,152 @@ mod tests {
         assert!(pipeline.next().is_none());
     }
 
-    #[test]
-    fn warmup_reads_up_to_its_budget_and_stops() {
-        let (dir, ckpt) = checkpoint(&[200_000, 300_000, 400_000]);
-        let views = ckpt.views(&["t0", "t1", "t2"]).unwrap();
-        let wait = |warm: &Warmup| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while warm.is_running() {
-                assert!(Instant::now() < deadline);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        // Just written: all in the page cache, nothing to read.
-        assert!(views.iter().all(|v| v.cached(0, v.info().nbytes())));
-        let mut warm = Warmup::start(views.clone(), u64::MAX).unwrap();
-        wait(&warm);
-        assert_eq!(warm.stop(), 0);
-        // Evicted (where the filesystem lets us; not the pages around the
-        // header, which the parse mapped): read, up to the budget.
-        evict(&dir.path().join("m.safetensors"));
-        if views.iter().any(|v| !v.cached(0, v.info().nbytes())) {
-            let mut warm = Warmup::start(views.clone(), u64::MAX).unwrap();
-            wait(&warm);
-            let read = warm.stop();
-            assert!(read > 0 && read <= 900_000, "{read}");
-            assert!(views.iter().all(|v| v.cached(0, v.info().nbytes())));
-            evict(&dir.path().join("m.safetensors"));
-            let mut warm = Warmup::start(views.clone(), 1000).unwrap();
-            wait(&warm);
-            assert!(warm.stop() <= 1000);
-        }
-        let mut warm = Warmup::start(views, u64::MAX).unwrap();
-        let read = warm.stop();
-        assert!(read <= 900_000);
-        assert_eq!(warm.stop(), read);
+    /// The views of a checkpoint of U8 tensors `t0, t1, ...` of these sizes.
+    fn views_of(sizes: &[usize]) -> (tempfile::TempDir, Vec<View>) {
+        let (dir, ckpt) = checkpoint(sizes);
+        let names: Vec<String> = (0..sizes.len()).map(|i| format!("t{i}")).collect();
+        (dir, ckpt.views(&names).unwrap())
     }
 
-    /// Write back and drop a file's pages from the page cache.
-    fn evict(path: &std::path::Path) {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(path).unwrap();
-        file.sync_all().unwrap();
-        // SAFETY: a valid open descriptor; advisory.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    /// Piece size of the warm-up tests below.
+    const PIECE: u64 = 1000;
+
+    /// Run the warm-up loop over `views` with [`PIECE`] and this budget; the
+    /// residency test answers from `resident` ((tensor, offset) of the pieces
+    /// in the page cache) and may act through `hook`. Returns the bytes read
+    /// and every piece the loop asked about, in order.
+    fn run_warm(
+        views: &[View],
+        budget: u64,
+        resident: &[(&str, u64)],
+        stop: &AtomicBool,
+        hook: impl Fn(usize),
+    ) -> (u64, Vec<(String, u64, u64)>) {
+        let asked = Mutex::new(Vec::new());
+        let read = AtomicU64::new(0);
+        warm(views, budget, PIECE, stop, &read, |view, offset, len| {
+            let mut asked = asked.lock().unwrap();
+            asked.push((view.info().name.clone(), offset, len));
+            assert!(asked.len() < 100, "the warm-up loops: {asked:?}");
+            hook(asked.len());
+            resident.contains(&(view.info().name.as_str(), offset))
+        });
+        (read.into_inner(), asked.into_inner().unwrap())
+    }
+
+    fn pieces(list: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
+        list.iter().map(|&(n, o, l)| (n.to_owned(), o, l)).collect()
+    }
+
+    #[test]
+    fn warmup_reads_each_piece_not_cached_once_in_order() {
+        let (_dir, views) = views_of(&[2500, 0, 1000, 7]);
+        let go = AtomicBool::new(false);
+        let all = pieces(&[
+            ("t0", 0, 1000),
+            ("t0", 1000, 1000),
+            ("t0", 2000, 500),
+            ("t2", 0, 1000),
+            ("t3", 0, 7),
+        ]);
+        // Nothing cached: every byte is read.
+        let (read, asked) = run_warm(&views, u64::MAX, &[], &go, |_| {});
+        assert_eq!((read, &asked), (3507, &all));
+        // Cached pieces are skipped (piece sizes differ: the sum tells which).
+        let (read, asked) = run_warm(&views, u64::MAX, &[("t0", 1000), ("t3", 0)], &go, |_| {});
+        assert_eq!((read, &asked), (2500, &all));
+        let cached: Vec<(&str, u64)> = all.iter().map(|(n, o, _)| (n.as_str(), *o)).collect();
+        assert_eq!(run_warm(&views, u64::MAX, &cached, &go, |_| {}).0, 0);
+        // The order given is the order read, duplicates included.
+        let order = vec![views[3].clone(), views[0].clone(), views[3].clone()];
+        let (read, asked) = run_warm(&order, u64::MAX, &[], &go, |_| {});
+        let want = [
+            ("t3", 0, 7),
+            ("t0", 0, 1000),
+            ("t0", 1000, 1000),
+            ("t0", 2000, 500),
+        ];
+        assert_eq!(
+            (read, asked),
+            (2514, pieces(&[&want[..], &want[..1]].concat()))
+        );
+    }
+
+    #[test]
+    fn warmup_goes_through_its_budget_cached_pieces_included() {
+        let (_dir, views) = views_of(&[2500, 1000]);
+        let go = AtomicBool::new(false);
+        let (read, asked) = run_warm(&views, 2300, &[], &go, |_| {});
+        let want = pieces(&[("t0", 0, 1000), ("t0", 1000, 1000), ("t0", 2000, 300)]);
+        assert_eq!((read, asked), (2300, want.clone()));
+        // A cached piece costs no read but counts against the budget.
+        let (read, asked) = run_warm(&views, 2300, &[("t0", 0)], &go, |_| {});
+        assert_eq!((read, asked), (1300, want));
+        assert_eq!(run_warm(&views, 1, &[], &go, |_| {}).0, 1);
+        assert_eq!(run_warm(&views, 0, &[], &go, |_| {}), (0, vec![]));
+    }
+
+    #[test]
+    fn warmup_stops_after_the_piece_in_progress() {
+        let (_dir, views) = views_of(&[2500, 1000]);
+        let stop = AtomicBool::new(false);
+        // Stopped while the third piece is looked at: it is still read, no
+        // more after it.
+        let (read, asked) = run_warm(&views, u64::MAX, &[], &stop, |n| {
+            if n == 3 {
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
+        assert_eq!((read, asked.len()), (2500, 3));
+        // Stopped before it started: nothing.
+        assert_eq!(run_warm(&views, u64::MAX, &[], &stop, |_| {}), (0, vec![]));
+    }
+
+    #[test]
+    fn warmup_ends_quietly_at_a_read_error() {
+        let (dir, views) = views_of(&[2500, 1000]);
+        let path = dir.path().join("m.safetensors");
+        let len = std::fs::metadata(&path).unwrap().len();
+        shrink(&path, len - 300);
+        let go = AtomicBool::new(false);
+        // t0 lies below the cut and is read; reading t1 fails, and nothing
+        // after it is tried.
+        let order = [views[0].clone(), views[1].clone(), views[0].clone()];
+        let (read, asked) = run_warm(&order, u64::MAX, &[], &go, |_| {});
+        assert_eq!((read, asked.len()), (2500, 4));
+    }
+
+    #[test]
+    fn warmup_thread_runs_to_the_end_or_stops_and_joins() {
+        let (_dir, views) = views_of(&[2500, 1000]);
+        let mut warm = Warmup::start_with(views.clone(), u64::MAX, PIECE, |_, _, _| false).unwrap();
+        wait_until("the warm-up ends", || !warm.is_running());
+        assert_eq!(
+            (warm.bytes_read(), warm.stop(), warm.stop()),
+            (3500, 3500, 3500)
+        );
+
+        // Stopped while it looks at its second piece: that piece is read, the
+        // thread ends before the third, and stop() joins it.
+        let (at_second, reached) = mpsc::channel();
+        let (go, wait) = mpsc::channel::<()>();
+        let seen = AtomicU64::new(0);
+        let mut warm = Warmup::start_with(views, u64::MAX, PIECE, move |_, _, _| {
+            if seen.fetch_add(1, Ordering::Relaxed) == 1 {
+                at_second.send(()).unwrap();
+                wait.recv().unwrap();
+            }
+            false
+        })
+        .unwrap();
+        reached.recv_timeout(crate::reader::tests::HANG).unwrap();
+        warm.stop.store(true, Ordering::Relaxed);
+        go.send(()).unwrap();
+        let mut warm = finishes("the warm-up stops", move || {
+            warm.stop();
+            warm
+        });
+        assert!(!warm.is_running());
+        assert_eq!(warm.stop(), 2000);
     }
 }

@@ -837,6 +837,32 @@ pub(crate) mod tests {
         f.set_modified(modified).unwrap();
     }
 
+    /// Write a shard of U8 tensors `(name, len)` laid out contiguously whose
+    /// data section is a hole (the file is extended with `set_len` past the
+    /// header): all zeros, and no byte of it was ever written or read, so none
+    /// of it can be in the page cache until something reads it.
+    pub fn write_sparse_shard(path: &Path, tensors: &[(&str, u64)]) {
+        let mut entries = Vec::new();
+        let mut end = 0;
+        for (name, len) in tensors {
+            entries.push(format!(
+                r#""{name}":{{"dtype":"U8","shape":[{len}],"data_offsets":[{end},{}]}}"#,
+                end + len
+            ));
+            end += len;
+        }
+        let head = shard(&format!("{{{}}}", entries.join(",")), &[]);
+        let mut f = File::create(path).unwrap();
+        f.write_all(&head).unwrap();
+        f.set_len(head.len() as u64 + end).unwrap();
+    }
+
+    /// Room around the tensors of [`write_sparse_shard`] files that tests need
+    /// never read: more than the kernel reads around a page fault (at most
+    /// `read_ahead_kb`, 8 MiB on some virtual disks, on either side) or ahead
+    /// of a read.
+    pub const PAD: u64 = 32 << 20;
+
     fn write_index(dir: &Path, map: &[(&str, &str)]) {
         let entries: Vec<String> = map.iter().map(|(n, f)| format!(r#""{n}":"{f}""#)).collect();
         let text = format!(
@@ -1096,6 +1122,48 @@ pub(crate) mod tests {
             assert_eq!(e.kind, ErrorKind::IndexMismatch, "{bad}: {e}");
             assert_eq!(e.tensor.as_deref(), Some("a"));
         }
+    }
+
+    #[test]
+    fn cached_tells_pages_never_read_from_locked_ones() {
+        let mib = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        // The pads take what the kernel reads around the header parse's and
+        // mlock's page faults.
+        let layout = [
+            ("pad0", PAD),
+            ("cold", mib),
+            ("pad1", PAD),
+            ("locked", mib),
+            ("pad2", PAD),
+        ];
+        write_sparse_shard(&path, &layout);
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let (cold, locked) = (ckpt.view("cold").unwrap(), ckpt.view("locked").unwrap());
+        // Never read by anyone: not cached, whatever the kernel and memory
+        // pressure do.
+        assert!(!cold.cached(0, mib));
+        assert!(!cold.cached(mib / 2, 1));
+        let bytes = locked.bytes();
+        // SAFETY: a range of a live read-only mapping: mlock faults it in and
+        // pins it, munlock below lets it go.
+        if unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) } != 0 {
+            // EPERM or ENOMEM without CAP_IPC_LOCK or RLIMIT_MEMLOCK room
+            eprintln!(
+                "mlock refused ({}): the locked half is not checked",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        // Locked: resident until unlocked, whatever the memory pressure.
+        let resident = (locked.cached(0, mib), locked.cached(mib - 1, 1));
+        // SAFETY: the range locked above.
+        unsafe { libc::munlock(bytes.as_ptr().cast(), bytes.len()) };
+        assert_eq!(resident, (true, true));
+        assert!(!cold.cached(0, mib), "read-around reached the cold tensor");
+        // Empty ranges are cached (nothing to read).
+        assert!(cold.cached(mib, 10));
     }
 
     #[test]

@@ -25,10 +25,15 @@ pub enum ErrorKind {
     UnknownDtype,
     /// `prod(shape) * itemsize` overflows or differs from the byte length.
     Shape,
-    /// `data_offsets` reversed or past the end of the file.
+    /// `data_offsets` reversed, past the end of the file, leaving a gap in the
+    /// data section (before the first tensor or between two), or an empty
+    /// tensor inside another one.
     Offset,
     /// Two tensors of one shard share bytes.
     Overlap,
+    /// Bytes after the last tensor's data (safetensors'
+    /// `MetadataIncompleteBuffer`; where a polyglot file hides a second payload).
+    TrailingData,
     /// The same tensor name in two shards.
     DuplicateTensor,
     /// `model.safetensors.index.json` is invalid or disagrees with the shards.
@@ -175,13 +180,19 @@ pub mod py {
         leanstream._core,
         OffsetError,
         CheckpointError,
-        "A tensor's data_offsets are reversed or point past the end of the file."
+        "A tensor's data_offsets are reversed, point past the end of the file, leave a gap in the data section (before the first tensor or between two), or put an empty tensor inside another one."
     );
     create_exception!(
         leanstream._core,
         OverlapError,
         CheckpointError,
         "Two tensors of one shard share bytes."
+    );
+    create_exception!(
+        leanstream._core,
+        TrailingDataError,
+        CheckpointError,
+        "A shard has bytes after its last tensor's data, which no tensor describes (safetensors refuses such a file too: a polyglot file hides a second payload there)."
     );
     create_exception!(
         leanstream._core,
@@ -223,6 +234,7 @@ pub mod py {
         m.add("ShapeError", py.get_type::<ShapeError>())?;
         m.add("OffsetError", py.get_type::<OffsetError>())?;
         m.add("OverlapError", py.get_type::<OverlapError>())?;
+        m.add("TrailingDataError", py.get_type::<TrailingDataError>())?;
         m.add(
             "DuplicateTensorError",
             py.get_type::<DuplicateTensorError>(),
@@ -253,6 +265,7 @@ pub mod py {
                     ErrorKind::Shape => new_err::<ShapeError>(py, &err),
                     ErrorKind::Offset => new_err::<OffsetError>(py, &err),
                     ErrorKind::Overlap => new_err::<OverlapError>(py, &err),
+                    ErrorKind::TrailingData => new_err::<TrailingDataError>(py, &err),
                     ErrorKind::DuplicateTensor => new_err::<DuplicateTensorError>(py, &err),
                     ErrorKind::IndexMismatch => new_err::<IndexMismatchError>(py, &err),
                     ErrorKind::MissingTensor => new_err::<MissingTensorError>(py, &err),

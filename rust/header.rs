@@ -1,12 +1,17 @@
 //! Parse and validate one safetensors header, completely, before any tensor
-//! byte is handed out (safetensors' `SafeTensors::read_metadata` +
-//! `Metadata::validate`, stricter: duplicate keys are an error).
+//! byte is handed out. It accepts exactly what safetensors'
+//! `SafeTensors::read_metadata` + `Metadata::validate` accept, with one
+//! deliberate difference: a duplicate JSON key (at any level) is an error,
+//! where safetensors silently keeps the last one.
 //!
 //! Layout of a shard: an 8-byte little-endian header length `n`, `n` bytes of
 //! UTF-8 JSON, then the data section. The JSON is an object mapping tensor
 //! names to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets
 //! relative to the data section), plus an optional `"__metadata__"` object of
-//! strings.
+//! strings (or `null`). The data section must be exactly the concatenation of
+//! the tensors' byte ranges: starting at 0, no gap, no byte after the last
+//! tensor (a polyglot file hides its second payload there), every empty tensor
+//! at a boundary between two tensors.
 //!
 //! Pure Rust, no pyo3: `cargo test --no-default-features` covers it.
 
@@ -37,7 +42,9 @@ pub enum Dtype {
     F32,
     F64,
     F8E4M3,
+    F8E4M3FNUZ,
     F8E5M2,
+    F8E5M2FNUZ,
     F8E8M0,
     F4,
     F6E2M3,
@@ -46,7 +53,7 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    pub const ALL: [Dtype; 20] = [
+    pub const ALL: [Dtype; 22] = [
         Dtype::Bool,
         Dtype::U8,
         Dtype::I8,
@@ -61,7 +68,9 @@ impl Dtype {
         Dtype::F32,
         Dtype::F64,
         Dtype::F8E4M3,
+        Dtype::F8E4M3FNUZ,
         Dtype::F8E5M2,
+        Dtype::F8E5M2FNUZ,
         Dtype::F8E8M0,
         Dtype::F4,
         Dtype::F6E2M3,
@@ -86,7 +95,9 @@ impl Dtype {
             Dtype::F32 => "F32",
             Dtype::F64 => "F64",
             Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E4M3FNUZ => "F8_E4M3FNUZ",
             Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::F8E5M2FNUZ => "F8_E5M2FNUZ",
             Dtype::F8E8M0 => "F8_E8M0",
             Dtype::F4 => "F4",
             Dtype::F6E2M3 => "F6_E2M3",
@@ -105,7 +116,8 @@ impl Dtype {
             Dtype::F4 => 4,
             Dtype::F6E2M3 | Dtype::F6E3M2 => 6,
             Dtype::Bool | Dtype::U8 | Dtype::I8 => 8,
-            Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E8M0 => 8,
+            Dtype::F8E4M3 | Dtype::F8E4M3FNUZ | Dtype::F8E5M2 | Dtype::F8E5M2FNUZ => 8,
+            Dtype::F8E8M0 => 8,
             Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 16,
             Dtype::I32 | Dtype::U32 | Dtype::F32 => 32,
             Dtype::I64 | Dtype::U64 | Dtype::F64 | Dtype::C64 => 64,
@@ -135,7 +147,8 @@ impl TensorEntry {
     }
 }
 
-/// A validated header: every entry is in bounds, sized right, and disjoint.
+/// A validated header: every entry is sized right, and the entries tile the
+/// data section exactly (in bounds, disjoint, no gap, nothing after the last).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     /// `n`, the length of the JSON text.
@@ -144,7 +157,7 @@ pub struct Header {
     pub data_start: u64,
     /// Tensors in header order.
     pub tensors: Vec<TensorEntry>,
-    /// `__metadata__` entries in header order (empty when absent).
+    /// `__metadata__` entries in header order (empty when absent or `null`).
     pub metadata: Vec<(String, String)>,
 }
 
@@ -220,14 +233,16 @@ pub fn parse(file: &[u8]) -> Result<Header> {
     let mut tensors = Vec::with_capacity(entries.len());
     for (name, value) in entries {
         if name == METADATA_KEY {
-            metadata = parse_metadata(value)?;
+            // safetensors reads `"__metadata__": null` as no metadata
+            if !matches!(value, Json::Null) {
+                metadata = parse_metadata(value)?;
+            }
         } else {
             let entry = parse_entry(name, value).map_err(|e| e.for_tensor_owned())?;
             tensors.push(entry);
         }
     }
-    check_overlaps(&tensors)?;
-    check_bounds(&tensors, data_len, file_len)?;
+    check_layout(&tensors, data_len, file_len)?;
     Ok(Header {
         header_len: n,
         data_start,
@@ -433,80 +448,116 @@ fn check_unique_keys(entries: &[(String, Json)], duplicate: impl Fn(&str) -> Err
     }
 }
 
-/// No two non-empty tensors share a byte (zero-length tensors overlap nothing).
-fn check_overlaps(tensors: &[TensorEntry]) -> Result<()> {
-    let mut by_begin: Vec<&TensorEntry> = tensors.iter().filter(|t| t.end > t.begin).collect();
-    by_begin.sort_by_key(|t| (t.begin, t.end));
-    for pair in by_begin.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        if b.begin < a.end {
-            return Err(Error::new(
-                ErrorKind::Overlap,
-                format!(
-                    "data_offsets [{}, {}] overlap tensor '{}' at [{}, {}]",
-                    b.begin, b.end, a.name, a.begin, a.end
-                ),
-            )
-            .for_tensor(&b.name));
-        }
-    }
-    Ok(())
-}
-
-/// Every tensor ends inside the data section. When the tensors tile the data
-/// section from 0 without gaps (what every safetensors writer produces) but the
-/// file ends early, the file was cut short: [`ErrorKind::Truncated`]; otherwise
-/// the offsets themselves are wrong: [`ErrorKind::Offset`].
-fn check_bounds(tensors: &[TensorEntry], data_len: u64, file_len: u64) -> Result<()> {
-    let past_end = |t: &&TensorEntry| t.end > data_len;
-    let Some(first_past) = tensors
-        .iter()
-        .filter(past_end)
-        .min_by_key(|t| (t.begin, t.end))
-    else {
-        return Ok(());
-    };
-    let mut spans: Vec<(u64, u64)> = tensors
-        .iter()
-        .filter(|t| t.end > t.begin)
-        .map(|t| (t.begin, t.end))
-        .collect();
-    spans.sort_unstable();
+/// The tensors tile the data section exactly, as safetensors requires (its
+/// `Metadata::validate` walks the entries sorted by offsets, each starting
+/// where the previous one ended, and `read_metadata` wants the last end to be
+/// the end of the file). Errors, each naming the tensor at fault:
+/// - two non-empty tensors share bytes: [`ErrorKind::Overlap`];
+/// - a tensor ends past the end of the file: [`ErrorKind::Truncated`] when the
+///   tensors tile from 0 without a gap (what a cut copy or an interrupted
+///   download looks like), else [`ErrorKind::Offset`] (that tensor's offsets
+///   are wrong);
+/// - bytes before the first tensor or between two, or an empty tensor inside
+///   another one: [`ErrorKind::Offset`];
+/// - bytes after the last tensor: [`ErrorKind::TrailingData`].
+fn check_layout(tensors: &[TensorEntry], data_len: u64, file_len: u64) -> Result<()> {
+    let mut sorted: Vec<&TensorEntry> = tensors.iter().collect();
+    sorted.sort_by_key(|t| (t.begin, t.end));
     let mut reach = 0;
-    let contiguous = spans.iter().all(|&(b, e)| {
-        let ok = b == reach;
-        reach = e;
-        ok
-    });
-    let described = reach;
-    let truncated =
-        contiguous && described > data_len && tensors.iter().all(|t| t.end <= described);
-    if truncated {
-        let first_cut = tensors
-            .iter()
-            .filter(|t| t.end > data_len && t.end > t.begin)
-            .min_by_key(|t| t.begin)
-            .unwrap_or(first_past);
-        Err(Error::new(
+    let mut last: Option<&TensorEntry> = None;
+    let mut misplaced: Option<Error> = None;
+    for t in sorted {
+        if let Some(prev) = last.filter(|_| t.begin < reach) {
+            let (name, pb, pe) = (&prev.name, prev.begin, prev.end);
+            if t.end > t.begin {
+                return Err(Error::new(
+                    ErrorKind::Overlap,
+                    format!(
+                        "data_offsets [{}, {}] overlap tensor '{name}' at [{pb}, {pe}]",
+                        t.begin, t.end
+                    ),
+                )
+                .for_tensor(&t.name));
+            }
+            misplaced.get_or_insert_with(|| {
+                Error::new(
+                    ErrorKind::Offset,
+                    format!(
+                        "empty tensor at data offset {} lies inside tensor '{name}' at [{pb}, {pe}] \
+                         (an empty tensor must sit where one tensor ends and the next begins)",
+                        t.begin
+                    ),
+                )
+                .for_tensor(&t.name)
+            });
+            continue;
+        }
+        if t.begin > reach {
+            let (gap, where_) = match last {
+                None => (t.begin, "before the first tensor".to_owned()),
+                Some(prev) => (t.begin - reach, format!("after tensor '{}'", prev.name)),
+            };
+            misplaced.get_or_insert_with(|| {
+                Error::new(
+                    ErrorKind::Offset,
+                    format!(
+                        "data_offsets [{}, {}] leave a gap: data bytes [{reach}, {}) \
+                         ({gap} bytes {where_}) belong to no tensor",
+                        t.begin, t.end, t.begin
+                    ),
+                )
+                .for_tensor(&t.name)
+            });
+        }
+        reach = t.end;
+        last = Some(t);
+    }
+    // The first tensor (in offset order) that crosses the end of the file.
+    let past_end = tensors
+        .iter()
+        .filter(|t| t.end > data_len)
+        .min_by_key(|t| (t.begin, t.end));
+    match (past_end, misplaced) {
+        (Some(t), Some(_)) => Err(Error::new(
+            ErrorKind::Offset,
+            format!(
+                "data_offsets [{}, {}] point past the end of the {data_len}-byte data section",
+                t.begin, t.end
+            ),
+        )
+        .for_tensor(&t.name)),
+        (Some(t), None) => Err(Error::new(
             ErrorKind::Truncated,
             format!(
                 "ends at data byte {} but the data section has only {data_len} bytes: \
                  the file is {file_len} bytes, {} short of what its header describes \
                  (truncated copy or interrupted download?)",
-                first_cut.end,
-                described - data_len
+                t.end,
+                reach - data_len
             ),
         )
-        .for_tensor(&first_cut.name))
-    } else {
-        Err(Error::new(
-            ErrorKind::Offset,
-            format!(
-                "data_offsets [{}, {}] point past the end of the {data_len}-byte data section",
-                first_past.begin, first_past.end
-            ),
-        )
-        .for_tensor(&first_past.name))
+        .for_tensor(&t.name)),
+        (None, Some(e)) => Err(e),
+        (None, None) if reach < data_len => {
+            let extra = data_len - reach;
+            let what = match last {
+                Some(t) => format!(
+                    "the {extra} bytes after the last tensor '{}' (data bytes [{reach}, {data_len}))",
+                    t.name
+                ),
+                None => format!(
+                    "the header lists no tensor, but the data section has {extra} bytes: they"
+                ),
+            };
+            Err(Error::new(
+                ErrorKind::TrailingData,
+                format!(
+                    "{what} belong to no tensor (safetensors refuses this too: a second payload \
+                     can hide there)"
+                ),
+            ))
+        }
+        (None, None) => Ok(()),
     }
 }
 
@@ -684,10 +735,119 @@ pub(crate) mod tests {
         assert!(header.tensors.is_empty());
     }
 
+    /// The data section is exactly the tensors' bytes, as safetensors requires.
     #[test]
-    fn trailing_data_and_gaps_are_allowed() {
-        let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#;
-        assert!(parse(&shard(h, &[0; 10])).is_ok());
+    fn bytes_after_the_last_tensor_are_trailing_data() {
+        let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},
+                    "b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#;
+        assert!(parse(&shard(h, &[0; 4])).is_ok());
+        let e = err_of(h, 10);
+        assert_eq!(e.kind, ErrorKind::TrailingData);
+        assert_eq!(e.tensor, None);
+        assert!(
+            e.message.contains("6 bytes after the last tensor 'b'"),
+            "{e}"
+        );
+        // even one byte; and an empty header with data (a polyglot's payload)
+        assert_eq!(err_of(h, 5).kind, ErrorKind::TrailingData);
+        let e = err_of("{}", 3);
+        assert_eq!(e.kind, ErrorKind::TrailingData);
+        assert!(e.message.contains("no tensor"), "{e}");
+        let e = err_of(r#"{"__metadata__":{"format":"pt"}}"#, 1);
+        assert_eq!(e.kind, ErrorKind::TrailingData);
+        // only empty tensors: the data section must be empty too
+        let z = r#"{"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#;
+        assert!(parse(&shard(z, b"")).is_ok());
+        assert_eq!(err_of(z, 4).kind, ErrorKind::TrailingData);
+    }
+
+    #[test]
+    fn gaps_in_the_data_section_are_offset_errors() {
+        // data not starting at offset 0
+        let e = err_of(
+            r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#,
+            4,
+        );
+        assert_eq!(e.kind, ErrorKind::Offset);
+        assert_eq!(e.tensor.as_deref(), Some("a"));
+        assert!(e.message.contains("gap"), "{e}");
+        assert!(e.message.contains("before the first tensor"), "{e}");
+        // a hole between two tensors
+        let e = err_of(
+            r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},
+                "b":{"dtype":"U8","shape":[2],"data_offsets":[3,5]}}"#,
+            5,
+        );
+        assert_eq!(e.kind, ErrorKind::Offset);
+        assert_eq!(e.tensor.as_deref(), Some("b"));
+        assert!(e.message.contains("data bytes [2, 3)"), "{e}");
+        assert!(e.message.contains("after tensor 'a'"), "{e}");
+        // an empty tensor far past the others is a gap too
+        let e = err_of(
+            r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},
+                "z":{"dtype":"U8","shape":[0],"data_offsets":[9,9]}}"#,
+            2,
+        );
+        assert_eq!(e.kind, ErrorKind::Offset);
+        assert_eq!(e.tensor.as_deref(), Some("z"));
+    }
+
+    #[test]
+    fn empty_tensors_sit_between_tensors() {
+        // at the start, between two tensors, at the end, several at one offset
+        let ok = r#"{"s":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},
+                     "a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},
+                     "m":{"dtype":"F32","shape":[2,0],"data_offsets":[4,4]},
+                     "n":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},
+                     "b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]},
+                     "e":{"dtype":"U8","shape":[0],"data_offsets":[6,6]}}"#;
+        assert!(parse(&shard(ok, &[0; 6])).is_ok());
+        // inside another tensor's range: safetensors' InvalidOffset
+        let e = err_of(
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},
+                "z":{"dtype":"U8","shape":[0],"data_offsets":[2,2]}}"#,
+            4,
+        );
+        assert_eq!(e.kind, ErrorKind::Offset);
+        assert_eq!(e.tensor.as_deref(), Some("z"));
+        assert!(e.message.contains("inside tensor 'a' at [0, 4]"), "{e}");
+    }
+
+    #[test]
+    fn metadata_null_is_no_metadata() {
+        let h = r#"{"__metadata__":null,"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let header = parse(&shard(h, &[0])).unwrap();
+        assert!(header.metadata.is_empty());
+        assert_eq!(header.tensors.len(), 1);
+        assert!(parse(&shard(r#"{"__metadata__":null}"#, b"")).is_ok());
+        // other non-objects are still refused
+        for bad in ["1", "\"pt\"", "[]", "true"] {
+            let e = err_of(&format!(r#"{{"__metadata__":{bad}}}"#), 0);
+            assert_eq!(e.kind, ErrorKind::InvalidHeader, "{bad}: {e}");
+        }
+    }
+
+    /// A shard with one tensor of each of the 22 safetensors dtypes.
+    #[test]
+    fn every_safetensors_dtype_parses() {
+        assert_eq!(Dtype::ALL.len(), 22);
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        for (i, d) in Dtype::ALL.iter().enumerate() {
+            let n = 2 * 4 * d.bits() / 8; // shape [2, 4]: whole bytes for every dtype
+            entries.push(format!(
+                r#""t{i}":{{"dtype":"{d}","shape":[2,4],"data_offsets":[{offset},{}]}}"#,
+                offset + n
+            ));
+            offset += n;
+        }
+        let h = format!("{{{}}}", entries.join(","));
+        let header = parse(&shard(&h, &vec![0; offset as usize])).unwrap();
+        let dtypes: Vec<Dtype> = header.tensors.iter().map(|t| t.dtype).collect();
+        assert_eq!(dtypes, Dtype::ALL);
+        for (name, bits) in [("F8_E4M3FNUZ", 8), ("F8_E5M2FNUZ", 8), ("F6_E3M2", 6)] {
+            assert_eq!(Dtype::parse(name).map(Dtype::bits), Some(bits), "{name}");
+        }
     }
 
     #[test]
@@ -873,10 +1033,20 @@ pub(crate) mod tests {
         assert_eq!(e.kind, ErrorKind::Overlap);
         assert_eq!(e.tensor.as_deref(), Some("b"));
         assert!(e.message.contains("'a'"), "{e}");
-        // Zero-length tensors overlap nothing, even inside another tensor.
-        let ok = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},
-                     "z":{"dtype":"U8","shape":[0],"data_offsets":[2,2]}}"#;
-        assert!(parse(&shard(ok, &[0; 4])).is_ok());
+        // the same range twice, and one tensor inside another
+        let e = err_of(
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},
+                "b":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+            4,
+        );
+        assert_eq!(e.kind, ErrorKind::Overlap);
+        let e = err_of(
+            r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},
+                "b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#,
+            8,
+        );
+        assert_eq!(e.kind, ErrorKind::Overlap);
+        assert_eq!(e.tensor.as_deref(), Some("b"));
     }
 
     #[test]
@@ -885,6 +1055,19 @@ pub(crate) mod tests {
         assert_eq!(j.into_value(), Err("b".to_owned()));
         let j = parse_json(r#"{"a":[1,-2,0.5,null,true,"s"]}"#).unwrap();
         assert!(j.into_value().is_ok());
+    }
+
+    /// The entries, sorted by offsets, each start where the previous one
+    /// ended, from 0 to exactly `data_len` (safetensors' rule).
+    fn tiles(h: &Header, data_len: u64) -> bool {
+        let mut spans: Vec<(u64, u64)> = h.tensors.iter().map(|t| (t.begin, t.end)).collect();
+        spans.sort_unstable();
+        let mut reach = 0;
+        spans.iter().all(|&(b, e)| {
+            let ok = b == reach && e >= b;
+            reach = e;
+            ok
+        }) && reach == data_len
     }
 
     fn valid_shard() -> Vec<u8> {
@@ -935,11 +1118,9 @@ pub(crate) mod tests {
                 bytes.truncate(n);
             }
             if let Ok(h) = parse(&bytes) {
-                // Whatever is accepted is in bounds and disjoint.
+                // Whatever is accepted tiles the data section exactly.
                 let data_len = bytes.len() as u64 - h.data_start;
-                for t in &h.tensors {
-                    prop_assert!(t.begin <= t.end && t.end <= data_len);
-                }
+                prop_assert!(tiles(&h, data_len), "{:?}", h.tensors);
             }
         }
 
@@ -974,18 +1155,12 @@ pub(crate) mod tests {
                 .collect();
             let bytes = shard(&format!("{{{}}}", text.join(",")), &vec![7; data_len]);
             if let Ok(h) = parse(&bytes) {
-                let mut spans = Vec::new();
                 for t in &h.tensors {
-                    prop_assert!(t.begin <= t.end && t.end <= data_len as u64);
                     let elements = t.shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(u128::from(d)));
                     let bits = elements.and_then(|n| n.checked_mul(u128::from(t.dtype.bits())));
                     prop_assert_eq!(bits, Some(u128::from(t.nbytes()) * 8));
-                    if t.end > t.begin {
-                        spans.push((t.begin, t.end));
-                    }
                 }
-                spans.sort_unstable();
-                prop_assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0));
+                prop_assert!(tiles(&h, data_len as u64), "{:?}", h.tensors);
             }
         }
 

@@ -255,6 +255,64 @@ case("data_offsets negative")(bad_entry(E.OffsetError, data_offsets=[-24576, 0])
 case("data_offsets overlapping a neighbour")(bad_entry(E.OverlapError, data_offsets=[64, 24640]))
 
 
+# The data section must be exactly the tensors' bytes, as safetensors requires.
+
+
+def first_tensor(path: Path) -> str:
+    header, _ = read_shard(path)
+    header.pop("__metadata__", None)
+    return min(header, key=lambda k: header[k]["data_offsets"][0])
+
+
+@case("bytes appended after the last tensor (a polyglot's payload)")
+def _(folder: Path) -> Expect:
+    path = shard_of(folder, T)
+    with path.open("ab") as f:
+        f.write(b"PK\x03\x04" + bytes(60))
+    return Expect(E.TrailingDataError, path.name)
+
+
+@case("shard header emptied, its data left behind")
+def _(folder: Path) -> Expect:
+    path = shard_of(folder, T)
+    header, data = read_shard(path)
+    raw_shard(path, {"__metadata__": header.get("__metadata__", {})}, data)
+    return Expect(E.TrailingDataError, path.name)
+
+
+@case("gap before the last tensor of a shard")
+def _(folder: Path) -> Expect:
+    path = shard_of(folder, T)
+    header, data = read_shard(path)
+    last = last_tensor(path)
+    begin, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [begin + 8, end + 8]
+    raw_shard(path, header, data[:begin] + bytes(8) + data[begin:])
+    return Expect(E.OffsetError, path.name, last)
+
+
+@case("data section not starting at offset 0")
+def _(folder: Path) -> Expect:
+    path = shard_of(folder, T)
+    header, data = read_shard(path)
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entry["data_offsets"] = [o + 64 for o in entry["data_offsets"]]
+    raw_shard(path, header, bytes(64) + data)
+    return Expect(E.OffsetError, path.name, first_tensor(path))
+
+
+@case("empty tensor inside another tensor's bytes")
+def _(folder: Path) -> Expect:
+    path = shard_of(folder, T)
+    header, data = read_shard(path)
+    inside = header[T]["data_offsets"][0] + 2
+    empty = "model.layers.0.mlp.empty"
+    header[empty] = {"dtype": "BF16", "shape": [0], "data_offsets": [inside, inside]}
+    raw_shard(path, header, data)
+    return Expect(E.OffsetError, path.name, empty)
+
+
 @case("index names a shard that does not exist")
 def _(folder: Path) -> Expect:
     edit_index(folder, lambda i: i["weight_map"].update({T: "model-00099-of-00099.safetensors"}))
@@ -436,7 +494,22 @@ def _(folder: Path) -> Expect:
 
 @case("tensor of a dtype torch does not have (F6_E2M3)")
 def _(folder: Path) -> Expect:
-    path = edit_entry(folder, T, dtype="F6_E2M3", data_offsets=[128, 128 + 64 * 192 * 6 // 8])
+    path = shard_of(folder, T)
+    header, data = read_shard(path)
+    shape = header[T]["shape"]
+    raw = bytes(shape[0] * shape[1] * 6 // 8)
+    # the shard laid out again around the smaller tensor: valid but for the dtype
+    entries = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]
+    )
+    out = b""
+    for name in entries:
+        begin, end = header[name]["data_offsets"]
+        piece = raw if name == T else data[begin:end]
+        header[name]["data_offsets"] = [len(out), len(out) + len(piece)]
+        out += piece
+    header[T]["dtype"] = "F6_E2M3"
+    raw_shard(path, header, out)
     return Expect(E.UnsupportedCheckpointError, path.name, T)
 
 

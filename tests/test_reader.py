@@ -315,6 +315,7 @@ def test_exception_classes() -> None:
         _core.ShapeError,
         _core.OffsetError,
         _core.OverlapError,
+        _core.TrailingDataError,
         _core.DuplicateTensorError,
         _core.IndexMismatchError,
         _core.MissingTensorError,

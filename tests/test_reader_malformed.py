@@ -230,6 +230,29 @@ CASES: list[tuple[str, Case, type[Exception]]] = [
         single({**A, "w": entry("U8", [4], 100, 104)}, bytes(4), "w"),
         E.OffsetError,
     ),
+    # The data section is exactly the tensors' bytes (safetensors' rule).
+    (
+        "data not starting at offset 0",
+        single({"w": entry("U8", [4], 2, 6)}, bytes(6), "w"),
+        E.OffsetError,
+    ),
+    (
+        "gap between two tensors",
+        single({**A, "w": entry("U8", [2], 5, 7)}, bytes(7), "w"),
+        E.OffsetError,
+    ),
+    (
+        "empty tensor inside another",
+        single({**A, "z": entry("F32", [0], 2, 2)}, bytes(4), "z"),
+        E.OffsetError,
+    ),
+    ("bytes after the last tensor", single(A, bytes(5)), E.TrailingDataError),
+    ("empty header followed by data", single({}, b"PK\x03\x04payload"), E.TrailingDataError),
+    (
+        "metadata only, followed by data",
+        single({"__metadata__": {"format": "pt"}}, b"\x00"),
+        E.TrailingDataError,
+    ),
     (
         "overlap",
         single({**A, "w": entry("U8", [2], 3, 5)}, bytes(5), "w"),
@@ -299,6 +322,10 @@ def test_messages_say_what_is_wrong(tmp_path: Path) -> None:
     assert "overflows" in message({"w": entry("F32", [2**32, 2**32], 0, 4)}, bytes(4))
     assert "reversed" in message({"w": entry("U8", [0], 4, 0)}, bytes(4))
     assert "past the end" in message({**A, "w": entry("U8", [4], 100, 104)}, bytes(4))
+    assert "gap" in message({**A, "w": entry("U8", [4], 6, 10)}, bytes(10))
+    assert "before the first tensor" in message({"w": entry("U8", [4], 2, 6)}, bytes(6))
+    assert "inside tensor 'a'" in message({**A, "z": entry("U8", [0], 2, 2)}, bytes(4))
+    assert "3 bytes after the last tensor 'a'" in message(A, bytes(7))
     assert "overlap tensor 'a'" in message({**A, "w": entry("U8", [2], 3, 5)}, bytes(5))
     assert "not a string" in message({"__metadata__": {"k": 1}})
 
@@ -325,11 +352,20 @@ def test_empty_file_list(tmp_path: Path) -> None:
         _core.Checkpoint([])
 
 
-def test_zero_length_tensors_overlap_nothing(tmp_path: Path) -> None:
-    header = {**A, "z": entry("U8", [0], 2, 2), "e": entry("F32", [3, 0], 4, 4)}
-    ckpt = _core.Checkpoint(raw_shard(tmp_path / "m.safetensors", header, bytes(4)))
-    assert ckpt.keys() == ["a", "e", "z"]
+def test_zero_length_tensors_sit_between_tensors(tmp_path: Path) -> None:
+    header = {"s": entry("U8", [0], 0, 0), **A, "z": entry("U8", [0], 4, 4)}
+    header |= {"e": entry("F32", [3, 0], 4, 4), "b": entry("U8", [2], 4, 6)}
+    ckpt = _core.Checkpoint(raw_shard(tmp_path / "m.safetensors", header, bytes(6)))
+    assert ckpt.keys() == ["a", "b", "e", "s", "z"]
     assert len(ckpt.view("z")) == 0
+    assert ckpt.view("e").shape == (3, 0)
+
+
+def test_metadata_null_is_no_metadata(tmp_path: Path) -> None:
+    header = {"__metadata__": None, **A}
+    ckpt = _core.Checkpoint(raw_shard(tmp_path / "m.safetensors", header, bytes(4)))
+    assert ckpt.keys() == ["a"]
+    assert ckpt.metadata == {}
 
 
 def shrink(path: Path, size: int) -> None:

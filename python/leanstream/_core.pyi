@@ -61,10 +61,16 @@ class ShapeError(CheckpointError):
     """``prod(shape) * itemsize`` overflows or differs from the tensor's byte length."""
 
 class OffsetError(CheckpointError):
-    """A tensor's ``data_offsets`` are reversed or point past the end of the file."""
+    """A tensor's ``data_offsets`` are reversed, point past the end of the file, leave a
+    gap in the data section (before the first tensor or between two), or put an empty
+    tensor inside another one."""
 
 class OverlapError(CheckpointError):
     """Two tensors of one shard share bytes."""
+
+class TrailingDataError(CheckpointError):
+    """A shard has bytes after its last tensor's data, which no tensor describes
+    (safetensors refuses such a file too: a polyglot file hides a second payload there)."""
 
 class DuplicateTensorError(CheckpointError):
     """The same tensor name appears in two shards."""

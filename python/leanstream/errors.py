@@ -7,8 +7,8 @@ re-exported here; model-level errors are defined here on top of them::
     ├── CheckpointError                (.file, .tensor)
     │   ├── FileNotFoundCheckpointError, TruncatedFileError, HeaderTooLargeError,
     │   │   InvalidHeaderError, UnknownDtypeError, ShapeError, OffsetError,
-    │   │   OverlapError, DuplicateTensorError, IndexMismatchError,
-    │   │   MissingTensorError                             (raised by the Rust reader)
+    │   │   OverlapError, TrailingDataError, DuplicateTensorError,
+    │   │   IndexMismatchError, MissingTensorError         (raised by the Rust reader)
     │   ├── UnsupportedCheckpointError  (pickle-only folders, merged-weight conversions)
     │   └── MismatchError               (.missing, .unexpected, .mismatched)
     └── ConfigError                     (config.json missing/invalid, bad load() options)
@@ -30,6 +30,7 @@ from ._core import (
     OffsetError,
     OverlapError,
     ShapeError,
+    TrailingDataError,
     TruncatedFileError,
     UnknownDtypeError,
 )
@@ -123,6 +124,7 @@ __all__ = [
     "OffsetError",
     "OverlapError",
     "ShapeError",
+    "TrailingDataError",
     "TruncatedFileError",
     "UnknownDtypeError",
     "UnsupportedCheckpointError",

@@ -5,8 +5,15 @@ The GPU tests at the end skip without CUDA."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
+import errno
+import json
 import os
+import struct
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -507,42 +514,103 @@ def test_likely_order_is_module_order_for_decoders() -> None:
     assert sorted(order) == sorted(keys)
 
 
-def evict(folder: Path) -> None:
-    """Write back and drop the folder's files from the page cache."""
-    for path in folder.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+MIB = 1 << 20
+#: Warm-up tests lay their tensors out with this much never-read room around them:
+#: more than the kernel reads around a page fault (the header parse's, mlock's: at
+#: most ``read_ahead_kb``, 8 MiB on some virtual disks, on either side) or ahead of
+#: a read. Holes in a sparse file: it costs neither disk nor memory.
+PAD = 32 * MIB
+#: What the warm-up reads at a time (``WARMUP_PIECE`` in rust/pipeline.rs).
+PIECE = 4 * MIB
+
+
+def write_sparse(path: Path, tensors: list[tuple[str, int]]) -> Path:
+    """A shard of U8 tensors ``(name, nbytes)``, in this order, whose data section is
+    a hole (the file is extended past its header with ``ftruncate``): all zeros, and
+    no byte of it was ever written or read, so none of it can be in the page cache
+    before something reads it, whatever the kernel or memory pressure do. Unlike an
+    eviction (``posix_fadvise(DONTNEED)`` promises nothing), a deterministic state."""
+    header, end = {}, 0
+    for name, nbytes in tensors:
+        header[name] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [end, end + nbytes]}
+        end += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + end)
+    return path
+
+
+@contextlib.contextmanager
+def locked(view: _core.TensorView) -> Iterator[None]:
+    """Keep ``view``'s pages resident (``mlock`` on its mapping: faulted in, and never
+    reclaimed until unlocked), or skip where this process may not lock memory."""
+    data = np.frombuffer(view, dtype=np.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    if libc.mlock(data.ctypes.data, data.nbytes) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EPERM, errno.ENOMEM):
+            pytest.skip(f"mlock refused ({os.strerror(err)}): needs CAP_IPC_LOCK or RLIMIT_MEMLOCK")
+        raise OSError(err, os.strerror(err))
+    try:
+        yield
+    finally:
+        libc.munlock(data.ctypes.data, data.nbytes)
 
 
 def finish(warm: _core.Warmup) -> int:
+    """Let the warm-up run to its end (a minute is a hang, not a slow machine)."""
+    deadline = time.monotonic() + 60
     while warm.running:
-        threading.Event().wait(0.001)
+        assert time.monotonic() < deadline, "the warm-up hangs"
+        time.sleep(0.001)
     return warm.stop()
 
 
-def test_warmup_reads_what_is_not_cached_or_stops(tmp_path: Path) -> None:
-    # "0pad" (stored first: safetensors sorts by name) holds the pages around the
-    # header, which the header parse maps (with the page cache's large folios,
-    # possibly megabytes): those cannot be evicted
-    tensors = {name: torch.randn(1 << 20) for name in ("a", "b", "c")}  # 4 MiB each
-    save_file({"0pad": torch.randn(2 << 20), **tensors}, tmp_path / "model.safetensors")
+def test_warmup_reads_all_that_was_never_read(tmp_path: Path) -> None:
+    # One piece per tensor, warmed in reverse file order: the kernel reads ahead of a
+    # read, never behind it, so none of the warm-up's reads brings in a piece it has
+    # yet to look at. The header page (read at open) is PAD away.
     names = ["a", "b", "c"]
-    with _core.Checkpoint(tmp_path) as ckpt:
-        assert ckpt["0pad"].start < ckpt["a"].start
-        wanted = sum(ckpt[name].nbytes for name in names)
-        # just written, all in the page cache: nothing to read
-        assert finish(ckpt.warm(names)) == 0
-        evict(tmp_path)
-        assert finish(ckpt.warm(names)) == wanted
-        assert finish(ckpt.warm(names)) == 0  # and now cached again
-        evict(tmp_path)
-        with ckpt.warm(names, budget=1000) as warm:
-            assert warm.stop() <= 1000
+    path = write_sparse(
+        tmp_path / "m.safetensors", [("pad0", PAD), *((n, PIECE) for n in names), ("pad1", PAD)]
+    )
+    with _core.Checkpoint(path) as ckpt:
+        assert finish(ckpt.warm(names[::-1])) == 3 * PIECE
+    assert not reader_threads()
+
+
+def test_warmup_skips_what_is_resident(tmp_path: Path) -> None:
+    layout = [("pad0", PAD), ("cold", PIECE), ("pad1", PAD), ("hot", 2 * PIECE), ("pad2", PAD)]
+    path = write_sparse(tmp_path / "m.safetensors", layout)
+    with _core.Checkpoint(path) as ckpt, locked(ckpt.view("hot")):
+        assert finish(ckpt.warm(["hot"])) == 0
+        # the cold tensor is read, the locked one still skipped
+        assert finish(ckpt.warm(["hot", "cold"])) == PIECE
+    assert not reader_threads()
+
+
+def test_warmup_reads_up_to_its_budget(tmp_path: Path) -> None:
+    layout = [("pad0", PAD), ("a", PIECE), ("b", PIECE), ("c", PIECE), ("pad1", PAD)]
+    path = write_sparse(tmp_path / "m.safetensors", layout)
+    with _core.Checkpoint(path) as ckpt:
+        # never read, read back to front (see above): the budget is all that stops it
+        assert finish(ckpt.warm(["c", "b"], budget=PIECE + 1000)) == PIECE + 1000
+        assert finish(ckpt.warm(["a"], budget=1000)) == 1000
+    assert not reader_threads()
+
+
+def test_warmup_stops_and_joins(tmp_path: Path) -> None:
+    path = write_sparse(tmp_path / "m.safetensors", [("pad0", PAD), ("a", 16 * PIECE)])
+    with _core.Checkpoint(path) as ckpt:
+        with ckpt.warm(["a"]) as warm:
+            read = warm.stop()
             assert not warm.running
+            # stopped between two pieces, whenever that was
+            assert read % PIECE == 0 and read <= 16 * PIECE
+            assert warm.stop() == warm.bytes_read == read
         with pytest.raises(leanstream.MissingTensorError):
             ckpt.warm(["nope"])
     assert not reader_threads()

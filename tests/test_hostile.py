@@ -1,6 +1,6 @@
 """Every checkpoint of the hostile corpus (``tests/hostile.py``) goes through
 ``leanstream.load`` and is refused: the exact exception class, a message naming the
-file and the tensor, no Rust panic, and within a second."""
+file and the tensor, no Rust panic, and within a second of CPU time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from hostile import CASES, Case, write_bases
 
 import leanstream
 
-#: Seconds a refusal may take (the slowest cases take a few hundredths).
+#: CPU seconds (all of this process's threads) a refusal may take; the slowest cases
+#: take a few hundredths. CPU time, not wall-clock: another process keeping the cores
+#: busy, or a cold page cache (waiting for the disk), does not count.
 LIMIT = 1.0
 
 
@@ -34,17 +36,17 @@ def test_corpus_is_large_and_names_are_unique() -> None:
 def test_hostile_checkpoint_is_refused(case: Case, bases: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     expect = case.build(bases, folder)
-    started = time.perf_counter()
+    started = time.process_time()
     try:
         leanstream.load(folder, device="cpu", progress=False)
     except BaseException as caught:  # the exact class is asserted below
         err = caught
     else:
         pytest.fail("loaded without an error")
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     message = str(err)
     assert type(err) is expect.error, f"{type(err).__module__}.{type(err).__name__}: {message}"
-    assert elapsed < LIMIT, f"took {elapsed:.2f}s"
+    assert elapsed < LIMIT, f"took {elapsed:.2f} s of CPU"
     assert "panic" not in message.lower(), message
     assert expect.file in message, message
     if isinstance(err, leanstream.CheckpointError):

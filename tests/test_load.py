@@ -186,10 +186,11 @@ def test_meta_build_does_not_leak_into_other_threads() -> None:
     """accelerate's patch is global (diffusers #4296): ours acts in one thread only."""
     inside = threading.Event()
     done = threading.Event()
-    seen: dict[str, str] = {}
+    seen: dict[str, Any] = {}
 
     def other() -> None:
-        inside.wait(10)
+        # the build is in progress (a minute is a hang): a Linear made now, outside it
+        seen["waited"] = inside.wait(60)
         seen["device"] = torch.nn.Linear(3, 3).weight.device.type
         done.set()
 
@@ -200,9 +201,9 @@ def test_meta_build_does_not_leak_into_other_threads() -> None:
     with empty_parameters():
         assert torch.nn.Linear(3, 3).weight.is_meta
         inside.set()
-        done.wait(10)
+        assert done.wait(60), "the other thread hangs"
     thread.join()
-    assert seen["device"] == "cpu"
+    assert seen == {"waited": True, "device": "cpu"}
     assert not torch.nn.Linear(3, 3).weight.is_meta
 
 

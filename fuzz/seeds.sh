@@ -14,6 +14,8 @@ seed meta 0 '{"__metadata__":{"format":"pt"}}'
 seed one 4 '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
 seed two 12 '{"__metadata__":{"format":"pt"},"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"BF16","shape":[2,2],"data_offsets":[4,12]}}'
 seed gap 40 '{"w":{"dtype":"I64","shape":[2],"data_offsets":[8,24]},"z":{"dtype":"F16","shape":[0,3],"data_offsets":[30,30]},"f4":{"dtype":"F4","shape":[3,2],"data_offsets":[24,27]}}'
+seed fnuz 6 '{"__metadata__":null,"a":{"dtype":"F8_E4M3FNUZ","shape":[3],"data_offsets":[0,3]},"b":{"dtype":"F8_E5M2FNUZ","shape":[3],"data_offsets":[3,6]},"z":{"dtype":"F6_E3M2","shape":[0],"data_offsets":[6,6]}}'
+seed trailing 9 '{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}'
 seed scalar 8 '{"s":{"dtype":"C64","shape":[],"data_offsets":[0,8]},"t":{"dtype":"BOOL","shape":[0],"data_offsets":[8,8]}}'
 # the same shard as a whole file (mode 1): raw length prefix
 printf '\x01' > "$out/seed-raw"

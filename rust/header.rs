@@ -106,8 +106,33 @@ impl Dtype {
         }
     }
 
+    /// The dtype a header string names (exact, case-sensitive), if any.
     pub fn parse(s: &str) -> Option<Dtype> {
-        Dtype::ALL.into_iter().find(|d| d.as_str() == s)
+        Some(match s {
+            "BOOL" => Dtype::Bool,
+            "U8" => Dtype::U8,
+            "I8" => Dtype::I8,
+            "I16" => Dtype::I16,
+            "U16" => Dtype::U16,
+            "I32" => Dtype::I32,
+            "U32" => Dtype::U32,
+            "I64" => Dtype::I64,
+            "U64" => Dtype::U64,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "F32" => Dtype::F32,
+            "F64" => Dtype::F64,
+            "F8_E4M3" => Dtype::F8E4M3,
+            "F8_E4M3FNUZ" => Dtype::F8E4M3FNUZ,
+            "F8_E5M2" => Dtype::F8E5M2,
+            "F8_E5M2FNUZ" => Dtype::F8E5M2FNUZ,
+            "F8_E8M0" => Dtype::F8E8M0,
+            "F4" => Dtype::F4,
+            "F6_E2M3" => Dtype::F6E2M3,
+            "F6_E3M2" => Dtype::F6E3M2,
+            "C64" => Dtype::C64,
+            _ => return None,
+        })
     }
 
     /// Size of one element in bits (F4 and F6 pack several elements per byte).
@@ -296,119 +321,131 @@ fn parse_metadata(value: Json) -> Result<Vec<(String, String)>> {
 }
 
 fn parse_entry(name: String, value: Json) -> Result<TensorEntry, EntryError> {
-    let fail = |kind, msg: String| Err(Error::new(kind, msg));
-    let result = (|| {
-        let Json::Object(fields) = value else {
-            return fail(
-                ErrorKind::InvalidHeader,
-                format!(
-                    "entry is a JSON {}, not an object with dtype, shape and data_offsets",
-                    value.kind()
-                ),
-            );
-        };
-        check_unique_keys(&fields, |key| {
-            Error::new(
-                ErrorKind::InvalidHeader,
-                format!("key '{key}' appears twice in the entry (duplicate JSON key)"),
-            )
-        })?;
-        let field = |key: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v)
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::InvalidHeader,
-                        format!("entry has no '{key}' (needs dtype, shape and data_offsets)"),
-                    )
-                })
-        };
-
-        let dtype = match field("dtype")? {
-            Json::String(s) => Dtype::parse(s).ok_or_else(|| {
-                let known: Vec<&str> = Dtype::ALL.iter().map(|d| d.as_str()).collect();
-                Error::new(
-                    ErrorKind::UnknownDtype,
-                    format!("unknown dtype '{s}' (known: {})", known.join(", ")),
-                )
-            })?,
-            other => {
-                return fail(
-                    ErrorKind::InvalidHeader,
-                    format!("dtype is a JSON {}, not a string", other.kind()),
-                )
-            }
-        };
-
-        let Json::Array(dims) = field("shape")? else {
-            return fail(
-                ErrorKind::InvalidHeader,
-                "shape is not a JSON array of integers".to_owned(),
-            );
-        };
-        let shape = dims
-            .iter()
-            .map(|d| non_negative_int(d, "shape", ErrorKind::Shape))
-            .collect::<Result<Vec<u64>>>()?;
-
-        let offsets = match field("data_offsets")? {
-            Json::Array(o) if o.len() == 2 => o,
-            _ => {
-                return fail(
-                    ErrorKind::InvalidHeader,
-                    "data_offsets is not a JSON array [begin, end] of two integers".to_owned(),
-                )
-            }
-        };
-        let begin = non_negative_int(&offsets[0], "data_offsets", ErrorKind::Offset)?;
-        let end = non_negative_int(&offsets[1], "data_offsets", ErrorKind::Offset)?;
-        if begin > end {
-            return fail(
-                ErrorKind::Offset,
-                format!("data_offsets [{begin}, {end}] are reversed (begin > end)"),
-            );
-        }
-
-        let shape_text = format!("{shape:?}");
-        let nbits = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .and_then(|n| n.checked_mul(dtype.bits()))
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Shape,
-                    format!("shape {shape_text} x {dtype} overflows a 64-bit byte count"),
-                )
-            })?;
-        let have = end - begin;
-        if nbits % 8 != 0 || nbits / 8 != have {
-            let need = if nbits % 8 == 0 {
-                format!("{} bytes", nbits / 8)
-            } else {
-                format!("{nbits} bits (not a whole number of bytes)")
-            };
-            return fail(
-                ErrorKind::Shape,
-                format!("shape {shape_text} x {dtype} needs {need} but data_offsets give {have}"),
-            );
-        }
-        Ok(TensorEntry {
-            name: String::new(),
+    let checked = entry_fields(value).and_then(|(dtype, shape, begin, end)| {
+        Ok((
+            check_size(dtype, &shape, begin, end)?,
             dtype,
             shape,
             begin,
             end,
-        })
-    })();
-    match result {
-        Ok(mut entry) => {
-            entry.name = name;
-            Ok(entry)
-        }
+        ))
+    });
+    match checked {
+        Ok(((), dtype, shape, begin, end)) => Ok(TensorEntry {
+            name,
+            dtype,
+            shape,
+            begin,
+            end,
+        }),
         Err(e) => Err(EntryError(e, name)),
     }
+}
+
+/// The dtype, shape and `[begin, end]` of one entry, each checked on its own
+/// (the size is [`check_size`]'s).
+fn entry_fields(value: Json) -> Result<(Dtype, Vec<u64>, u64, u64)> {
+    let Json::Object(fields) = value else {
+        return Err(Error::new(
+            ErrorKind::InvalidHeader,
+            format!(
+                "entry is a JSON {}, not an object with dtype, shape and data_offsets",
+                value.kind()
+            ),
+        ));
+    };
+    check_unique_keys(&fields, |key| {
+        Error::new(
+            ErrorKind::InvalidHeader,
+            format!("key '{key}' appears twice in the entry (duplicate JSON key)"),
+        )
+    })?;
+    let field = |key: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidHeader,
+                    format!("entry has no '{key}' (needs dtype, shape and data_offsets)"),
+                )
+            })
+    };
+
+    let dtype = match field("dtype")? {
+        Json::String(s) => Dtype::parse(s).ok_or_else(|| {
+            let known: Vec<&str> = Dtype::ALL.iter().map(|d| d.as_str()).collect();
+            Error::new(
+                ErrorKind::UnknownDtype,
+                format!("unknown dtype '{s}' (known: {})", known.join(", ")),
+            )
+        })?,
+        other => {
+            return Err(Error::new(
+                ErrorKind::InvalidHeader,
+                format!("dtype is a JSON {}, not a string", other.kind()),
+            ))
+        }
+    };
+    let shape = parse_shape(field("shape")?)?;
+    let offsets = match field("data_offsets")? {
+        Json::Array(o) if o.len() == 2 => o,
+        _ => {
+            return Err(Error::new(
+                ErrorKind::InvalidHeader,
+                "data_offsets is not a JSON array [begin, end] of two integers",
+            ))
+        }
+    };
+    let begin = non_negative_int(&offsets[0], "data_offsets", ErrorKind::Offset)?;
+    let end = non_negative_int(&offsets[1], "data_offsets", ErrorKind::Offset)?;
+    if begin > end {
+        return Err(Error::new(
+            ErrorKind::Offset,
+            format!("data_offsets [{begin}, {end}] are reversed (begin > end)"),
+        ));
+    }
+    Ok((dtype, shape, begin, end))
+}
+
+fn parse_shape(value: &Json) -> Result<Vec<u64>> {
+    let Json::Array(dims) = value else {
+        return Err(Error::new(
+            ErrorKind::InvalidHeader,
+            "shape is not a JSON array of integers",
+        ));
+    };
+    dims.iter()
+        .map(|d| non_negative_int(d, "shape", ErrorKind::Shape))
+        .collect()
+}
+
+/// `prod(shape) x dtype bits` is exactly `end - begin` bytes.
+fn check_size(dtype: Dtype, shape: &[u64], begin: u64, end: u64) -> Result<()> {
+    let nbits = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.bits()))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Shape,
+                format!("shape {shape:?} x {dtype} overflows a 64-bit byte count"),
+            )
+        })?;
+    let have = end - begin;
+    if nbits % 8 != 0 || nbits / 8 != have {
+        let need = if nbits % 8 == 0 {
+            format!("{} bytes", nbits / 8)
+        } else {
+            format!("{nbits} bits (not a whole number of bytes)")
+        };
+        return Err(Error::new(
+            ErrorKind::Shape,
+            format!("shape {shape:?} x {dtype} needs {need} but data_offsets give {have}"),
+        ));
+    }
+    Ok(())
 }
 
 /// A JSON integer >= 0 that fits u64. Negative or too large → `range_kind`;

@@ -23,6 +23,9 @@ import leanstream
 from leanstream import loader
 
 folder = sys.argv[1]
+# Python's own Ctrl-C handler, also where this process was started with SIGINT ignored
+# (a background job of a non-interactive shell, as some CI runners start tests)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 trim = ctypes.CDLL("libc.so.6").malloc_trim
 
 def anonymous():

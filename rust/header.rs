@@ -108,31 +108,7 @@ impl Dtype {
 
     /// The dtype a header string names (exact, case-sensitive), if any.
     pub fn parse(s: &str) -> Option<Dtype> {
-        Some(match s {
-            "BOOL" => Dtype::Bool,
-            "U8" => Dtype::U8,
-            "I8" => Dtype::I8,
-            "I16" => Dtype::I16,
-            "U16" => Dtype::U16,
-            "I32" => Dtype::I32,
-            "U32" => Dtype::U32,
-            "I64" => Dtype::I64,
-            "U64" => Dtype::U64,
-            "F16" => Dtype::F16,
-            "BF16" => Dtype::BF16,
-            "F32" => Dtype::F32,
-            "F64" => Dtype::F64,
-            "F8_E4M3" => Dtype::F8E4M3,
-            "F8_E4M3FNUZ" => Dtype::F8E4M3FNUZ,
-            "F8_E5M2" => Dtype::F8E5M2,
-            "F8_E5M2FNUZ" => Dtype::F8E5M2FNUZ,
-            "F8_E8M0" => Dtype::F8E8M0,
-            "F4" => Dtype::F4,
-            "F6_E2M3" => Dtype::F6E2M3,
-            "F6_E3M2" => Dtype::F6E3M2,
-            "C64" => Dtype::C64,
-            _ => return None,
-        })
+        Dtype::ALL.into_iter().find(|d| d.as_str() == s)
     }
 
     /// Size of one element in bits (F4 and F6 pack several elements per byte).
@@ -321,30 +297,14 @@ fn parse_metadata(value: Json) -> Result<Vec<(String, String)>> {
 }
 
 fn parse_entry(name: String, value: Json) -> Result<TensorEntry, EntryError> {
-    let checked = entry_fields(value).and_then(|(dtype, shape, begin, end)| {
-        Ok((
-            check_size(dtype, &shape, begin, end)?,
-            dtype,
-            shape,
-            begin,
-            end,
-        ))
-    });
-    match checked {
-        Ok(((), dtype, shape, begin, end)) => Ok(TensorEntry {
-            name,
-            dtype,
-            shape,
-            begin,
-            end,
-        }),
+    match entry_fields(value) {
+        Ok(entry) => Ok(TensorEntry { name, ..entry }),
         Err(e) => Err(EntryError(e, name)),
     }
 }
 
-/// The dtype, shape and `[begin, end]` of one entry, each checked on its own
-/// (the size is [`check_size`]'s).
-fn entry_fields(value: Json) -> Result<(Dtype, Vec<u64>, u64, u64)> {
+/// One entry, checked (its name left empty: the caller has it).
+fn entry_fields(value: Json) -> Result<TensorEntry> {
     let Json::Object(fields) = value else {
         return Err(Error::new(
             ErrorKind::InvalidHeader,
@@ -406,7 +366,14 @@ fn entry_fields(value: Json) -> Result<(Dtype, Vec<u64>, u64, u64)> {
             format!("data_offsets [{begin}, {end}] are reversed (begin > end)"),
         ));
     }
-    Ok((dtype, shape, begin, end))
+    check_size(dtype, &shape, begin, end)?;
+    Ok(TensorEntry {
+        name: String::new(),
+        dtype,
+        shape,
+        begin,
+        end,
+    })
 }
 
 fn parse_shape(value: &Json) -> Result<Vec<u64>> {

@@ -286,10 +286,12 @@ type ChunkTuple = (usize, usize, u64, u64, usize);
 /// slot)` tuples; `release(seq)` hands a slot back.
 #[pyclass(frozen, name = "TensorPipeline", module = "leanstream._core")]
 pub struct PyTensorPipeline {
-    // Declared (so dropped) before `_slots`: the workers are joined before
+    // Declared (so dropped) before `slots_held`: the workers are joined before
     // the buffers they write into are let go.
     pipeline: Mutex<Pipeline>,
-    _slots: Vec<PyBuffer<u8>>,
+    // The ring's buffers, let go by `close` once the workers are joined: the
+    // caller's (pinned) memory is not kept alive by a closed pipeline.
+    slots_held: Mutex<Vec<PyBuffer<u8>>>,
     total_bytes: u64,
     slot_bytes: usize,
     slots: usize,
@@ -348,12 +350,20 @@ impl PyTensorPipeline {
             pipeline.release(seq).map_err(PyErr::from)
         })
     }
-    /// Stop and join the worker threads; no slot is written after this.
+    /// Stop and join the worker threads, then let go of the ring's buffers; no
+    /// slot is written after this.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| {
+        let closed = py.detach(|| {
             let mut pipeline = self.pipeline.lock().map_err(|_| poisoned())?;
             pipeline.close().map_err(PyErr::from)
-        })
+        });
+        if closed.is_ok() {
+            // every worker is joined: nothing writes into the buffers any more
+            drop(std::mem::take(
+                &mut *self.slots_held.lock().map_err(|_| poisoned())?,
+            ));
+        }
+        closed
     }
     /// Whether a worker thread is still running.
     #[getter]
@@ -572,7 +582,7 @@ impl PyCheckpoint {
             slots: pipeline.slots(),
             chunks: pipeline.chunks().len(),
             pipeline: Mutex::new(pipeline),
-            _slots: buffers,
+            slots_held: Mutex::new(buffers),
         })
     }
 

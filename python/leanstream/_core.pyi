@@ -210,7 +210,8 @@ class TensorPipeline:
         GPU, the copy out of it has finished). Idempotent."""
     def close(self) -> None:
         """Stop and join the workers (each finishes its current read): no slot is
-        written after this returns. Idempotent; iteration then ends."""
+        written after this returns, and the slots' buffers are let go (this object
+        no longer keeps the caller's ring alive). Idempotent; iteration then ends."""
     def __enter__(self) -> TensorPipeline: ...
     def __exit__(self, *exc: object) -> None: ...
 

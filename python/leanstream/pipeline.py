@@ -13,17 +13,28 @@ being read and copied:
   ``non_blocking=True`` on a side CUDA stream, followed by an event. The slot
   goes back to the readers when its event has completed (polled without
   blocking; waited for only when the readers need that very slot).
-- When a tensor's last chunk is queued, the compute stream waits on its event
-  (the GPU waits, not the host) and the tensor is handed out: quantization is
-  queued on the compute stream behind the copy while the host goes on with
-  the next chunks. The device buffer was allocated on the side stream and is
-  marked used by the compute stream (``record_stream``), so the caching
-  allocator never gives its memory to a later copy before the quantization
-  that reads it has run. A new tensor's buffer is allocated only once the
-  full-precision tensors still in use on the device (handed out, their
-  quantization not yet run) leave room for it within ``device_budget`` bytes
-  (default: the largest tensor), so the GPU never holds more than the final
-  model plus that budget (plus the quantizer's own temporaries).
+- When a tensor's last chunk is queued, the compute stream (the stream
+  current when the pipeline was created: the loader makes it the stream that
+  runs bitsandbytes' kernels) waits on its event (the GPU waits, not the host)
+  and the tensor is handed out: quantization is queued on the compute stream
+  behind the copy while the host goes on with the next chunks. The device
+  buffer is allocated on the compute stream, where the tensor lives (a kept
+  tensor, such as a norm or the embeddings, stays in that stream's pool; a
+  freed one is reused there): the side stream first waits for the compute
+  stream's earlier work (which may still read that memory) and is recorded as
+  a user of the buffer, so the caching allocator never gives the memory away
+  while a copy into it is pending. A new tensor's buffer is allocated only
+  once the full-precision tensors still in use on the device (handed out,
+  their quantization not yet run) leave room for it within ``device_budget``
+  bytes (default: the largest tensor), so the GPU never holds more than the
+  final model plus that budget (plus the quantizer's own temporaries).
+- Names in ``host`` (small statistics of pre-quantized weights, which are
+  parsed or packed on the host) are copied out of the ring into ordinary host
+  memory instead: no device allocation, copy or event of their own.
+- Closing joins the readers, waits for the copies still reading the ring, and
+  lets the ring go; on CUDA the pinned blocks torch cached for it are handed
+  back to the driver (``torch._C._host_emptyCache``), so rings do not pile up
+  from load to load.
 
 On the CPU the same pipeline runs with ordinary memory and synchronous copies
 (the default CPU load maps the file and quantizes from the mapping instead,
@@ -42,7 +53,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -113,9 +124,17 @@ class Copies:
     def synchronize(self) -> None:
         """Wait for every copy queued."""
 
+    def release(self) -> None:
+        """Give back host memory kept for the ring once it is dropped."""
+
 
 class CudaCopies(Copies):
-    """Pinned ring, ``non_blocking`` copies on a side stream, CUDA events."""
+    """Pinned ring, ``non_blocking`` copies on a side stream, CUDA events.
+
+    ``stream`` runs the copies; ``compute`` (the stream current when this object
+    is made) is the one the tensors are handed over to, and the one whose pool
+    their device memory comes from.
+    """
 
     pinned = True
     asynchronous = True
@@ -123,11 +142,17 @@ class CudaCopies(Copies):
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
         self.stream = torch.cuda.Stream(device)
+        self.compute = torch.cuda.current_stream(device)
 
     def allocate(self, nbytes: int) -> torch.Tensor:
-        # on the side stream: see the module's docstring
-        with torch.cuda.stream(self.stream):
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        # where the tensor lives: see the module's docstring
+        with torch.cuda.stream(self.compute):
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        # the memory may have been freed by compute-stream work not yet run
+        self.stream.wait_stream(self.compute)
+        # and must not be given away while a copy into it is pending
+        buffer.record_stream(self.stream)
+        return buffer
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Any:
         with torch.cuda.stream(self.stream):
@@ -137,17 +162,22 @@ class CudaCopies(Copies):
         return event
 
     def hand_over(self, flat: torch.Tensor, last: Any) -> None:
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(last)
-        flat.record_stream(compute)
+        self.compute.wait_event(last)
 
     def handed_back(self) -> Any:
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(self.compute)
         return event
 
     def synchronize(self) -> None:
         self.stream.synchronize()
+
+    def release(self) -> None:
+        # torch caches freed pinned blocks for good (rings of other sizes would pile
+        # up): give back those no longer in use, the ring's included
+        empty = getattr(torch._C, "_host_emptyCache", None)
+        if empty is not None:
+            empty()
 
 
 def copies_for(device: torch.device) -> Copies:
@@ -162,8 +192,10 @@ class DeviceStream:
 
     The ring is never larger than the bytes to read: a small checkpoint gets
     small slots. Use it as a context manager (or call :meth:`close`): closing
-    joins the reader threads and waits for copies still reading the ring.
-    ``copies`` (default: :func:`copies_for` ``device``) moves the chunks.
+    joins the reader threads, waits for copies still reading the ring and lets
+    the ring go. ``copies`` (default: :func:`copies_for` ``device``) moves the
+    chunks. The tensors named in ``host`` are yielded as fresh CPU tensors
+    instead (copied out of the ring, never sent to the device).
     """
 
     def __init__(
@@ -177,11 +209,13 @@ class DeviceStream:
         threads: int | None = None,
         device_budget: int | None = None,
         copies: Copies | None = None,
+        host: Collection[str] = (),
     ) -> None:
         if slot_bytes < 1 or slots < 1:
             raise ValueError(f"slot_bytes and slots must be positive, not {slot_bytes}, {slots}")
         self.names = list(names)
         self.device = device
+        self._host = [name in host for name in self.names]
         self._layouts: list[tuple[torch.dtype, tuple[int, ...], int]] = []
         for info in (ckpt[name] for name in self.names):
             dtype = DTYPES.get(info.dtype)
@@ -214,6 +248,7 @@ class DeviceStream:
             threads=threads or default_threads(),
         )
         self.total_bytes: int = self._reader.total_bytes
+        self._iterators: list[Iterator[tuple[str, torch.Tensor]]] = []
 
     @property
     def ring_bytes(self) -> int:
@@ -225,7 +260,9 @@ class DeviceStream:
         return self._reader
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self._tensors()
+        iterator = self._tensors()
+        self._iterators.append(iterator)
+        return iterator
 
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         slots = len(self._ring)
@@ -233,13 +270,20 @@ class DeviceStream:
         last: Any = None  # the event of the current tensor's latest chunk copy
         for seq, item, offset, nbytes, slot in self._reader:
             dtype, shape, total = self._layouts[item]
+            on_host = self._host[item]
             if offset == 0:
-                flat, last = self._allocate(total), None
+                flat, last = (
+                    (torch.empty(total, dtype=torch.uint8) if on_host else self._allocate(total)),
+                    None,
+                )
             assert flat is not None
             event = None
             if nbytes:
                 src = self._ring[slot][:nbytes]
-                event = self._copies.copy(flat[offset : offset + nbytes], src)
+                if on_host:
+                    flat[offset : offset + nbytes].copy_(src)
+                else:
+                    event = self._copies.copy(flat[offset : offset + nbytes], src)
             if event is None:
                 self._reader.release(seq)
             else:
@@ -254,11 +298,11 @@ class DeviceStream:
             if total:
                 tensor = flat.view(dtype).reshape(shape)
             else:
-                tensor = torch.empty(shape, dtype=dtype, device=self.device)
+                tensor = torch.empty(shape, dtype=dtype, device="cpu" if on_host else self.device)
             flat = last = None
             yield self.names[item], tensor
             del tensor
-            if self._copies.asynchronous and total:
+            if self._copies.asynchronous and total and not on_host:
                 self._inflight.append((self._copies.handed_back(), total))
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
@@ -284,10 +328,17 @@ class DeviceStream:
             self._pending.popleft()
 
     def close(self) -> None:
-        """Join the reader threads, and wait for copies still reading the ring."""
+        """Join the reader threads, wait for copies still reading the ring, and
+        let the ring go (its pinned memory is given back on CUDA)."""
+        for iterator in self._iterators:
+            iterator.close()  # type: ignore[attr-defined]
+        self._iterators.clear()
         self._reader.close()
         self._copies.synchronize()
         self._pending.clear()
+        if self._ring:
+            self._ring.clear()
+            self._copies.release()
 
     def __enter__(self) -> DeviceStream:
         return self

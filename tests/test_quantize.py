@@ -374,6 +374,17 @@ def _linear4bit(spec: QuantSpec, shape: tuple[int, int]) -> Any:
     return module
 
 
+def _assert_same_4bit(got: Any, want: Any) -> None:
+    assert type(got) is type(want) and got.dtype == want.dtype
+    assert got.shape == want.shape and got.bnb_quantized and got.module is not None
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    a, b = got.quant_state.as_dict(packed=True), want.quant_state.as_dict(packed=True)
+    assert a.keys() == b.keys()
+    for key, value in b.items():
+        assert torch.equal(a[key], value) if torch.is_tensor(value) else a[key] == value, key
+
+
+@pytest.mark.parametrize("owned", [False, True])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
@@ -381,24 +392,38 @@ def _linear4bit(spec: QuantSpec, shape: tuple[int, int]) -> Any:
     [
         (torch.bfloat16, torch.bfloat16, False),
         (torch.float32, torch.bfloat16, False),
+        (torch.bfloat16, torch.float16, False),  # owned: cast in place
         (torch.float16, torch.float16, True),
         (torch.float32, torch.float32, False),
     ],
 )
-def test_materialize_4bit_native_equals_bitsandbytes(
+def test_materialize_4bit_equals_bitsandbytes(
     double_quant: bool,
     quant_storage: torch.dtype,
     source: torch.dtype,
     dtype: torch.dtype,
     transpose: bool,
+    owned: bool,
 ) -> None:
+    """Both quantizers (Rust, and bitsandbytes' op called directly) against what
+    transformers runs: ``Params4bit(weight, ...).to(device)``."""
     shape = (96, 160)
     tensor = torch.randn(shape[::-1] if transpose else shape).to(source)
-    params = []
+    quant_type = "fp4" if transpose else "nf4"
+    weight = tensor.to(dtype).t() if transpose else tensor.to(dtype)
+    want = bnb.nn.Params4bit(
+        weight,
+        requires_grad=False,
+        blocksize=128,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        module=_linear4bit(QuantSpec(bits=4), shape),
+    ).to("cpu")
     for native in (True, False):
         spec = QuantSpec(
             bits=4,
-            quant_type="fp4" if transpose else "nf4",
+            quant_type=quant_type,
             double_quant=double_quant,
             quant_storage=quant_storage,
             blocksize=128,
@@ -408,24 +433,18 @@ def test_materialize_4bit_native_equals_bitsandbytes(
         materialize(
             module,
             "weight",
-            tensor,
+            tensor.clone() if owned else tensor,
             device=torch.device("cpu"),
             dtype=dtype,
             spec=spec,
             transpose=transpose,
+            owned=owned,
         )
         assert module.quant_state is module.weight.quant_state
-        params.append(module.weight)
-    got, want = params
-    assert type(got) is type(want) and got.dtype == want.dtype == quant_storage
-    assert got.shape == want.shape and got.bnb_quantized and got.module is not None
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    a, b = got.quant_state.as_dict(packed=True), want.quant_state.as_dict(packed=True)
-    assert a.keys() == b.keys()
-    for key, value in b.items():
-        assert torch.equal(a[key], value) if torch.is_tensor(value) else a[key] == value, key
+        _assert_same_4bit(module.weight, want)
 
 
+@pytest.mark.parametrize("owned", [False, True])
 @pytest.mark.parametrize(
     ("source", "dtype", "transpose"),
     [
@@ -435,32 +454,94 @@ def test_materialize_4bit_native_equals_bitsandbytes(
         (torch.float32, torch.float32, False),
     ],
 )
-def test_materialize_int8_native_equals_bitsandbytes(
-    source: torch.dtype, dtype: torch.dtype, transpose: bool
+def test_materialize_int8_equals_bitsandbytes(
+    source: torch.dtype, dtype: torch.dtype, transpose: bool, owned: bool
 ) -> None:
+    """Both quantizers against ``Int8Params(weight, ...).to(device)``; an owned bf16
+    tensor is converted to float16 in place before bitsandbytes' kernel."""
     tensor = (torch.randn(64, 40) * 50).to(source)
-    params = []
+    tensor_in = tensor.t().contiguous() if transpose else tensor
+    want = bnb.nn.Int8Params(tensor.to(dtype), requires_grad=False, has_fp16_weights=False)
+    want = want.to("cpu")
     for native in (True, False):
         spec = QuantSpec(bits=8, native=native)
         module = bnb.nn.Linear8bitLt(40, 64, False, has_fp16_weights=False, device="meta")
-        if transpose:
-            tensor_in = tensor.t().contiguous()
-        else:
-            tensor_in = tensor
         materialize(
             module,
             "weight",
-            tensor_in,
+            tensor_in.clone() if owned else tensor_in,
             device=torch.device("cpu"),
             dtype=dtype,
             spec=spec,
             transpose=transpose,
+            owned=owned,
         )
-        params.append(module.weight)
-    got, want = params
-    assert type(got) is type(want) and got.dtype == torch.int8 and not got.has_fp16_weights
-    assert torch.equal(got, want) and got.CB.data_ptr() == got.data_ptr()
-    assert torch.equal(got.SCB, want.SCB)
+        got = module.weight
+        assert type(got) is type(want) and got.dtype == torch.int8 and not got.has_fp16_weights
+        assert torch.equal(got, want) and got.CB.data_ptr() == got.data_ptr()
+        assert torch.equal(got.SCB, want.SCB)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_4bit_equals_bitsandbytes_functional(
+    double_quant: bool, quant_type: str, quant_storage: torch.dtype, dtype: torch.dtype
+) -> None:
+    """The op-level quantizer (no host sync on a GPU) is ``F.quantize_4bit`` bit for bit,
+    and every QuantState owns its code tables (none shared with another state or with
+    the per-device cache: transformers refuses to save tensors that share memory)."""
+    from leanstream.quantize import _CODES, quantize_4bit
+
+    weight = torch.randn(300, 70).to(dtype)  # 21000: a partial last block at 64 and 256
+    states = []
+    for _ in range(2):
+        packed, state = quantize_4bit(
+            weight,
+            blocksize=64,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+            double_quant=double_quant,
+        )
+        want, want_state = F.quantize_4bit(
+            weight,
+            blocksize=64,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+        )
+        assert packed.dtype == want.dtype and packed.shape == want.shape
+        assert torch.equal(packed.view(torch.uint8), want.view(torch.uint8))
+        a, b = state.as_dict(packed=True), want_state.as_dict(packed=True)
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            assert torch.equal(a[key], value) if torch.is_tensor(value) else a[key] == value, key
+        states.append(state)
+    codes = [s.code for s in states] + [s.state2.code for s in states if s.state2 is not None]
+    codes += list(_CODES.values())
+    pointers = [c.untyped_storage().data_ptr() for c in codes]
+    assert len(set(pointers)) == len(pointers)
+
+
+def test_placed_casts_an_owned_tensor_in_place() -> None:
+    from leanstream.quantize import placed
+
+    cpu = torch.device("cpu")
+    source = (torch.randn(33, 7) * 1000).to(torch.bfloat16)
+    want = source.to(torch.float16)
+    owned = source.clone()
+    got = placed(owned, cpu, torch.float16, owned=True)
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert got.data_ptr() == owned.data_ptr()  # the same bytes, converted
+    # not owned, or of another size: a new tensor, the source untouched
+    kept = source.clone()
+    got = placed(kept, cpu, torch.float16, owned=False)
+    assert torch.equal(got, want) and got.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, source)
+    got = placed(kept, cpu, torch.float32, owned=True)
+    assert torch.equal(got, source.float()) and torch.equal(kept, source)
+    assert placed(kept, cpu, torch.bfloat16, owned=True) is kept
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,20 @@ Two halves, used in this order by the loader:
    target device: quantized for a replaced linear's weight, copied otherwise.
    The full-precision tensor is garbage as soon as it returns.
 
-Quantization goes through the same bitsandbytes calls transformers makes
-(``Params4bit(...).to(device)``, ``Int8Params(...)._quantize``), so the packed
-bytes, ``absmax``, ``quant_map`` and ``SCB`` are bit-identical to
-``from_pretrained(quantization_config=BitsAndBytesConfig(...))``. On the CPU the
+Quantization runs the same bitsandbytes operations transformers' calls run
+(``Params4bit(...).to(device)`` is ``torch.ops.bitsandbytes.quantize_4bit`` and,
+with double quantization, ``quantize_blockwise``; ``Int8Params(...)._quantize``),
+so the packed bytes, ``absmax``, ``quant_map`` and ``SCB`` are bit-identical to
+``from_pretrained(quantization_config=BitsAndBytesConfig(...))``. The 4-bit
+operations are called directly, with code tables made once per device:
+``bitsandbytes.functional.quantize_4bit`` builds its table from a Python list
+on every call, a host-to-device copy and a host sync per weight, which would
+stall the overlapped GPU load (:mod:`leanstream.pipeline`). A tensor the loader
+owns (a fresh one from the pipeline, or a copy it made) is cast in place when
+only the dtype changes between two of one size (bf16 to fp16 for LLM.int8):
+no second full-size tensor on the device. On CUDA all of it runs on the
+device's default stream, where bitsandbytes' quantize kernels run
+(:func:`kernel_stream`). On the CPU the
 weights are quantized by the Rust core instead (``_core.quantize_4bit`` /
 ``_core.quantize_int8``, same arithmetic as bitsandbytes' CPU kernels, bit for
 bit, tens of times faster), straight from the mapped bytes into ``torch.empty``
@@ -24,10 +34,11 @@ bitsandbytes' kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -315,43 +326,204 @@ def materialize(
     linear and ``attr`` is its weight, else copied with ``dtype`` (None: as is).
     ``owned``: ``tensor`` is the caller's to give away (a fresh tensor from the
     pipeline), so when it already has the right device and dtype it becomes the
-    parameter itself instead of being copied."""
+    parameter itself instead of being copied, and a change between dtypes of one
+    size is made in place (:func:`placed`)."""
     import bitsandbytes as bnb
 
     if attr == "weight" and isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
-        weight = tensor.to(device=device, dtype=dtype)
+        weight = placed(tensor, device, dtype, owned=owned)
         if transpose:
             weight = weight.t()
         if spec.native and _native_input(weight):
             module.weight = _native_4bit(module, weight)
             return
-        param = bnb.nn.Params4bit(
-            weight,
-            requires_grad=False,
-            blocksize=module.weight.blocksize,
-            compress_statistics=module.weight.compress_statistics,
-            quant_type=module.weight.quant_type,
-            quant_storage=module.weight.quant_storage,
-            module=module,
+        meta = module.weight
+        packed, state = quantize_4bit(
+            weight.contiguous(),
+            blocksize=meta.blocksize,
+            quant_type=meta.quant_type,
+            quant_storage=meta.quant_storage,
+            double_quant=meta.compress_statistics,
         )
-        module.weight = param.to(device)
+        module.weight = params_4bit(module, packed, state)
         return
     if attr == "weight" and isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit):
-        weight = tensor.to(dtype=dtype)
+        weight = placed(tensor, device, dtype, owned=owned)
+        fresh = owned or weight is not tensor
         if transpose:
             weight = weight.t()
-        if spec.native and device.type == "cpu" and weight.dim() == 2 and _native_input(weight):
+        if spec.native and weight.dim() == 2 and _native_input(weight):
             module.weight = _native_int8(weight)
             return
+        if transpose:
+            weight, fresh = weight.contiguous(), True
+        if fresh:
+            # what Int8Params._quantize converts to, here in place rather than a copy
+            weight = placed(weight, device, torch.float16, owned=True)
         param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         # Int8Params.to() quantizes only from the CPU; _quantize is what it calls
         module.weight = param._quantize(device)
         return
-    value = tensor.to(device=device, dtype=dtype, copy=not owned)
+    if owned:
+        value = placed(tensor, device, dtype, owned=True)
+    else:
+        value = tensor.to(device=device, dtype=dtype, copy=True)
     if buffer:
         module._buffers[attr] = value
     else:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def placed(
+    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None, *, owned: bool
+) -> torch.Tensor:
+    """``tensor.to(device, dtype)``, in place when ``owned`` (the caller's to overwrite)
+    and only the dtype changes between two of one size: no second full-size tensor."""
+    if (
+        owned
+        and dtype is not None
+        and dtype != tensor.dtype
+        and dtype.itemsize == tensor.dtype.itemsize
+        and tensor.device == device
+        and tensor.is_contiguous()
+        and tensor.numel() > 0
+    ):
+        out = tensor.view(dtype)
+        out.copy_(tensor)  # each element read, then written at the same bytes
+        return out
+    return tensor.to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def kernel_stream(device: torch.device) -> Iterator[None]:
+    """Queue the block's device work on the stream bitsandbytes' kernels run on.
+
+    bitsandbytes 0.50 launches its CUDA quantize kernels (4-bit and blockwise)
+    without a stream: they run on the device's default stream whatever stream
+    is current, while the torch operations around them (allocating their
+    inputs and outputs, the mean of double quantization) follow the current
+    stream. Inside a user's ``with torch.cuda.stream(s):`` the two would race.
+    So the load's device work goes to the default stream, and the caller's
+    current stream then waits for it (the GPU waits, not the host).
+    Elsewhere than CUDA: nothing to do.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    caller = torch.cuda.current_stream(device)
+    kernels = torch.cuda.default_stream(device)
+    try:
+        with torch.cuda.stream(kernels):
+            yield
+    finally:
+        caller.wait_stream(kernels)
+
+
+# --- 4-bit quantization without host syncs --------------------------------------------
+
+_CODES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _code(name: str, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' code table ``name`` (``"nf4"``, ``"fp4"``, or ``"dynamic"``, the
+    8-bit map of double quantization) on ``device``, made once per device and
+    copied there without a host sync. Not to be stored: each ``QuantState`` gets
+    its own clone, as bitsandbytes' do (transformers refuses to save tensors that
+    share memory)."""
+    import bitsandbytes.functional as F
+
+    key = (name, device)
+    code = _CODES.get(key)
+    if code is None:
+        # the values bitsandbytes computes (on the CPU, like it does for "dynamic")
+        table = F.create_dynamic_map() if name == "dynamic" else F.get_4bit_type(name, "cpu")
+        if device.type == "cuda":
+            code = table.pin_memory().to(device, non_blocking=True)
+        else:
+            code = table.to(device)
+        _CODES[key] = code
+    return code
+
+
+def quantize_4bit(
+    weight: torch.Tensor,
+    *,
+    blocksize: int,
+    quant_type: str,
+    quant_storage: torch.dtype,
+    double_quant: bool,
+) -> tuple[torch.Tensor, Any]:
+    """``bitsandbytes.functional.quantize_4bit(weight, ...)``, bit for bit, without
+    its per-call host sync: ``(packed, QuantState)``. ``weight`` is contiguous."""
+    packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(
+        weight, blocksize, quant_type, quant_storage
+    )
+    return packed, quant_state_4bit(
+        absmax, weight.shape, weight.dtype, blocksize, quant_type, double_quant
+    )
+
+
+def quant_state_4bit(
+    absmax: torch.Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    blocksize: int,
+    quant_type: str,
+    double_quant: bool,
+) -> Any:
+    """The ``QuantState`` ``bitsandbytes.functional.quantize_4bit`` builds around the
+    per-block ``absmax`` (float32) of a weight of ``shape`` and ``dtype``; with
+    ``double_quant``, ``absmax`` is quantized as it does (8-bit blockwise, blocks of
+    256, around its mean)."""
+    import bitsandbytes.functional as F
+
+    code = _code(quant_type, absmax.device).clone()
+    if not double_quant:
+        return F.QuantState(
+            absmax=absmax,
+            shape=shape,
+            dtype=dtype,
+            blocksize=blocksize,
+            code=code,
+            quant_type=quant_type,
+        )
+    offset = absmax.mean()
+    dynamic = _code("dynamic", absmax.device)
+    qabsmax, absmax2 = torch.ops.bitsandbytes.quantize_blockwise.default(
+        absmax - offset, dynamic, 256
+    )
+    state2 = F.QuantState(absmax=absmax2, code=dynamic.clone(), blocksize=256, dtype=torch.float32)
+    return F.QuantState(
+        absmax=qabsmax,
+        shape=shape,
+        dtype=dtype,
+        blocksize=blocksize,
+        code=code,
+        quant_type=quant_type,
+        offset=offset,
+        state2=state2,
+    )
+
+
+def params_4bit(module: nn.Module, packed: torch.Tensor, state: Any) -> Any:
+    """The ``Params4bit`` ``Params4bit._quantize`` leaves in ``module`` (whose meta
+    weight gives the settings), around ``packed`` and ``state``."""
+    import bitsandbytes as bnb
+
+    meta = module.weight
+    param = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=meta.blocksize,
+        compress_statistics=meta.compress_statistics,
+        quant_type=meta.quant_type,
+        quant_storage=meta.quant_storage,
+        module=module,
+        bnb_quantized=True,
+    )
+    module.quant_state = state  # as Params4bit._quantize does
+    return param
 
 
 # --- the native CPU quantizer ------------------------------------------------------
@@ -372,10 +544,7 @@ def _raw(weight: torch.Tensor) -> Any:
 def _native_4bit(module: nn.Module, weight: torch.Tensor) -> Any:
     """``Params4bit(weight, ...).to("cpu")`` with the packing done in Rust: the
     ``QuantState`` is built as ``bitsandbytes.functional.quantize_4bit`` builds it
-    (double quantization of ``absmax`` included, by bitsandbytes itself)."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
+    (double quantization of ``absmax`` included, by bitsandbytes' own kernel)."""
     meta = module.weight
     n = weight.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
@@ -391,34 +560,15 @@ def _native_4bit(module: nn.Module, weight: torch.Tensor) -> Any:
     )
     if meta.quant_storage != torch.uint8:
         packed = packed.squeeze().view(meta.quant_storage).unsqueeze(1)
-    code = F.get_4bit_type(meta.quant_type, device=weight.device)
-    nested: dict[str, Any] = {}
-    if meta.compress_statistics:
-        offset = absmax.mean()
-        absmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
-        nested = dict(offset=offset, state2=state2)
-    state = F.QuantState(
-        absmax=absmax,
-        shape=weight.shape,
-        dtype=weight.dtype,
-        blocksize=meta.blocksize,
-        code=code,
-        quant_type=meta.quant_type,
-        **nested,
+    state = quant_state_4bit(
+        absmax,
+        weight.shape,
+        weight.dtype,
+        meta.blocksize,
+        meta.quant_type,
+        meta.compress_statistics,
     )
-    param = bnb.nn.Params4bit(
-        packed,
-        requires_grad=False,
-        quant_state=state,
-        blocksize=meta.blocksize,
-        compress_statistics=meta.compress_statistics,
-        quant_type=meta.quant_type,
-        quant_storage=meta.quant_storage,
-        module=module,
-        bnb_quantized=True,
-    )
-    module.quant_state = state  # as Params4bit._quantize does
-    return param
+    return params_4bit(module, packed, state)
 
 
 def _native_int8(weight: torch.Tensor) -> Any:
@@ -445,8 +595,13 @@ __all__ = [
     "default_skip_modules",
     "extra_modules",
     "is_quantized_module",
+    "kernel_stream",
     "matches_any",
     "materialize",
+    "params_4bit",
+    "placed",
+    "quant_state_4bit",
+    "quantize_4bit",
     "replace_embeddings",
     "replace_linears",
 ]

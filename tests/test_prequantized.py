@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -93,6 +94,39 @@ def test_ready_model_owns_its_memory(saved: dict[tuple[str, str], Path]) -> None
             assert tensor.untyped_storage().resizable(), "a view of the mapped file was kept"
         out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
         assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("setting", ["nf4-dq", "int8"])
+def test_statistics_go_to_the_device_at_once(
+    originals: dict[str, Path],
+    saved: dict[tuple[str, str], Path],
+    tmp_path: Path,
+    setting: str,
+    pipeline: bool,
+) -> None:
+    """A weight's statistics are parsed on the host and sent in one allocation and one
+    copy (disjoint views of it), and the model still saves with transformers'
+    ``save_pretrained`` and reloads bit for bit."""
+    got = _load(saved[setting, "llama"], pipeline=pipeline)
+    for module in got.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            stats = [state.absmax, state.code, state.offset, state.state2.absmax]
+            stats.append(state.state2.code)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            stats = [module.weight.SCB]
+        else:
+            continue
+        storages = {t.untyped_storage().data_ptr() for t in stats}
+        assert len(storages) == 1, "one allocation per weight"
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in stats)
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
+    got.save_pretrained(tmp_path / "again", max_shard_size="40KB")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", device_map="cpu").eval()
+    ref = reference(originals["llama"], SETTINGS[setting])
+    assert assert_same_weights(ref, again) > 0
+    assert torch.equal(logits(got), logits(again))
 
 
 def test_compute_dtype_comes_from_the_checkpoint_unless_given(

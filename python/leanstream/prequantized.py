@@ -14,9 +14,11 @@ linear weight as several tensors:
 plan, reader and progress bar). :class:`Prequantized` tells the loader which layers
 to replace (``llm_int8_skip_modules`` as transformers reads it), which extra tensors
 each quantized weight consumes, and turns them into bitsandbytes parameters with
-bitsandbytes' own constructors (``Params4bit.from_prequantized``, ``Int8Params``),
-as transformers' ``Bnb4bitDeserialize`` / ``Bnb8bitDeserialize`` do: nothing is
-dequantized or requantized, the bytes are copied once to the target device.
+bitsandbytes' own constructors (``QuantState.from_dict``, ``Params4bit``,
+``Int8Params``), as transformers' ``Bnb4bitDeserialize`` / ``Bnb8bitDeserialize`` do
+(through ``Params4bit.from_prequantized``): nothing is dequantized or requantized,
+the bytes are copied once to the target device. The statistics are parsed and
+checked on the host, and each weight's go to the device in one copy.
 
 >>> model = leanstream.load("someone/llama-3.2-1b-nf4")  # doctest: +SKIP
 """
@@ -24,7 +26,7 @@ dequantized or requantized, the bytes are copied once to the target device.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,11 +256,15 @@ class Prequantized:
         owned: bool = False,
     ) -> None:
         """Make ``module.weight`` the bitsandbytes parameter stored as ``weight`` and
-        ``stats`` (read-only views of the mapped file: copied once to ``device``;
-        ``owned``: fresh tensors of the caller's, used as they are when already there)."""
+        ``stats``. ``weight`` is copied once to ``device`` (``owned``: a fresh tensor
+        of the caller's, used as it is when already there). ``stats`` are host tensors
+        (read-only views of the mapped file, or the pipeline's host copies): they are
+        parsed and checked on the host, then sent to ``device`` together, in one
+        allocation and one copy (:func:`to_device_at_once`): no host sync, and no
+        device allocation, copy or event per tiny tensor."""
         import bitsandbytes as bnb
+        import bitsandbytes.functional as F
 
-        own = {stat: value.to(device=device, copy=not owned) for stat, value in stats.items()}
         data = weight.to(device=device, copy=not owned)
         if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
             if weight.dtype != self.spec.quant_storage:
@@ -270,13 +276,8 @@ class Prequantized:
                     tensor=name,
                 )
             try:
-                param = bnb.nn.Params4bit.from_prequantized(
-                    data=data,
-                    quantized_stats=own,
-                    requires_grad=False,
-                    device=device,
-                    module=module,
-                )
+                # what Params4bit.from_prequantized does, on the host
+                state = F.QuantState.from_dict(qs_dict=dict(stats), device=torch.device("cpu"))
             except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as err:
                 raise checkpoint_error(
                     UnsupportedCheckpointError,
@@ -285,24 +286,35 @@ class Prequantized:
                     file=self.config_file,
                     tensor=name,
                 ) from err
-            _check_4bit(self.config_file, name, param.quant_state)
+            _check_4bit(self.config_file, name, state)
             expected = _features(module)
-            if tuple(param.quant_state.shape) != expected:
+            if tuple(state.shape) != expected:
                 raise MismatchError(
-                    self.config_file,
-                    mismatched=[(name, tuple(param.quant_state.shape), expected)],
+                    self.config_file, mismatched=[(name, tuple(state.shape), expected)]
                 )
             asked = self.spec.blocksize
-            if asked != _DEFAULT.blocksize and asked != param.quant_state.blocksize:
+            if asked != _DEFAULT.blocksize and asked != state.blocksize:
                 raise ConfigError(
                     f"{self.config_file}: {name!r} is stored with blocksize "
-                    f"{param.quant_state.blocksize} but blocksize={asked} was asked: "
+                    f"{state.blocksize} but blocksize={asked} was asked: "
                     "leave blocksize out for a pre-quantized checkpoint"
                 )
-            module.weight = param
+            _state_to(state, device)
+            module.weight = bnb.nn.Params4bit(
+                data,
+                requires_grad=False,
+                quant_state=state,
+                blocksize=state.blocksize,
+                compress_statistics=state.nested,
+                quant_type=state.quant_type,
+                quant_storage=data.dtype,
+                module=module,
+                bnb_quantized=True,
+            )
+            module.quant_state = state  # as Params4bit.from_prequantized does
             return
         if isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit):
-            layout = own.pop("weight_format", None)
+            layout = stats.get("weight_format")
             if layout is not None and int(layout.item()) != 0:
                 raise checkpoint_error(
                     UnsupportedCheckpointError,
@@ -311,7 +323,7 @@ class Prequantized:
                     file=self.config_file,
                     tensor=name,
                 )
-            scb, rows, scb_name = own["SCB"], _features(module)[0], f"{name[:-6]}SCB"
+            scb, rows, scb_name = stats["SCB"], _features(module)[0], f"{name[:-6]}SCB"
             if tuple(scb.shape) != (rows,):
                 raise MismatchError(
                     self.config_file, mismatched=[(scb_name, tuple(scb.shape), (rows,))]
@@ -326,10 +338,44 @@ class Prequantized:
                 )
             param = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
             param.CB = param.data
-            param.SCB = own["SCB"]
+            (param.SCB,) = to_device_at_once([scb], device)
             module.weight = param
             return
         raise TypeError(f"{name}: not a bitsandbytes layer: {type(module).__name__}")
+
+
+def to_device_at_once(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``[t.to(device, copy=True) for t in tensors]`` for small host tensors, in one
+    allocation and one copy: on CUDA a ``non_blocking`` copy from pinned memory (no
+    host sync). Each result is a view of its own bytes (disjoint, 64-byte aligned:
+    transformers' ``save_pretrained`` saves disjoint views of one storage as
+    separate tensors)."""
+    starts, total = [], 0
+    for tensor in tensors:
+        total = -(-total // 64) * 64
+        starts.append(total)
+        total += tensor.nbytes
+    host = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for tensor, start in zip(tensors, starts, strict=True):
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        host[start : start + tensor.nbytes].copy_(raw)
+    packed = host.to(device, non_blocking=True)
+    return [
+        packed[start : start + t.nbytes].view(t.dtype).reshape(t.shape)
+        for t, start in zip(tensors, starts, strict=True)
+    ]
+
+
+def _state_to(state: Any, device: torch.device) -> None:
+    """Move a host ``QuantState``'s tensors to ``device`` at once (in place)."""
+    nested = state.state2
+    tensors = [state.absmax, state.code]
+    if nested is not None:
+        tensors += [state.offset, nested.absmax, nested.code]
+    moved = to_device_at_once(tensors, device)
+    state.absmax, state.code = moved[:2]
+    if nested is not None:
+        state.offset, nested.absmax, nested.code = moved[2:]
 
 
 def _check_4bit(config_file: str, name: str, state: Any) -> None:
@@ -397,4 +443,11 @@ def _dtype(value: Any, path: str) -> torch.dtype | None:
     return result
 
 
-__all__ = ["QUANT_STATE_4BIT", "STATS_4BIT", "STATS_8BIT", "Prequantized", "describe"]
+__all__ = [
+    "QUANT_STATE_4BIT",
+    "STATS_4BIT",
+    "STATS_8BIT",
+    "Prequantized",
+    "describe",
+    "to_device_at_once",
+]

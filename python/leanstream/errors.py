@@ -11,7 +11,8 @@ re-exported here; model-level errors are defined here on top of them::
     │   │   IndexMismatchError, MissingTensorError         (raised by the Rust reader)
     │   ├── UnsupportedCheckpointError  (pickle-only folders, merged-weight conversions)
     │   └── MismatchError               (.missing, .unexpected, .mismatched)
-    └── ConfigError                     (config.json missing/invalid, bad load() options)
+    ├── ConfigError                     (config.json missing/invalid, bad load() options)
+    └── PlacementError                  (.names, .device: left off the target device)
 """
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ class MismatchError(CheckpointError):
         )
 
 
+class PlacementError(LeanstreamError):
+    """After a load, parameters or buffers are not on the target device.
+
+    ``names`` lists them as ``"name (device)"``; ``device`` is the target. Raised
+    instead of returning a model whose forward would copy them at every call,
+    or fail.
+    """
+
+    def __init__(self, names: Sequence[str], device: object) -> None:
+        self.names = list(names)
+        self.device = device
+        super().__init__(
+            f"after the load, {len(self.names)} parameter(s) or buffer(s) are not on "
+            f"{device}: {_names(self.names)}"
+        )
+
+
 def _names(names: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -123,6 +141,7 @@ __all__ = [
     "MissingTensorError",
     "OffsetError",
     "OverlapError",
+    "PlacementError",
     "ShapeError",
     "TrailingDataError",
     "TruncatedFileError",

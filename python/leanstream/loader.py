@@ -34,7 +34,13 @@ from torch import nn
 
 from . import _core
 from .checkpoint import check_weights_format, load_config, read_config_dict, resolve
-from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
+from .errors import (
+    ConfigError,
+    MismatchError,
+    PlacementError,
+    UnsupportedCheckpointError,
+    checkpoint_error,
+)
 from .meta import build_empty_model, meta_tensors
 from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
 from .prequantized import Prequantized
@@ -44,6 +50,7 @@ from .quantize import (
     QuantType,
     default_skip_modules,
     extra_modules,
+    kernel_stream,
     materialize,
     replace_embeddings,
     replace_linears,
@@ -261,11 +268,14 @@ def _fill(
         model, ckpt, folder, expected, replaced, model_dtype, fp32_modules, prequantized
     )
     names = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
+    # pre-quantized statistics are parsed and packed on the host (Prequantized.materialize)
+    host = {key for t in targets for _, key in t.stats or ()}
 
     if warm is not None:
         warm.stop()  # the ordered reads start now: the warm-up would compete
     with (
-        source.open(ckpt, names, device) as tensors,
+        kernel_stream(device),
+        source.open(ckpt, names, device, host) as tensors,
         byte_progress(tensors.total_bytes, f"leanstream {folder.name}", enabled=progress) as bar,
     ):
         trim = _MallocTrim() if device.type == "cpu" else None
@@ -304,6 +314,10 @@ def _fill(
     left = meta_tensors(model)
     if left:
         raise MismatchError(str(folder), missing=left)
+    _place_buffers(model, device)
+    misplaced = _misplaced(model, device)
+    if misplaced:
+        raise PlacementError(misplaced, device)
     if spec.quantized:
         compute = spec.compute_dtype or model_dtype
         for module in model.modules():
@@ -333,8 +347,10 @@ class _Source:
 
     @contextlib.contextmanager
     def open(
-        self, ckpt: _core.Checkpoint, names: list[str], device: torch.device
+        self, ckpt: _core.Checkpoint, names: list[str], device: torch.device, host: set[str]
     ) -> Iterator[_Mapped | _Pipelined]:
+        """The tensors ``names``, in order; pipelined, those in ``host`` stay on the host
+        (mapped, every tensor is a host view)."""
         if self.pipeline:
             with DeviceStream(
                 ckpt,
@@ -343,6 +359,7 @@ class _Source:
                 slot_bytes=self.ring_bytes // DEFAULT_SLOTS,
                 slots=DEFAULT_SLOTS,
                 threads=self.threads,
+                host=host,
             ) as stream:
                 yield _Pipelined(stream)
         else:
@@ -486,6 +503,25 @@ def _share_quantized(model: Any, output: set[str]) -> None:
             module.state.CB = module.weight.data
             module.state.SCB = module.weight.SCB
             module.weight.CB = None
+
+
+def _place_buffers(model: nn.Module, device: torch.device) -> None:
+    """Move the buffers not loaded from the checkpoint (non-persistent ones such as
+    rotary ``inv_freq``, computed on the CPU by the model's ``__init__``) to ``device``,
+    as transformers does after loading: a forward pass would otherwise copy them
+    at every call, or fail (``torch.equal`` with a CPU tensor, CUDA-graph capture)."""
+    for module in model.modules():
+        for attr, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[attr] = buf.to(device)
+
+
+def _misplaced(model: nn.Module, device: torch.device) -> list[str]:
+    """Names of parameters and buffers of ``model`` that are not on ``device``, with
+    where they are."""
+    tensors = [*model.named_parameters(remove_duplicate=False)]
+    tensors += model.named_buffers(remove_duplicate=False)
+    return [f"{name} ({t.device})" for name, t in tensors if t.device != device]
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -669,6 +705,11 @@ def _as_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device={device!r} but CUDA is not available")
     if result.type == "meta":
         raise ConfigError("device='meta' would load nothing")
+    # the device tensors on it report (load() checks every tensor is there)
+    if result.type == "cpu":
+        result = torch.device("cpu")  # "cpu:0" is "cpu"
+    elif result.type == "cuda" and result.index is None:
+        result = torch.device("cuda", torch.cuda.current_device())  # the current one
     return result
 
 

@@ -289,6 +289,125 @@ def test_packed_weight_of_another_storage_dtype(
         _load(folder)
 
 
+# --- saved after a forward on the CPU (issue 15) -------------------------------------
+
+#: 4-bit settings of models that ran a forward on the CPU before ``save_pretrained``
+CPU_CASES = [("nf4", "llama"), ("nf4-dq", "llama"), ("fp4", "llama"), ("nf4", "gpt2")]
+
+
+def _forward_on_cpu(model: Any) -> None:
+    """What a user's forward does to the 4-bit layers on an AVX512-BF16 CPU: repack
+    them for the CPU kernel. On a CPU without it (the forward leaves them as they are)
+    the layers get the same call ``Linear4bit.forward`` makes."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    logits(model)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            if not getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, state = _convert_weight_packed_for_cpu(
+                    module.weight.data, state
+                )
+            assert state.packing_format_for_cpu and module.weight.quant_state is state
+
+
+@pytest.fixture(scope="session")
+def cpu_saved(
+    originals: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], Path]:
+    """Folders of transformers' ``save_pretrained`` after a forward on the CPU."""
+    root = tmp_path_factory.mktemp("tf-cpu-saved")
+    folders = {}
+    for setting, arch in CPU_CASES:
+        model = reference(originals[arch], SETTINGS[setting])
+        _forward_on_cpu(model)
+        folder = root / f"{arch}-{setting}"
+        model.save_pretrained(folder, max_shard_size="40KB")
+        folders[setting, arch] = folder
+    return folders
+
+
+def _absmax_layouts(model: Any) -> set[tuple[int, ...]]:
+    return {
+        tuple(m.weight.quant_state.absmax.shape)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+
+
+def _in_order(model: Any) -> Any:
+    """A transformers reload of such a folder with each transposed absmax read back in
+    bitsandbytes' order (``absmax.T.reshape(-1)``, as bitsandbytes' inverse does)."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state.absmax.dim() == 2:
+            state = module.weight.quant_state
+            state.absmax = state.absmax.T.reshape(-1).float()
+    return model
+
+
+def _absmax_in_bfloat16(model: Any) -> Any:
+    """The original quantization with absmax rounded as the CPU layout stores it."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            state.absmax = state.absmax.to(torch.bfloat16).float()
+    return model
+
+
+@pytest.mark.parametrize(("setting", "arch"), CPU_CASES)
+def test_saved_after_a_cpu_forward(
+    originals: dict[str, Path], cpu_saved: dict[tuple[str, str], Path], setting: str, arch: str
+) -> None:
+    """Regression (issue 15): a model that ran a forward on an AVX512-BF16 CPU saves a
+    plain absmax transposed, bfloat16 ``[in // 64, out]`` (double-quantized statistics
+    are re-quantized in the usual layout). It loads in bitsandbytes' layout: what
+    transformers reloads, in order, and the original quantization with its absmax in
+    bfloat16; the packed weights are the original's."""
+    folder = cpu_saved[setting, arch]
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    original = reference(originals[arch], SETTINGS[setting])
+    got = _load(folder)
+    for name, module in original.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            packed = got.get_submodule(name).weight
+            assert torch.equal(module.weight.data, packed.data), name
+            assert packed.quant_state.absmax.dim() == 1, name
+    layouts = _absmax_layouts(reloaded)
+    if SETTINGS[setting]["double_quant"]:
+        assert all(len(shape) == 1 for shape in layouts)
+        assert assert_same_weights(reloaded, got) > 0
+        assert torch.equal(logits(reloaded), logits(got))
+    else:
+        assert all(len(shape) == 2 for shape in layouts)
+        assert any(shape[0] > 1 for shape in layouts), "no layer where the order matters"
+        # transformers keeps the tensor as stored: bitsandbytes misreads its order
+        assert not torch.equal(logits(reloaded), logits(got))
+        assert assert_same_weights(_in_order(reloaded), got) > 0
+        assert torch.equal(logits(reloaded), logits(got))
+        assert assert_same_weights(_absmax_in_bfloat16(original), got) > 0
+        assert torch.equal(logits(original), logits(got))
+    a, b = logits(reference(originals[arch], SETTINGS[setting])), logits(got)
+    assert (a - b).norm() / a.norm() < 1e-2
+
+
+def test_transposed_absmax_of_the_wrong_shape(
+    cpu_saved: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    folder = _copy(cpu_saved["nf4", "llama"], tmp_path / "m")
+    name = "model.layers.0.mlp.down_proj.weight.absmax"
+    _edit(folder, name, torch.ones(64, 3, dtype=torch.bfloat16))
+    with pytest.raises(leanstream.MismatchError) as err:
+        _load(folder)
+    assert err.value.mismatched == [(name, (64, 3), (3, 64))]
+    _edit(folder, name, torch.ones(3, 64, dtype=torch.float32))
+    with pytest.raises(
+        leanstream.UnsupportedCheckpointError, match=r"float32, not torch\.bfloat16"
+    ) as e:
+        _load(folder)
+    assert e.value.tensor == "model.layers.0.mlp.down_proj.weight"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("setting", ["nf4-dq", "int8"])
 def test_onto_gpu(saved: dict[tuple[str, str], Path], setting: str) -> None:

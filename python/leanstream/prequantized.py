@@ -18,7 +18,10 @@ bitsandbytes' own constructors (``QuantState.from_dict``, ``Params4bit``,
 ``Int8Params``), as transformers' ``Bnb4bitDeserialize`` / ``Bnb8bitDeserialize`` do
 (through ``Params4bit.from_prequantized``): nothing is dequantized or requantized,
 the bytes are copied once to the target device. The statistics are parsed and
-checked on the host, and each weight's go to the device in one copy.
+checked on the host, and each weight's go to the device in one copy. One layout is
+not bitsandbytes' own: a plain ``absmax`` saved transposed, as bfloat16
+``[in // blocksize, out]``, by a model that ran a forward on an AVX512-BF16 CPU
+before ``save_pretrained``; it is put back in order (:func:`_unpack_cpu_absmax`).
 
 >>> model = leanstream.load("someone/llama-3.2-1b-nf4")  # doctest: +SKIP
 """
@@ -287,6 +290,7 @@ class Prequantized:
                     tensor=name,
                 ) from err
             _check_4bit(self.config_file, name, state)
+            _unpack_cpu_absmax(state)
             expected = _features(module)
             if tuple(state.shape) != expected:
                 raise MismatchError(
@@ -404,26 +408,51 @@ def _check_4bit(config_file: str, name: str, state: Any) -> None:
     if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
         raise invalid(f"shape {list(shape)} is not two positive sizes")
     stat = f"{name}."
-    expected = [(stat + "quant_map", state.code, 16, torch.float32)]
+    expected = [(stat + "quant_map", state.code, (16,), torch.float32)]
     count = -(-shape[0] * shape[1] // block(state.blocksize, "blocksize"))
     if state.nested:
         nested = state.state2
         inner = -(-count // block(nested.blocksize, "nested blocksize"))
         expected += [
-            (stat + "absmax", state.absmax, count, torch.uint8),
-            (stat + "nested_absmax", nested.absmax, inner, torch.float32),
-            (stat + "nested_quant_map", nested.code, 256, torch.float32),
+            (stat + "absmax", state.absmax, (count,), torch.uint8),
+            (stat + "nested_absmax", nested.absmax, (inner,), torch.float32),
+            (stat + "nested_quant_map", nested.code, (256,), torch.float32),
         ]
+    elif state.absmax.dim() == 2 and shape[1] % state.blocksize == 0:
+        # saved after a CPU forward: see _unpack_cpu_absmax
+        layout = (shape[1] // state.blocksize, shape[0])
+        expected.append((stat + "absmax", state.absmax, layout, torch.bfloat16))
     else:
-        expected.append((stat + "absmax", state.absmax, count, torch.float32))
+        expected.append((stat + "absmax", state.absmax, (count,), torch.float32))
     mismatched = [
-        (key, tuple(t.shape), (n,)) for key, t, n, _ in expected if tuple(t.shape) != (n,)
+        (key, tuple(t.shape), want) for key, t, want, _ in expected if tuple(t.shape) != want
     ]
     if mismatched:
         raise MismatchError(config_file, mismatched=mismatched)
     for key, tensor, _, dtype in expected:
         if tensor.dtype != dtype:
             raise invalid(f"{key} is {tensor.dtype}, not {dtype}")
+
+
+def _unpack_cpu_absmax(state: Any) -> None:
+    """Put back in bitsandbytes' order the absmax of a 4-bit weight saved after a
+    forward on an AVX512-BF16 CPU (in place; ``state`` checked by :func:`_check_4bit`).
+
+    That forward repacks the layer for the CPU kernel (``bitsandbytes.functional.
+    _convert_weight_packed_for_cpu``: the weight regrouped, double quantization
+    undone, absmax as bfloat16 ``[in // blocksize, out]``, i.e. transposed), and
+    ``Linear4bit._save_to_state_dict`` undoes it before saving
+    (``_convert_weight_packed_for_cpu_inverse``) but only partly: the weight is
+    back in its layout (and double-quantized statistics are re-quantized), but a
+    plain absmax stays transposed and bfloat16, and the JSON says nothing of it.
+    transformers loads that tensor as it is, which bitsandbytes reads as a flat
+    ``[out * in // blocksize]`` one: the rows' scales are mixed up wherever
+    ``in > blocksize``. Here it is transposed back, as the inverse does for the
+    double-quantized case (``absmax.T.reshape(-1)``), in float32 (exact): the
+    original absmax rounded to bfloat16.
+    """
+    if state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
 
 
 def _features(module: nn.Module) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, options
 from .checkpoint import check_weights_format, load_config, read_config_dict, resolve
 from .errors import (
     ConfigError,
@@ -99,6 +99,13 @@ def load(
     pipeline: bool | None = None,
     threads: int | None = None,
     ring_bytes: int = DEFAULT_SLOTS * DEFAULT_SLOT_BYTES,
+    torch_dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    quantization_config: Any = None,
+    load_in_4bit: bool | None = None,
+    load_in_8bit: bool | None = None,
+    low_cpu_mem_usage: bool | None = None,
+    device_map: Any = None,
 ) -> Any:
     """Load a safetensors causal LM, quantizing each linear weight as it streams in.
 
@@ -150,6 +157,21 @@ def load(
         ring_bytes: host memory of the pipeline's ring (pinned on CUDA; default
             128 MiB), split into 16 buffers; each is the largest chunk read and
             copied at once.
+        torch_dtype: transformers' old name of ``dtype``.
+        attn_implementation: passed to the model, as ``from_pretrained`` does
+            (``"eager"``, ``"sdpa"``, ...).
+        quantization_config: a ``BitsAndBytesConfig`` (or its dict) as the source of
+            ``bits``, ``quant_type``, ``double_quant``, ``compute_dtype`` (its own
+            default: float32), ``quant_storage``, ``threshold`` and ``skip_modules``;
+            an explicit option that contradicts it is a :class:`ConfigError`.
+        load_in_4bit, load_in_8bit: ``bits=4`` / ``bits=8``.
+        low_cpu_mem_usage: accepted and ignored: leanstream always streams.
+        device_map: one device (``"cuda:0"``, ``0``, ``{"": "cpu"}``); placing modules
+            on several devices is a :class:`ConfigError` for now.
+
+    Options that would do nothing (4-bit options with ``bits=8``, ``threshold`` with
+    ``bits=4``, ``skip_modules`` with ``bits=None`` or naming no module) are a
+    :class:`ConfigError`.
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose
@@ -160,6 +182,31 @@ def load(
         >>> prompt = tokenizer("The meaning of life is", return_tensors="pt")  # doctest: +SKIP
         >>> model.generate(**prompt, max_new_tokens=32)  # doctest: +SKIP
     """
+    del low_cpu_mem_usage  # the load always streams
+    given = dict(
+        bits=bits,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        blocksize=blocksize,
+        quant_storage=quant_storage,
+        threshold=threshold,
+        skip_modules=skip_modules,
+        dtype=dtype,
+        device=device,
+    )
+    chosen = options.resolve(
+        given,
+        torch_dtype=torch_dtype,
+        quantization_config=quantization_config,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        device_map=device_map,
+    )
+    bits, quant_type, double_quant = chosen["bits"], chosen["quant_type"], chosen["double_quant"]
+    compute_dtype, blocksize = chosen["compute_dtype"], chosen["blocksize"]
+    quant_storage, threshold = chosen["quant_storage"], chosen["threshold"]
+    skip_modules, dtype, device = chosen["skip_modules"], chosen["dtype"], chosen["device"]
     spec = QuantSpec(
         bits=4 if bits == "auto" else 16 if bits is None else bits,
         quant_type=quant_type,
@@ -205,8 +252,12 @@ def load(
                 compute_dtype_given=compute_dtype is not None,
             )
             spec = prequantized.spec
+        else:
+            options.check(chosen, spec.bits)
         model_dtype = _model_dtype(dtype, config, ckpt)
-        model = build_empty_model(config, trust_remote_code=trust_remote_code)
+        model = build_empty_model(
+            config, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+        )
         try:
             _fill(
                 model,
@@ -249,6 +300,7 @@ def _fill(
     fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     if prequantized is None:
+        _check_skip_modules(model, skip_modules)
         skip = default_skip_modules(model) | set(skip_modules or [])
     else:
         skip = prequantized.skip(model)
@@ -323,13 +375,17 @@ def _fill(
         for module in model.modules():
             if hasattr(module, "compute_dtype") and module.compute_dtype is None:
                 module.compute_dtype = compute
+            if hasattr(module, "compute_type_is_set"):
+                # as transformers' layers: the compute dtype is the configured one, not
+                # the dtype of the first input (fp32 after prepare_model_for_kbit_training)
+                module.compute_type_is_set = True
         model.config.quantization_config = spec.config(sorted(skip), compute)
         if embeddings or output:
             # what leanstream.save writes in its own format (transformers cannot load it)
             model.config.quantization_config.leanstream_quantized_embeddings = sorted(embeddings)
             model.config.quantization_config.leanstream_quantized_lm_head = sorted(output)
-        model.is_loaded_in_4bit = spec.bits == 4
-        model.is_loaded_in_8bit = spec.bits == 8
+        _mark_quantized(model, sorted(skip), prequantized is not None)
+    _set_requires_grad(model)
     model.config.dtype = model_dtype
     # the bitsandbytes layers were created after build_empty_model's eval(): LLM.int8
     # takes another code path in training mode
@@ -503,6 +559,50 @@ def _share_quantized(model: Any, output: set[str]) -> None:
             module.state.CB = module.weight.data
             module.state.SCB = module.weight.SCB
             module.weight.CB = None
+
+
+def _check_skip_modules(model: nn.Module, skip_modules: list[str] | None) -> None:
+    """A ``skip_modules`` entry that matches no module is a typo: refused."""
+    from .quantize import matches_any
+
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [p for p in skip_modules or [] if not any(matches_any(n, [p]) for n in names)]
+    if unmatched:
+        raise ConfigError(
+            f"skip_modules {unmatched} match no module of {type(model).__name__} "
+            f"(module names look like {names[-1]!r})"
+        )
+
+
+def _mark_quantized(model: Any, skip: list[str], pre_quantized: bool) -> None:
+    """What transformers' bitsandbytes quantizer leaves on the model it loads:
+    ``hf_quantizer`` (the quantizer itself, built from the model's
+    ``quantization_config``), ``is_quantized``, ``quantization_method``,
+    ``config._is_quantized``, and ``is_loaded_in_4bit`` or ``is_loaded_in_8bit``
+    (only the one that is true, as transformers). transformers' guards read them:
+    ``Trainer`` refuses a purely quantized model, ``.half()`` / ``.to(dtype)`` refuse
+    to cast it."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(
+        model.config.quantization_config, pre_quantized=pre_quantized
+    )
+    quantizer.modules_to_not_convert = skip
+    model.is_quantized = True  # as HfQuantizer.preprocess_model
+    model.quantization_method = quantizer.quantization_config.quant_method
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+
+
+def _set_requires_grad(model: nn.Module) -> None:
+    """``requires_grad`` as transformers leaves it: True for every floating-point
+    parameter (norms, embeddings, biases, and all of a 16-bit model), False for the
+    quantized weights (bitsandbytes' parameters)."""
+    import bitsandbytes as bnb
+
+    for param in model.parameters():
+        quantized = isinstance(param, bnb.nn.Params4bit | bnb.nn.Int8Params)
+        param.requires_grad_(param.is_floating_point() and not quantized)
 
 
 def _place_buffers(model: nn.Module, device: torch.device) -> None:

@@ -70,12 +70,15 @@ def empty_parameters() -> Iterator[None]:
         _state.depth -= 1
 
 
-def build_empty_model(config: Any, *, trust_remote_code: bool = False) -> Any:
+def build_empty_model(
+    config: Any, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> Any:
     """Instantiate the causal LM class of ``config`` with empty parameters.
 
     Buffers (persistent or not) are real, on the CPU, with the values the model's
-    ``__init__`` computes. Raises :class:`ConfigError` when transformers has no
-    causal LM class for this config.
+    ``__init__`` computes. ``attn_implementation`` is passed on, as ``from_pretrained``
+    does. Raises :class:`ConfigError` when transformers has no causal LM class for
+    this config, or refuses the attention implementation.
     """
     from transformers import AutoModelForCausalLM
 
@@ -84,12 +87,15 @@ def build_empty_model(config: Any, *, trust_remote_code: bool = False) -> Any:
     # meta (their dtype is chosen when they are loaded); buffers whose dtype matters
     # (rotary inv_freq) are created with an explicit float32 by the models.
     dtype = getattr(config, "dtype", None)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         with empty_parameters():
             model = AutoModelForCausalLM.from_config(
-                config, dtype=None, trust_remote_code=trust_remote_code
+                config, dtype=None, trust_remote_code=trust_remote_code, **extra
             )
     except ValueError as err:
+        if attn_implementation and attn_implementation in str(err):
+            raise ConfigError(f"attn_implementation={attn_implementation!r}: {err}") from err
         raise ConfigError(
             f"transformers has no causal LM class for model_type "
             f"{getattr(config, 'model_type', None)!r}: {err}"

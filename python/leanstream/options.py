@@ -1,0 +1,174 @@
+"""``load()``'s options: the keywords transformers users type, mapped onto leanstream's.
+
+``from_pretrained`` habits carry over: ``torch_dtype`` (the old name of
+``dtype``), ``quantization_config`` (a ``BitsAndBytesConfig`` as the source of the
+quantization options), ``load_in_4bit`` / ``load_in_8bit``, ``device_map`` (one
+device, until multi-device placement exists), ``low_cpu_mem_usage`` (accepted:
+leanstream always streams). An option that contradicts another, or that would
+do nothing, is a :class:`ConfigError`, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+#: ``load()``'s defaults for the options transformers' keywords may set.
+DEFAULTS: dict[str, Any] = {
+    "bits": "auto",
+    "quant_type": "nf4",
+    "double_quant": False,
+    "compute_dtype": None,
+    "blocksize": 64,
+    "quant_storage": torch.uint8,
+    "threshold": 6.0,
+    "skip_modules": None,
+    "dtype": "auto",
+    "device": None,
+}
+
+#: options that only mean something for 4-bit (``bits=4``) or LLM.int8 (``bits=8``)
+FOUR_BIT = ("quant_type", "double_quant", "compute_dtype", "blocksize", "quant_storage")
+EIGHT_BIT = ("threshold",)
+
+
+def resolve(
+    options: dict[str, Any],
+    *,
+    torch_dtype: Any = None,
+    quantization_config: Any = None,
+    load_in_4bit: bool | None = None,
+    load_in_8bit: bool | None = None,
+    device_map: Any = None,
+) -> dict[str, Any]:
+    """``options`` (leanstream's own, as given) updated from transformers' keywords.
+
+    A transformers keyword sets an option left at its default; one given both
+    ways must agree, or it is a :class:`ConfigError` naming both.
+    """
+    options = dict(options)
+
+    def merge(key: str, value: Any, source: str) -> None:
+        current = options[key]
+        if _same(current, DEFAULTS[key]) or _same(current, value):
+            options[key] = value
+        else:
+            raise ConfigError(f"{key}={current!r} contradicts {source} ({value!r})")
+
+    if torch_dtype is not None:
+        merge("dtype", torch_dtype, f"torch_dtype={torch_dtype!r}")
+    if load_in_4bit and load_in_8bit:
+        raise ConfigError("load_in_4bit=True and load_in_8bit=True: pick one")
+    if quantization_config is not None:
+        for key, value in _from_bnb_config(quantization_config).items():
+            merge(key, value, "quantization_config")
+    if load_in_4bit:
+        merge("bits", 4, "load_in_4bit=True")
+    if load_in_8bit:
+        merge("bits", 8, "load_in_8bit=True")
+    if device_map is not None:
+        merge("device", _one_device(device_map), f"device_map={device_map!r}")
+    return options
+
+
+def check(options: dict[str, Any], bits: int) -> None:
+    """Refuse options that would do nothing at ``bits`` (4, 8, or 16: none)."""
+    if bits != 4:
+        given = [k for k in FOUR_BIT if not _same(options[k], DEFAULTS[k])]
+        if given:
+            raise ConfigError(
+                f"{', '.join(f'{k}={options[k]!r}' for k in given)}: 4-bit option(s), but "
+                f"bits={bits if bits != 16 else None!r}"
+            )
+    if bits != 8:
+        given = [k for k in EIGHT_BIT if not _same(options[k], DEFAULTS[k])]
+        if given:
+            raise ConfigError(
+                f"{', '.join(f'{k}={options[k]!r}' for k in given)}: LLM.int8 option(s) "
+                f"(bits=8), but bits={bits if bits != 16 else None!r}"
+            )
+    if bits == 16 and options["skip_modules"]:
+        raise ConfigError(
+            f"skip_modules={options['skip_modules']!r} with bits=None: nothing is quantized"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal options; a dtype and its name (``torch.bfloat16``, ``"bfloat16"``) are one."""
+    a, b = _as_dtype(a), _as_dtype(b)
+    return (type(a) is type(b) and a == b) or (_number(a) and _number(b) and a == b)
+
+
+def _as_dtype(value: Any) -> Any:
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _from_bnb_config(config: Any) -> dict[str, Any]:
+    """The leanstream options a ``BitsAndBytesConfig`` (or its dict) stands for."""
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(config, dict):
+        config = BitsAndBytesConfig.from_dict(config)
+    if not isinstance(config, BitsAndBytesConfig):
+        raise ConfigError(
+            f"quantization_config must be a BitsAndBytesConfig (leanstream quantizes with "
+            f"bitsandbytes), not {type(config).__name__}"
+        )
+    if config.llm_int8_enable_fp32_cpu_offload:
+        raise ConfigError(
+            "quantization_config: llm_int8_enable_fp32_cpu_offload needs multi-device "
+            "placement, which leanstream does not do yet"
+        )
+    if config.llm_int8_has_fp16_weight:
+        raise ConfigError(
+            "quantization_config: llm_int8_has_fp16_weight=True keeps fp16 weights for "
+            "training; leanstream loads int8 weights only"
+        )
+    out: dict[str, Any] = {}
+    if config.load_in_4bit:
+        out.update(
+            bits=4,
+            quant_type=config.bnb_4bit_quant_type,
+            double_quant=bool(config.bnb_4bit_use_double_quant),
+            # BitsAndBytesConfig's own default is float32, as transformers computes
+            compute_dtype=config.bnb_4bit_compute_dtype,
+            quant_storage=config.bnb_4bit_quant_storage,
+        )
+    elif config.load_in_8bit:
+        out.update(bits=8, threshold=float(config.llm_int8_threshold))
+    else:
+        raise ConfigError("quantization_config has neither load_in_4bit nor load_in_8bit")
+    if config.llm_int8_skip_modules is not None:
+        out["skip_modules"] = list(config.llm_int8_skip_modules)
+    return out
+
+
+def _one_device(device_map: Any) -> Any:
+    """The one device a ``device_map`` names, or a :class:`ConfigError`."""
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if set(device_map) == {""} or len(devices) == 1:
+            (device,) = devices
+            return torch.device(device) if isinstance(device, int) else device
+    elif isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential"):
+        return device_map
+    elif isinstance(device_map, int | torch.device):
+        return torch.device(device_map) if isinstance(device_map, int) else device_map
+    raise ConfigError(
+        f"device_map={device_map!r}: leanstream places a model on one device for now; "
+        "pass device=... (or device_map={'': device})"
+    )
+
+
+__all__ = ["DEFAULTS", "check", "resolve"]

@@ -175,26 +175,153 @@ def test_shards_are_written_one_at_a_time(
     assert len(written) == len(list((tmp_path / "out").glob("*.safetensors"))) > 2
 
 
-# --- atomic replacement ------------------------------------------------------------
+# --- existing folders: only its own files, replaced atomically -----------------------
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file and folder under ``folder`` (hidden ones and .git included)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
-def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+def _add_user_files(folder: Path) -> dict[str, bytes]:
+    """What a cloned hub repo holds besides the checkpoint; returns them."""
+    folder.mkdir(exist_ok=True)
+    (folder / ".git" / "objects" / "ab").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / ".git" / "objects" / "ab" / "cdef").write_bytes(b"\x78\x01blob")
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# my model\n")
+    (folder / "LICENSE").write_text("Apache License 2.0\n")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(2)}, folder / "consolidated.safetensors")  # not our naming
+    return {k: v for k, v in _files(folder).items() if k.split("/")[0] in _USER}
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
-def test_failure_mid_save_leaves_the_previous_folder_intact(
-    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+_USER = {".git", ".gitattributes", "README.md", "LICENSE", "consolidated.safetensors"}
+
+
+def _weight_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("model*")}
+
+
+def _expected_weight_files(folder: Path) -> set[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return {*shards, index.name}
+    return {"model.safetensors"}
+
+
+@pytest.mark.parametrize("clone", ["of-another-checkpoint", "of-an-empty-repo"])
+def test_keeps_every_file_it_does_not_write_regression_issue_15(
+    sources: dict[str, Path], tmp_path: Path, clone: str
 ) -> None:
-    if not exchange:
-        monkeypatch.setattr(save_module, "_exchange", lambda a, b: False)
+    """Saving into a cloned hub repo replaced the whole folder: .git, README.md, LICENSE,
+    the tokenizer, all gone (or, without a config.json, the save was refused)."""
+    import shutil
+
+    folder = tmp_path / "repo"
+    if clone == "of-another-checkpoint":
+        shutil.copytree(sources["llama"], folder)  # bf16 llama, its tokenizer, 40KB shards
+    kept = _add_user_files(folder)
+    kept.update({p.name: p.read_bytes() for p in folder.glob("tokenizer*")})
+    model = _load(sources["gpt2"], "int8")  # no tokenizer in its source: none written
+    _save(model, folder, max_shard_size="100KB")
+    after = _files(folder)
+    assert {k: after.get(k) for k in kept} == kept
+    assert _weight_files(folder) == _expected_weight_files(folder)  # no stale llama shard
+    assert set(after) == {*kept, *_weight_files(folder), "config.json", "generation_config.json"}
+    again = leanstream.load(folder, device="cpu", progress=False)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    assert assert_same_weights(model, again) > 0
+    assert assert_same_weights(model, theirs) > 0
+
+
+def test_save_again_removes_only_stale_weight_files(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """Shards of a previous save that the new one does not write are removed (as
+    save_pretrained removes them), and so are the single file or index of the other
+    layout (which transformers, or leanstream, would otherwise load); nothing else."""
+    folder = tmp_path / "out"
+    kept = _add_user_files(folder)
+    nf4, int8 = _load(sources["llama"]), _load(sources["llama"], "int8")
+    counts = []
+    for model, size in [(nf4, "40KB"), (int8, "100KB"), (nf4, "4GB"), (int8, "40KB")]:
+        _save(model, folder, max_shard_size=size)
+        names = _weight_files(folder)
+        assert names == _expected_weight_files(folder)
+        counts.append(len(names))
+        after = _files(folder)
+        assert {k: after.get(k) for k in kept} == kept
+        assert not [k for k in after if k.startswith(".leanstream")]
+        assert assert_same_weights(model, leanstream.load(folder, device="cpu", progress=False))
+        theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+        assert assert_same_weights(model, theirs) > 0
+    assert counts[0] > counts[1] > counts[2] == 1 and counts[3] > 2
+
+
+def _checkpoint_copy(sources: dict[str, Path], tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(sources["llama"], folder)
+    _add_user_files(folder)
+    return folder
+
+
+def test_refuses_the_folder_the_model_was_loaded_from_regression_issue_15(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """Saving onto the source silently replaced its bf16 weights (and everything else)."""
+    folder = _checkpoint_copy(sources, tmp_path)
+    before = _files(folder)
+    model = _load(folder)
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    for target in (folder, link, folder / ".." / "m"):
+        with pytest.raises(leanstream.ConfigError, match="loaded from this folder") as info:
+            _save(model, target)
+        assert str(folder) in str(info.value) and "another folder" in str(info.value)
+        assert _files(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "m"]
+    # another folder is fine, the source's tokenizer comes along
+    other = _save(model, tmp_path / "other")
+    assert (other / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    assert _files(folder) == before
+
+
+def test_refuses_a_folder_the_model_still_maps(sources: dict[str, Path], tmp_path: Path) -> None:
+    """A transformers model loaded on the CPU reads its tensors from the mapped shards,
+    whatever its name_or_path says."""
+    folder = _checkpoint_copy(sources, tmp_path)
+    before = _files(folder)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    expected = logits(theirs)
+    for name in (str(folder), "someone/else"):
+        theirs.config.name_or_path = name
+        with pytest.raises(leanstream.ConfigError, match="another folder"):
+            _save(theirs, folder)
+        assert _files(folder) == before
+    with pytest.raises(leanstream.ConfigError, match="memory-mapped from model-0000"):
+        _save(theirs, folder)
+    copy = _save(theirs, tmp_path / "copy")  # reads through the mapping
+    again = AutoModelForCausalLM.from_pretrained(copy, device_map="cpu").eval()
+    assert torch.equal(logits(again), expected)
+
+
+def test_failure_mid_save_leaves_the_previous_folder_intact(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "out"
+    _add_user_files(folder)
     model = _load(sources["llama"])
-    folder = _save(model, tmp_path / "out")
-    before = _snapshot(folder)
+    _save(model, folder)
+    before = _files(folder)
     calls = []
     real = save_module._write_shard
 
@@ -206,22 +333,61 @@ def test_failure_mid_save_leaves_the_previous_folder_intact(
 
     monkeypatch.setattr(save_module, "_write_shard", fail_on_second)
     with pytest.raises(OSError, match="simulated"):
-        _save(_load(sources["llama"], "int8"), folder)
-    assert calls[0].parent != folder  # shards went to a temporary folder
-    assert _snapshot(folder) == before
-    assert _leftovers(tmp_path) == []
+        _save(_load(sources["llama"], "int8"), folder, max_shard_size="100KB")
+    # shards went to a hidden folder inside the target, named like no weight file
+    assert calls[0].parent.parent == folder and calls[0].parent.name.startswith(".leanstream-")
+    assert _files(folder) == before
+    assert assert_same_weights(model, leanstream.load(folder, device="cpu", progress=False))
     # a new target: nothing at all is left behind
     with pytest.raises(OSError, match="simulated"):
         calls.clear()
         _save(model, tmp_path / "new")
-    assert not (tmp_path / "new").exists() and _leftovers(tmp_path) == []
-    # and a successful save replaces the whole folder: no stale shard of the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     monkeypatch.setattr(save_module, "_write_shard", real)
-    _save(model, folder, max_shard_size="4GB")
-    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
-    assert not (folder / "model.safetensors.index.json").exists()
-    assert _leftovers(tmp_path) == []
-    assert oct(folder.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    new = _save(model, tmp_path / "new")
+    assert oct(new.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def test_failure_while_renaming_undoes_the_renames_done(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new files go in by renames (new shards, replaced ones, the index, stale
+    shards moved out, config, tokenizer): a failure after any of them undoes them all."""
+    folder = tmp_path / "out"
+    _add_user_files(folder)
+    model = _load(sources["llama"])
+    _save(model, folder)  # 40KB shards
+    before = _files(folder)
+    int8 = _load(sources["llama"], "int8")
+    real = save_module._rename
+    failed_at = 0
+    while True:
+        failed_at += 1
+        renames: list[Path] = []
+
+        def fail_at(
+            source: Path, dest: Path, at: int = failed_at, done: list[Path] = renames
+        ) -> None:
+            done.append(dest)
+            if len(done) == at:
+                raise KeyboardInterrupt if at % 2 else OSError(5, "I/O error (simulated)")
+            real(source, dest)
+
+        monkeypatch.setattr(save_module, "_rename", fail_at)
+        try:
+            _save(int8, folder, max_shard_size="100KB")
+        except (KeyboardInterrupt, OSError):
+            assert _files(folder) == before, f"failed at rename {failed_at}: {renames}"
+            continue
+        break
+    renamed = {p.name for p in renames}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= renamed
+    assert failed_at > 10  # shards, stale shards, config, generation config, tokenizer
+    assert assert_same_weights(int8, leanstream.load(folder, device="cpu", progress=False))
+    after = _files(folder)
+    assert {k: after[k] for k in before if k.split("/")[0] in _USER} == {
+        k: v for k, v in before.items() if k.split("/")[0] in _USER
+    }
 
 
 def _umask() -> int:
@@ -244,22 +410,10 @@ def test_interrupt_during_save_cleans_up(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_into_the_folder_it_was_loaded_from(sources: dict[str, Path], tmp_path: Path) -> None:
-    import shutil
-
-    folder = tmp_path / "m"
-    shutil.copytree(sources["llama"], folder)
-    model = _load(folder)
-    _save(model, folder)
-    assert (folder / "tokenizer.json").exists()
-    got = leanstream.load(folder, device="cpu", progress=False)
-    assert assert_same_weights(model, got) > 0
-
-
 # --- errors ---------------------------------------------------------------------
 
 
-def test_refuses_to_replace_what_is_not_a_checkpoint(
+def test_refuses_to_save_into_what_is_not_a_checkpoint(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
     model = _load(sources["llama"])
@@ -268,7 +422,7 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(leanstream.ConfigError, match="not a checkpoint"):
         _save(model, precious)
-    assert (precious / "notes.txt").read_text() == "keep me"
+    assert _files(precious) == {"notes.txt": b"keep me"}
     (tmp_path / "file").write_text("x")
     with pytest.raises(leanstream.ConfigError, match="not a folder"):
         _save(model, tmp_path / "file")

@@ -9,17 +9,19 @@ LLM.int8: ``weight``, ``SCB``, ``weight_format``), tied weights stored once,
 with a ``quantization_config``, ``generation_config.json``, and the tokenizer
 files of the folder the model was loaded from.
 
-Atomic: everything is written into a fresh hidden folder next to the target,
-which replaces the target only once complete (an atomic exchange where the
-kernel offers one). Streamed: tensors are copied to the CPU one shard at a time.
+Only its own files: like ``save_pretrained``, a save into an existing folder (a
+cloned hub repo, a previous save) replaces the files it writes and removes only
+stale weight files of its own naming; ``.git``, ``README.md``, ``LICENSE`` and
+everything else stay as they were. Each file is written under a temporary name,
+synced, and renamed into place only once all of them are complete, so a failure
+leaves the previous content whole. Streamed: tensors are copied to the CPU one
+shard at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import ctypes
-import errno
-import functools
 import json
 import os
 import re
@@ -67,16 +69,44 @@ def save(
     Args:
         model: a ``transformers.PreTrainedModel``; its ``config.quantization_config``
             must describe its bitsandbytes layers (``leanstream.load`` sets it).
-        folder: the checkpoint folder to write. If it exists it is replaced as a
-            whole, atomically, only once the new one is complete (a failure, even a
-            killed process, leaves it as it was; a killed process also leaves a
-            hidden ``.NAME.*.leanstream-tmp`` folder beside it). A non-empty folder
-            that holds neither ``config.json`` nor ``*.safetensors`` is refused
-            (:class:`ConfigError`), so that a wrong path cannot delete a directory.
+        folder: the checkpoint folder to write, created if needed. An existing folder
+            keeps every file this save does not write (see *Existing folders*).
         max_shard_size: largest shard, in bytes or as ``"4GB"``, ``"500MB"``.
         tokenizer_from: folder whose tokenizer files are copied; default: the folder
             the model was loaded from (``model.config.name_or_path``), when it exists.
         progress: show a progress bar (bytes written).
+
+    Existing folders, as ``save_pretrained`` treats them:
+
+    * Written: the shards (``model.safetensors``, or ``model-00001-of-0000N.safetensors``
+      and ``model.safetensors.index.json``), ``config.json``, ``generation_config.json``
+      (a model that generates) and the tokenizer files copied; same-named files are
+      replaced.
+    * Removed: only stale weight files of those names that the new save does not
+      write: other ``model-NNNNN-of-NNNNN.safetensors`` shards (as ``save_pretrained``
+      removes them), and ``model.safetensors`` or the index left by a save with the
+      other layout (``save_pretrained`` leaves them, and transformers would then load
+      the stale single file, leanstream the stale index). Nothing else is ever deleted:
+      ``.git/``, ``README.md``, ``LICENSE``, other tokenizer files, ``*.safetensors``
+      of other names, a stale ``generation_config.json``.
+    * Order: every file is first written completely, and synced, into a hidden
+      ``.leanstream-tmp-*`` folder inside ``folder``; then each is renamed over its
+      name (an atomic replace; readers see the old file or the new one), shards
+      first, then the index, then stale weights are moved out, then ``config.json``,
+      ``generation_config.json`` and the tokenizer files. A failure or Ctrl-C at any
+      point, renames included, leaves the previous content as it was (the renames
+      done are undone: a replaced file is kept as a hard link until the end, on file
+      systems that have them); a killed process may leave the hidden folder, holding
+      the new files and, during the renames, the previous ones (recoverable).
+    * Refused (:class:`ConfigError`), the folder untouched: the folder the model was
+      loaded from (``model.config.name_or_path``, compared with ``os.path.samefile``),
+      even though a leanstream model no longer reads it, because the save would
+      replace the source checkpoint (its ``config.json`` and weights); a folder whose
+      files the model's tensors are still memory-mapped from (a transformers model
+      loaded on the CPU, under any name); and a non-empty folder that is not a
+      checkpoint (no ``config.json``, no ``*.safetensors``, no ``.git``), so that a
+      wrong path cannot scatter checkpoint files into it or overwrite its files.
+      Save to another folder.
 
     Returns:
         The absolute path of the written folder.
@@ -88,45 +118,101 @@ def save(
     """
     target = Path(folder).expanduser().absolute()
     parse_size(max_shard_size)
-    _check_replaceable(target)
+    _check_target(target, model)
     config = _config_to_save(model)
     state = _state_dict(model)
     split = _split(state, max_shard_size)
     tokenizer_source = _tokenizer_source(model, tokenizer_from)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.leanstream-tmp")
-    tmp.mkdir()
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f".leanstream-tmp-{uuid.uuid4().hex[:12]}"
     try:
-        _write_shards(state, split, tmp, model, progress)
+        tmp.mkdir()
+        _write_shards(state, split, tmp, model, progress, target.name)
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and _can_generate(model):
             model.generation_config.save_pretrained(tmp)
         if tokenizer_source is not None:
             _copy_tokenizer(tokenizer_source, tmp)
-        _replace(tmp, target)
+        _commit(tmp, target, set(split.filename_to_tensors))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # only this save's files (and undone backups)
+        if created:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # only if empty
         raise
+    shutil.rmtree(tmp, ignore_errors=True)  # the replaced and stale files moved aside
     return target
 
 
-def _check_replaceable(target: Path) -> None:
+def _check_target(target: Path, model: Any) -> None:
     if not target.exists():
         return
     if not target.is_dir():
         raise ConfigError(f"{target}: exists and is not a folder; choose a folder to save into")
+    source = _source_folder(model)
+    if source is not None and os.path.samefile(source, target):
+        raise ConfigError(
+            f"{target}: the model was loaded from this folder ({source}); saving would "
+            "replace the checkpoint it came from (its config.json and weights). "
+            "Save to another folder"
+        )
+    mapped = _mapped_files(model, target)
+    if mapped:
+        raise ConfigError(
+            f"{target}: the model's tensors are memory-mapped from "
+            f"{', '.join(mapped[:3])}{' ...' if len(mapped) > 3 else ''} in this folder (the "
+            "checkpoint it was loaded from); saving would replace them. Save to another folder"
+        )
     entries = [p.name for p in target.iterdir()]
     if (
         entries
         and "config.json" not in entries
+        and ".git" not in entries
         and not any(e.endswith(".safetensors") for e in entries)
     ):
         raise ConfigError(
-            f"{target}: refusing to replace a non-empty folder that is not a checkpoint "
-            f"(no config.json, no *.safetensors; holds {', '.join(sorted(entries)[:3])}...); "
-            "choose a new or empty folder"
+            f"{target}: refusing to save into a non-empty folder that is not a checkpoint "
+            f"(no config.json, no *.safetensors, no .git; holds "
+            f"{', '.join(sorted(entries)[:3])}...); choose a new or empty folder"
         )
+
+
+def _source_folder(model: Any) -> Path | None:
+    """The local folder the model was loaded from, if it still exists."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    return path if path.is_dir() else None
+
+
+def _mapped_files(model: Any, folder: Path) -> list[str]:
+    """Files directly in ``folder`` that ``model``'s CPU tensors are memory-mapped from
+    (read from ``/proc/self/maps``; empty where there is none)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    prefix = os.path.realpath(folder) + os.sep
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(prefix):
+            name = fields[5][len(prefix) :]
+            if os.sep not in name and not name.endswith(" (deleted)"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end, name))
+    if not ranges or not hasattr(model, "parameters"):
+        return []
+    found = set()
+    tensors = [*model.parameters(), *getattr(model, "buffers", list)()]
+    for tensor in tensors:
+        if tensor.device.type == "cpu":
+            ptr = tensor.data_ptr()
+            found.update(name for start, end, name in ranges if start <= ptr < end)
+    return sorted(found)
 
 
 def _bnb_layers(model: Any) -> tuple[int, int]:
@@ -314,13 +400,11 @@ def _split(state: dict[str, torch.Tensor], max_shard_size: int | str) -> Any:
 
 
 def _write_shards(
-    state: dict[str, torch.Tensor], split: Any, tmp: Path, model: Any, progress: bool
+    state: dict[str, torch.Tensor], split: Any, tmp: Path, model: Any, progress: bool, label: str
 ) -> None:
     """Write each shard in turn; only one shard's CPU copies exist at a time."""
     with byte_progress(
-        split.metadata["total_size"],
-        f"leanstream save {tmp.name.split('.')[1]}",
-        enabled=progress,
+        split.metadata["total_size"], f"leanstream save {label}", enabled=progress
     ) as bar:
         for filename, names in split.filename_to_tensors.items():
             shard = {name: _to_cpu(state.pop(name)) for name in names}
@@ -383,49 +467,67 @@ def _copy_tokenizer(source: Path, tmp: Path) -> None:
             shutil.copyfile(path, tmp / path.name)  # follows hub-cache symlinks
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Put the complete folder ``tmp`` at ``target``; remove what was there before."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    if _exchange(tmp, target):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
-        return
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.leanstream-old")
-    os.rename(target, old)
+#: Weight file names a save writes (besides the index), hence may remove when stale.
+_SINGLE = "model.safetensors"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _commit(tmp: Path, target: Path, shards: set[str]) -> None:
+    """Rename the complete files of ``tmp`` into ``target`` and move its stale weight
+    files aside into ``tmp`` (see :func:`save`, *Order*); undo every step on failure."""
+    written = sorted(p.name for p in tmp.iterdir())
+    for name in written:
+        _fsync(tmp / name)
+    stale = [
+        name
+        for name in sorted(p.name for p in target.iterdir())
+        if name not in written
+        and (name in (_SINGLE, _INDEX) or _SHARD.fullmatch(name))
+        and not (target / name).is_dir()
+    ]
+    aside = tmp / ".previous"  # replaced and stale files, until the end (or an undo)
+    aside.mkdir()
+    weights = [n for n in written if n in shards] + [n for n in written if n == _INDEX]
+    steps = [
+        *((tmp / n, target / n) for n in weights),
+        *((target / n, aside / n) for n in stale),
+        *((tmp / n, target / n) for n in written if n not in weights),
+    ]
+    undo: list[tuple[Path, Path]] = []  # (move this, back to here)
     try:
-        os.rename(tmp, target)
+        for source, dest in steps:
+            if dest.parent != target:  # a stale file moved aside
+                _rename(source, dest)
+                undo.append((dest, source))
+            elif dest.exists() or dest.is_symlink():  # replaced: keep the old one linked
+                try:
+                    os.link(dest, aside / dest.name, follow_symlinks=False)
+                    undo.append((aside / dest.name, dest))
+                except OSError:
+                    pass  # no hard links on this file system: this replace cannot be undone
+                _rename(source, dest)
+            else:
+                _rename(source, dest)
+                undo.append((dest, source))
     except BaseException:
-        os.rename(old, target)
+        for what, where in reversed(undo):
+            with contextlib.suppress(OSError):
+                _rename(what, where)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):  # some file systems cannot sync a folder
+        _fsync(target)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where
-    the platform or file system cannot."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    if result == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+def _rename(source: Path, dest: Path) -> None:
+    os.replace(source, dest)
 
 
-@functools.cache
-def _renameat2() -> Any:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        func = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    return func
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 __all__ = ["TOKENIZER_PATTERNS", "parse_size", "save", "tokenizer_files"]

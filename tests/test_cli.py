@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +19,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import leanstream
 from leanstream.cli import main
+from leanstream.progress import format_bytes
 
 PACKAGE_ROOT = str(Path(leanstream.__file__).resolve().parent.parent)
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m leanstream ARGS`` in a fresh process importing this checkout's package."""
+def run(*args: str, path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m leanstream ARGS`` in a fresh process importing this checkout's package
+    (and ``path``'s ``sitecustomize``, if given)."""
+    first = [str(path)] if path is not None else []
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([*first, PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(
         [sys.executable, "-m", "leanstream", *args],
@@ -326,3 +332,177 @@ def test_interrupt(
     monkeypatch.setattr("leanstream.cli.inspect_checkpoint", interrupted)
     code, _, err = call(capsys, "inspect", sources["llama"])
     assert code == 130 and err.strip() == "leanstream: interrupted"
+
+
+# --- issue 15, item 6: what the command line prints -----------------------------------
+
+#: Ctrl-C while MODULE is being imported (a sitecustomize: it runs before leanstream's import)
+INTERRUPT_IMPORT = """
+import sys
+
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+        return None
+
+
+sys.meta_path.insert(0, Interrupt())
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "command"),
+    [
+        ("torch", ["inspect"]),  # by 'import leanstream', before main() runs
+        ("torch", ["quantize", "--max-shard-size", "40KB"]),  # by argparse's type function
+        ("transformers", ["inspect"]),
+        ("bitsandbytes", ["inspect"]),
+    ],
+)
+def test_interrupt_during_the_imports_is_one_line(
+    sources: dict[str, Path], tmp_path: Path, module: str, command: list[str]
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_IMPORT.format(module=module))
+    args = [command[0], str(sources["llama"])]
+    if command[0] == "quantize":
+        args.append(str(tmp_path / "out"))
+    result = run(*args, *command[1:], path=tmp_path)
+    assert (result.returncode, result.stderr) == (130, "leanstream: interrupted\n")
+    assert result.stdout == ""
+
+
+def fail_in_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What bitsandbytes 0.50 does on a CPU with AVX512-BF16 to a 4-bit layer whose
+    out_features is not a multiple of 32: its first forward repacks the weight and asserts
+    (here: with blocks of 128 rows, which the tiny llama's 64-row layers are not)."""
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+
+    convert = bitsandbytes.functional._convert_weight_packed_for_cpu
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(
+        bitsandbytes.nn.modules,
+        "_convert_weight_packed_for_cpu",
+        functools.partial(convert, block_n=128),
+    )
+
+
+def test_bitsandbytes_error_in_generate_is_one_line(
+    sources: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail_in_bitsandbytes(monkeypatch)
+    args = ["generate", sources["llama"], "--prompt", "the", "--device", "cpu", "--no-progress"]
+    code, out, err = call(capsys, *args)
+    assert code == 1 and out == ""
+    line = one_error_line(err)
+    assert line == (
+        "leanstream: error: generate: AssertionError in bitsandbytes: N must be divisible "
+        "by block_n (--verbose shows the traceback)"
+    )
+    code, out, err = call(capsys, *args, "--verbose")
+    assert code == 1 and out == ""
+    assert err.startswith("Traceback (most recent call last):")
+    assert "_convert_weight_packed_for_cpu" in err
+    *_, last = err.rstrip("\n").split("\n")
+    assert last == "leanstream: error: generate: AssertionError in bitsandbytes: N must be " + (
+        "divisible by block_n"
+    )
+
+
+def test_a_bug_is_one_line_that_says_so(
+    sources: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("leanstream.cli.inspect_checkpoint", lambda *a, **k: {}["folder"])
+    code, _, err = call(capsys, "inspect", sources["llama"])
+    assert code == 1
+    line = one_error_line(err)
+    assert line.startswith("leanstream: error: inspect: KeyError in test_cli: 'folder' (")
+    assert "--verbose" in line
+
+
+def test_bitsandbytes_warnings_only_with_verbose(sources: dict[str, Path]) -> None:
+    args = [
+        "generate",
+        str(sources["llama"]),
+        "--prompt",
+        "the",
+        "--bits",
+        "8",
+        "--max-new-tokens",
+        "2",
+    ]
+    args += ["--device", "cpu", "--no-progress"]
+    quiet = run(*args)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    loud = run(*args, "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert loud.stdout == quiet.stdout
+    assert loud.stderr.startswith("MatMul8bitLt: inputs will be cast from torch.bfloat16")
+    assert run("-v", *args).stderr == loud.stderr  # before the command too
+
+
+def test_bitsandbytes_kernel_warning_only_with_verbose(
+    sources: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What importing bitsandbytes 0.50 logs on a CPU with AVX512-BF16 without ``kernels``."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    message = (
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+        "already `pip install kernels` and the kernels >= 0.11.1"
+    )
+    inspect = leanstream.cli.inspect_checkpoint
+
+    def importing_bitsandbytes(*args: Any, **kwargs: Any) -> Any:
+        logger.warning(message, ModuleNotFoundError("No module named 'kernels'"))
+        return inspect(*args, **kwargs)
+
+    monkeypatch.setattr("leanstream.cli.inspect_checkpoint", importing_bitsandbytes)
+    assert call(capsys, "inspect", sources["llama"])[0] == 0
+    assert not [r for r in caplog.records if "gemm_4bit_forward" in r.getMessage()]
+    assert call(capsys, "inspect", sources["llama"], "-v")[0] == 0
+    assert [r.name for r in caplog.records if "gemm_4bit_forward" in r.getMessage()] == [
+        logger.name
+    ]
+    caplog.clear()
+    logger.warning(message, "after main()")  # the filter goes with the command
+    assert len(caplog.records) == 1
+
+
+def test_sizes_in_binary_units_as_a_process(sources: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "nf4"
+    result = run("quantize", str(sources["llama"]), str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    with leanstream.Checkpoint(sources["llama"]) as ckpt:
+        total = format_bytes(ckpt.total_bytes)
+    assert total.endswith(" KiB")
+    bar = re.search(
+        r"leanstream llama: .*?\| (\S+ \S+)/(\S+ \S+) \[.*?, (\S+ \S+)\]", result.stderr
+    )
+    assert bar is not None, result.stderr
+    assert bar[2] == total and bar[1].endswith((" B", " KiB")) and bar[3].endswith("B/s"), bar[0]
+    model = leanstream.load(out, device="cpu", progress=False)
+    on_disk = format_bytes(sum(f.stat().st_size for f in out.glob("*.safetensors")))
+    in_memory = format_bytes(leanstream.footprint(model).total_bytes)
+    assert result.stdout == f"wrote {out}: 1 shard(s), {on_disk}; in memory {in_memory}\n"
+    assert on_disk.endswith(" KiB") and in_memory.endswith(" KiB")
+
+
+def test_inspect_table_is_aligned(
+    sources: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = call(capsys, "inspect", sources["llama"])
+    assert code == 0
+    lines = out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("memory")) :]
+    assert len(table) == 1 + 7 and "4-bit nf4 + double + emb/head" in out
+    rows = [re.fullmatch(r"(memory)? +(\S.*?)  +(total|\S+ \S*B)  (\S.*)", row) for row in table]
+    assert all(rows), "\n".join(table)
+    columns = {(row.start(2), row.end(3), row.start(4)) for row in rows}  # type: ignore[union-attr]
+    assert len(columns) == 1, "\n".join(table)  # setting left-, total right-aligned
+    assert " kB" not in out and "KiB" in out

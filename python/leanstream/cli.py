@@ -8,25 +8,42 @@
 
 ``SOURCE`` is a local folder or a Hugging Face hub repo id. Errors print one line,
 ``leanstream: error: ...``, to stderr and exit with 2 (usage) or 1 (a
-:class:`~leanstream.LeanstreamError`, or an operating-system error such as a full disk).
+:class:`~leanstream.LeanstreamError`, an operating-system error such as a full disk, or
+any other exception, named with its type and the package it came from); ``--verbose``
+prints the traceback above that line. Ctrl-C prints ``leanstream: interrupted`` and exits
+with 130, also while torch and transformers are being imported (on first use, inside
+:func:`main`). Sizes are printed in binary units (KiB, MiB, GiB).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ConfigError, LeanstreamError
+from .progress import format_bytes
 
 PROG = "leanstream"
 _DTYPES = ["bfloat16", "float16", "float32"]
+
+#: library messages only ``--verbose`` shows: logger -> how the message starts. Both are
+#: logging warnings of bitsandbytes 0.50: the first comes with every 8-bit matmul whose input
+#: is not float16 (hundreds in one generate), the second from its import on a CPU with
+#: AVX512-BF16 when the optional ``kernels`` package is missing (every command).
+QUIET_BY_DEFAULT = {
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,25 +60,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["inspect", "path/to/model"])  # doctest: +SKIP
     0
     """
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a usage error already printed
-        return exit_.code if isinstance(exit_.code, int) else 0
-    try:
-        return int(args.run(args) or 0)
-    except LeanstreamError as err:
-        return _fail(str(err))
-    except OSError as err:
-        return _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+    try:  # everything: torch, transformers and bitsandbytes are imported in here, on first use
+        return _main(argv)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
+def _main(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed
+        return exit_.code if isinstance(exit_.code, int) else 0
+    with _quiet_libraries(enabled=not args.verbose):
+        try:
+            return int(args.run(args) or 0)
+        except Exception as err:
+            if args.verbose:
+                traceback.print_exc()
+            return _fail(_describe(err, args.command, verbose=args.verbose))
+
+
+def _describe(err: Exception, command: str, *, verbose: bool) -> str:
+    """One line for any exception: ours and the operating system's as they are, anything
+    else (bitsandbytes' assertions, a bug) with its type and the package that raised it."""
+    if isinstance(err, LeanstreamError):
+        return str(err)
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", "")) if tb is not None else ""
+    origin = module.split(".")[0] or "?"
+    text = f": {err}" if str(err) else ""
+    if origin == "leanstream":
+        hint = "an unexpected error: please report it with the output of --verbose"
+        return f"{command}: {type(err).__name__} in {module}{text} ({hint})"
+    hint = "" if verbose else " (--verbose shows the traceback)"
+    return f"{command}: {type(err).__name__} in {origin}{text}{hint}"
+
+
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
     return 1
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(*, enabled: bool) -> Iterator[None]:
+    """Drop :data:`QUIET_BY_DEFAULT`'s messages while a command runs (filters on those two
+    loggers, created here if bitsandbytes is not imported yet); they are removed on return,
+    so ``main()`` called from Python leaves logging as it found it."""
+    filters = [
+        (logging.getLogger(name), _DropMessage(start))
+        for name, start in QUIET_BY_DEFAULT.items()
+        if enabled
+    ]
+    for logger, drop in filters:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in filters:
+            logger.removeFilter(drop)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _verbose_argument(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser(
@@ -100,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-shard-size",
         type=_size_argument,
         default="4GB",
-        help="largest shard, e.g. 4GB (default), 500MB",
+        help="largest shard, e.g. 4GB (default; decimal units as transformers'), 500MB, 2GiB",
         metavar="SIZE",
     )
     quantize.set_defaults(run=_quantize)
@@ -127,7 +199,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verbose_argument(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="print tracebacks and bitsandbytes' warnings",
+    )
+
+
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
+    # before or after the command; a command's default must not undo 'leanstream -v CMD'
+    _verbose_argument(parser, default=argparse.SUPPRESS)
     parser.add_argument("source", metavar="SOURCE", help="local folder or hub repo id")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument(
@@ -208,19 +292,27 @@ def _inspect(args: argparse.Namespace) -> int:
     )
     if report["quantization"]:
         print(f"quantized    {report['quantization']} (pre-quantized checkpoint)")
-    print(f"shards       {len(report['shards'])} file(s), {_size(report['tensor_bytes'])}")
+    print(f"shards       {len(report['shards'])} file(s), {format_bytes(report['tensor_bytes'])}")
     dtypes = ", ".join(
-        f"{d} {v['count']} ({_size(v['bytes'])})" for d, v in report["dtypes"].items()
+        f"{d} {v['count']} ({format_bytes(v['bytes'])})" for d, v in report["dtypes"].items()
     )
     print(f"tensors      {report['tensors']}: {dtypes}")
     print(f"parameters   {report['parameters']:,}")
     layers = report["quantizable_layers"]
     kept = report["kept_in_full_precision"]
     print(f"layers       {layers} linear layer(s) quantized at 8/4 bits; kept: {', '.join(kept)}")
-    print("memory       setting               total       by kind")
-    for row in report["memory"]:
-        kinds = ", ".join(f"{k} {_size(v)}" for k, v in sorted(row["by_kind"].items()))
-        print(f"             {row['setting']:<20}  {_size(row['total_bytes']):>10}  {kinds}")
+    rows = [("setting", "total", "by kind")] + [
+        (
+            row["setting"],
+            format_bytes(row["total_bytes"]),
+            ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(row["by_kind"].items())),
+        )
+        for row in report["memory"]
+    ]
+    width = max(len(setting) for setting, _, _ in rows)
+    total_width = max(len(total) for _, total, _ in rows)
+    for i, (setting, total, kinds) in enumerate(rows):
+        print(f"{'' if i else 'memory':<13}{setting:<{width}}  {total:>{total_width}}  {kinds}")
     return 0
 
 
@@ -423,13 +515,6 @@ def _add(table: dict[str, int], kind: str, nbytes: int) -> None:
     table[kind] = table.get(kind, 0) + nbytes
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 # --- quantize and generate ------------------------------------------------------------
 
 
@@ -460,8 +545,8 @@ def _quantize(args: argparse.Namespace) -> int:
     shards = sorted(out.glob("*.safetensors"))
     on_disk = sum(shard.stat().st_size for shard in shards)
     print(
-        f"wrote {out}: {len(shards)} shard(s), {_size(on_disk)}; "
-        f"in memory {_size(footprint(model).total_bytes)}"
+        f"wrote {out}: {len(shards)} shard(s), {format_bytes(on_disk)}; "
+        f"in memory {format_bytes(footprint(model).total_bytes)}"
     )
     return 0
 

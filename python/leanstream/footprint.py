@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .progress import format_bytes
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -22,12 +24,10 @@ class Footprint:
     by_kind: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        rows = ", ".join(f"{k} {_gb(v)}" for k, v in sorted(self.by_kind.items()))
-        return f"{_gb(self.total_bytes)} ({rows})"
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB"
+        """``"135.6 KiB (bfloat16 80.6 KiB, float32 64 B, nf4 48.0 KiB, ...)"``: binary
+        units, as everywhere leanstream prints a size (the repr keeps exact bytes)."""
+        rows = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.by_kind.items()))
+        return f"{format_bytes(self.total_bytes)} ({rows})"
 
 
 def footprint(model: nn.Module) -> Footprint:

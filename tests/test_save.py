@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import leanstream
 
-save_module = sys.modules["leanstream.save"]  # `leanstream.save` is the function
+save_module = importlib.import_module("leanstream.save")  # `leanstream.save` is the function
 
 
 def _load(folder: Path, setting: str = "nf4", **kwargs: Any) -> Any:

@@ -331,7 +331,7 @@ def inspect_checkpoint(
     """
     from . import _core
     from .checkpoint import check_weights_format, load_config, resolve
-    from .loader import _model_dtype
+    from .loader import _expected_shapes, _model_dtype, _rename_keys
     from .meta import build_empty_model
     from .prequantized import Prequantized, describe, quantization_dict
 
@@ -349,7 +349,9 @@ def inspect_checkpoint(
             entry["bytes"] += info.nbytes
         shards = [Path(f).name for f in ckpt.files]
         tensors, tensor_bytes = len(ckpt), ckpt.total_bytes
-    model = build_empty_model(config, trust_remote_code=trust_remote_code)
+        model = build_empty_model(config, trust_remote_code=trust_remote_code)
+        # what load() refuses (conversions that cannot be streamed), inspect refuses too
+        _rename_keys(model, ckpt, folder, _expected_shapes(model))
     parameters = sum(p.numel() for p in model.parameters())
     if quant is not None:
         from .quantize import QuantSpec
@@ -428,6 +430,7 @@ def _predict(
     from .quantize import (
         QuantSpec,
         default_skip_modules,
+        expert_params,
         extra_modules,
         matches_any,
         replace_linears,
@@ -445,6 +448,8 @@ def _predict(
     kept = sorted(name for name, module in model.named_modules() if _is_linear(module))
     replaced = replace_linears(model, QuantSpec(bits=4), skip)
     kept = [name for name in kept if name not in replaced]
+    # 3-D experts weights [E, R, C], quantized as E * R rows (not from a pre-quantized folder)
+    experts = expert_params(model, skip) if pre_extra is None else {}
     shapes = []  # (out_features, in_features) of every weight that gets quantized
     extra = []  # the same for embeddings / lm_head, quantized only with the flags
     plain: dict[str, int] = {}  # bytes of the tensors no setting changes, by kind
@@ -455,6 +460,11 @@ def _predict(
                 continue
             if name == "weight" and module_name in replaced:
                 shapes.append((int(module.out_features), int(module.in_features)))
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            if full in experts:
+                count, rows, cols = experts[full]
+                shapes.append((count * rows, cols))
                 continue
             dtype = torch.float32 if matches_any(module_name, fp32_modules) else model_dtype
             if not param.is_floating_point():

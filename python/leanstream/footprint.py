@@ -55,7 +55,8 @@ def footprint(model: nn.Module) -> Footprint:
             add(quant_state.quant_type, param)
             for stat in _quant_state_tensors(quant_state):
                 add("quant_state", stat)
-        elif type(param).__name__ == "Int8Params" and param.dtype == torch.int8:
+        elif param.dtype == torch.int8 and getattr(param, "SCB", None) is not None:
+            # bitsandbytes' Int8Params, leanstream's 8-bit QuantizedExperts
             add("int8", param)
             add("quant_state", getattr(param, "SCB", None))
         else:

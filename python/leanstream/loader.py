@@ -46,9 +46,11 @@ from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
 from .prequantized import Prequantized
 from .progress import byte_progress
 from .quantize import (
+    ExpertsQuantizer,
     QuantSpec,
     QuantType,
     default_skip_modules,
+    expert_params,
     extra_modules,
     kernel_stream,
     materialize,
@@ -71,6 +73,20 @@ class _Target:
     buffer: bool
     # pre-quantized weight: the (stat, checkpoint key) pairs streamed just before it
     stats: tuple[tuple[str, str], ...] | None = None
+    # one expert's piece of a merged 3-D experts weight (transformers' MoE conversion)
+    piece: Piece | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one checkpoint tensor goes in a 3-D experts parameter ``[E, R, C]`` that
+    transformers merges on load (``MergeModulelist(dim=0)``, then for gate + up
+    ``Concatenate(dim=1)``): expert ``expert``'s ``part``-th of ``parts`` row blocks,
+    i.e. rows ``part * R // parts`` to ``(part + 1) * R // parts`` of ``[expert]``."""
+
+    expert: int
+    part: int
+    parts: int
 
 
 def load(
@@ -322,6 +338,9 @@ def _fill(
     names = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
     # pre-quantized statistics are parsed and packed on the host (Prequantized.materialize)
     host = {key for t in targets for _, key in t.stats or ()}
+    # 3-D experts weights: quantized piece by piece into place (or assembled unquantized)
+    experts = expert_params(model, skip) if spec.quantized and prequantized is None else {}
+    merging: dict[str, Any] = {}  # name -> ExpertsQuantizer or _Merged, while pieces arrive
 
     if warm is not None:
         warm.stop()  # the ordered reads start now: the warm-up would compete
@@ -343,6 +362,8 @@ def _fill(
                 prequantized.materialize(
                     target.name, target.module, tensor, stats, device=device, owned=owned
                 )
+            elif target.name in experts or target.piece is not None:
+                _merge(merging, experts, target, tensor, spec, device, owned)
             else:
                 materialize(
                     target.module,
@@ -361,6 +382,7 @@ def _fill(
             if trim is not None:
                 trim.freed(nbytes)
         tensors.finish()
+    assert not merging, sorted(merging)
     _tie(model, ties)
     _share_quantized(model, output)
     left = meta_tensors(model)
@@ -380,6 +402,12 @@ def _fill(
                 # the dtype of the first input (fp32 after prepare_model_for_kbit_training)
                 module.compute_type_is_set = True
         model.config.quantization_config = spec.config(sorted(skip), compute)
+        if experts:
+            from .experts import use_quantized_experts
+
+            use_quantized_experts(model)
+            # quantized with leanstream (transformers + bitsandbytes keep them in bf16)
+            model.config.quantization_config.leanstream_quantized_experts = sorted(experts)
         if embeddings or output:
             # what leanstream.save writes in its own format (transformers cannot load it)
             model.config.quantization_config.leanstream_quantized_embeddings = sorted(embeddings)
@@ -561,6 +589,54 @@ def _share_quantized(model: Any, output: set[str]) -> None:
             module.weight.CB = None
 
 
+def _merge(
+    merging: dict[str, Any],
+    experts: dict[str, tuple[int, int, int]],
+    target: _Target,
+    tensor: torch.Tensor,
+    spec: QuantSpec,
+    device: torch.device,
+    owned: bool,
+) -> None:
+    """Put one streamed piece (or the whole) of a 3-D experts weight in its place: quantized
+    into the parameter's storage (:class:`ExpertsQuantizer`), or, unquantized, copied into
+    the merged tensor; the parameter is set once its last piece is in."""
+    param = target.module._parameters[target.attr]
+    shape = tuple(int(d) for d in param.shape)
+    sink = merging.get(target.name)
+    if sink is None:
+        if target.name in experts:
+            sink = ExpertsQuantizer(target.name, shape, spec, device, target.dtype)  # type: ignore[arg-type]
+        else:
+            sink = _Merged(shape, device, target.dtype)
+        merging[target.name] = sink
+    first_row = 0
+    if target.piece is not None:
+        rows = shape[1]
+        first_row = target.piece.expert * rows + target.piece.part * rows // target.piece.parts
+    if sink.add(tensor, first_row, owned=owned):
+        target.module._parameters[target.attr] = sink.result()
+        del merging[target.name]
+
+
+class _Merged:
+    """An unquantized merged experts weight, assembled from its pieces in place."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype | None):
+        self.tensor = torch.empty(shape, dtype=dtype, device=device)
+        self.rows = self.tensor.view(-1, shape[-1])
+        self.done = 0
+
+    def add(self, tensor: torch.Tensor, first_row: int, *, owned: bool) -> bool:
+        piece = tensor.reshape(-1, self.rows.shape[1])
+        self.rows[first_row : first_row + piece.shape[0]].copy_(piece)
+        self.done += piece.shape[0]
+        return self.done == self.rows.shape[0]
+
+    def result(self) -> nn.Parameter:
+        return nn.Parameter(self.tensor, requires_grad=False)
+
+
 def _check_skip_modules(model: nn.Module, skip_modules: list[str] | None) -> None:
     """A ``skip_modules`` entry that matches no module is a typo: refused."""
     from .quantize import matches_any
@@ -651,7 +727,7 @@ def _plan(
     layer's weight also claims its statistics tensors (and its shape is the packed one)."""
     from .quantize import matches_any
 
-    by_name = _rename_keys(model, ckpt, folder, expected)
+    by_name, merged = _rename_keys(model, ckpt, folder, expected)
     ties: dict[str, str] = {}
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if source in by_name and target in by_name:
@@ -678,6 +754,24 @@ def _plan(
             if name in seen or name in ties:
                 continue
             seen.add(name)
+            if name in merged:
+                pieces, wrong = _pieces(name, expected[name], merged[name], ckpt)
+                mismatched += wrong
+                keep_fp32 = matches_any(module_name, fp32_modules)
+                targets += [
+                    _Target(
+                        key=key,
+                        name=name,
+                        module=module,
+                        attr=attr,
+                        dtype=torch.float32 if keep_fp32 else model_dtype,
+                        transpose=False,
+                        buffer=False,
+                        piece=piece,
+                    )
+                    for key, piece in pieces
+                ]
+                continue
             key = by_name.get(name)
             if key is None:
                 continue
@@ -707,7 +801,16 @@ def _plan(
     missing = [
         n
         for n in expected
-        if n not in by_name and n not in ties and not (ignore_missing and ignore_missing.search(n))
+        if n not in by_name
+        and n not in merged
+        and n not in ties
+        and not (ignore_missing and ignore_missing.search(n))
+    ]
+    missing += [
+        f"{name} (expert {expert}, part {part + 1} of {parts})"
+        for name, found in merged.items()
+        if name in expected
+        for expert, part, parts in _absent_pieces(expected[name], found)
     ]
     missing += missing_stats
     unexpected_patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
@@ -720,6 +823,9 @@ def _plan(
         if name not in expected
         and name not in claimed
         and not (ignore_unexpected and ignore_unexpected.search(name))
+    ]
+    unexpected += [
+        key for name, found in merged.items() if name not in expected for key, _ in found
     ]
     if missing or unexpected or mismatched:
         raise MismatchError(
@@ -735,18 +841,26 @@ def _regex(patterns: Any) -> re.Pattern[str] | None:
 
 def _rename_keys(
     model: Any, ckpt: _core.Checkpoint, folder: Path, expected: dict[str, tuple[int, ...]]
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, list[tuple[str, Piece]]]]:
     """Map model names to checkpoint keys with transformers' own renaming rules
     (legacy ``gamma``/``beta``, per-model conversion mappings, adding or removing
-    ``base_model_prefix``). Conversions that merge or split tensors (e.g. fused MoE
-    experts) cannot be streamed tensor by tensor and are refused."""
+    ``base_model_prefix``). Returns ``{name: key}`` and, for the 3-D experts
+    parameters transformers merges from one tensor per expert (its
+    ``MergeModulelist(dim=0)`` / ``Concatenate(dim=1)`` converters),
+    ``{name: [(key, piece), ...]}``: each piece is streamed and quantized into its
+    place, the merged tensor never exists. Other conversions that merge or split
+    tensors cannot be streamed tensor by tensor and are refused."""
     keys = ckpt.keys()
     if all(key in expected for key in keys):
         # already the model's own names (what save_pretrained writes): nothing to
         # rename, and no need for transformers' conversion tables (0.15 s to build)
-        return {key: key for key in keys}
+        return {key: key for key in keys}, {}
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
+    from transformers.core_model_loading import (
+        WeightConverter,
+        apply_renamings,
+        rename_source_key,
+    )
 
     transforms = get_model_conversion_mapping(model)
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -754,21 +868,79 @@ def _rename_keys(
     prefix = getattr(model, "base_model_prefix", None) or None
     present = dict.fromkeys(expected, True)
     by_name: dict[str, str] = {}
+    merged: dict[str, list[tuple[str, Piece]]] = {}
     for key in keys:
-        name, converter = rename_source_key(key, renamings, converters, prefix, present)
-        if converter is not None:
-            raise checkpoint_error(
-                UnsupportedCheckpointError,
-                f"{ckpt[key].file}: tensor {key!r} must be merged with others to fit "
-                f"{type(model).__name__} (transformers pattern {converter!r}); such "
-                "conversions cannot be streamed tensor by tensor",
-                file=ckpt[key].file,
-                tensor=key,
-            )
+        name, pattern = rename_source_key(key, renamings, converters, prefix, present)
+        if pattern is not None:
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            piece = _merge_piece(apply_renamings(key, renamings), pattern, converter)
+            if piece is None:
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{ckpt[key].file}: tensor {key!r} must be converted to fit "
+                    f"{type(model).__name__} (transformers pattern {pattern!r}, "
+                    f"{[type(op).__name__ for op in converter.operations]}); only merges of "
+                    "one tensor per expert can be streamed tensor by tensor",
+                    file=ckpt[key].file,
+                    tensor=key,
+                )
+            merged.setdefault(name, []).append((key, piece))
+            continue
         if name in by_name:
             raise MismatchError(str(folder), unexpected=[key], file=ckpt[key].file)
         by_name[name] = key
-    return by_name
+    return by_name, merged
+
+
+def _merge_piece(renamed: str, pattern: str, converter: Any) -> Piece | None:
+    """The :class:`Piece` a checkpoint key (after renamings) is in a supported merge
+    (``MergeModulelist(dim=0)``, then ``Concatenate(dim=1)`` if several patterns), or
+    None for any other conversion."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = converter.operations
+    parts = len(converter.source_patterns)
+    if not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return None
+    if parts > 1 and not (len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim == 1):
+        return None
+    if parts == 1 and len(ops) != 1:
+        return None
+    regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+    if regex.count(r"(\d+)") != 1:
+        return None
+    found = re.search(regex, renamed)
+    if found is None:
+        return None
+    return Piece(int(found.group(1)), converter.source_patterns.index(pattern), parts)
+
+
+def _pieces(
+    name: str, shape: tuple[int, ...], found: list[tuple[str, Piece]], ckpt: _core.Checkpoint
+) -> tuple[list[tuple[str, Piece]], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+    """The pieces of merged parameter ``name`` (of ``shape``), in storage order, and the
+    mis-shaped ones as ``(key, stored, wanted)``."""
+    pieces = sorted(found, key=lambda kp: (kp[1].expert, kp[1].part))
+    wrong = []
+    for key, piece in pieces:
+        want = (shape[1] // piece.parts, *shape[2:]) if len(shape) == 3 else ()
+        stored = tuple(ckpt[key].shape)
+        if len(shape) != 3 or shape[1] % piece.parts or stored != want:
+            wrong.append((key, stored, want))
+        elif not 0 <= piece.expert < shape[0]:
+            wrong.append((key, stored, want))
+    return pieces, wrong
+
+
+def _absent_pieces(
+    shape: tuple[int, ...], found: list[tuple[str, Piece]]
+) -> list[tuple[int, int, int]]:
+    """``(expert, part, parts)`` of each piece of a merged parameter not in the checkpoint."""
+    if not found or len(shape) != 3:
+        return []
+    parts = found[0][1].parts
+    have = {(p.expert, p.part) for _, p in found}
+    return [(e, q, parts) for e in range(shape[0]) for q in range(parts) if (e, q) not in have]
 
 
 def _model_dtype(dtype: torch.dtype | str, config: Any, ckpt: _core.Checkpoint) -> torch.dtype:

@@ -526,6 +526,138 @@ def params_4bit(module: nn.Module, packed: torch.Tensor, state: Any) -> Any:
     return param
 
 
+# --- mixture-of-experts weights -----------------------------------------------------------
+
+
+def expert_params(model: nn.Module, skip: Iterable[str]) -> dict[str, tuple[int, int, int]]:
+    """The 3-D experts weights to quantize: ``{name: (E, R, C)}`` for every floating-point
+    3-D parameter of an experts module (one that has ``num_experts``: transformers 5
+    holds each MoE layer's experts as ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``,
+    or transposed), unless ``skip`` names the module. Their biases (2-D) stay as they are."""
+    skip = list(skip)
+    found = {}
+    for module_name, module in model.named_modules():
+        if not hasattr(module, "num_experts") or matches_any(module_name, skip):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if param.dim() == 3 and param.is_floating_point():
+                name = f"{module_name}.{attr}" if module_name else attr
+                found[name] = tuple(int(d) for d in param.shape)
+    return found  # type: ignore[return-value]
+
+
+class ExpertsQuantizer:
+    """Quantizes a 3-D experts weight ``[E, R, C]`` piece by piece, as its pieces stream
+    in (row blocks of its row-major ``[E * R, C]`` view: one expert's gate or up
+    projection, or the whole tensor when it is stored fused), into storage allocated
+    once for the whole parameter: the full-precision merged tensor never exists.
+
+    Blockwise 4-bit quantization of the flattened tensor is the concatenation of its
+    pieces' quantizations when each piece's size is a multiple of the block size, and
+    LLM.int8 scales are per row: the result is bit-identical to quantizing the merged
+    tensor (or each expert matrix) with bitsandbytes. Double quantization of ``absmax``
+    runs once, when the last piece is in.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, int, int],
+        spec: QuantSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        experts, rows, cols = shape
+        self.name, self.shape, self.spec, self.device, self.dtype = name, shape, spec, device, dtype
+        self.rows = experts * rows  # of the [E * R, C] view
+        self.cols = cols
+        self.done = 0
+        if spec.bits == 4:
+            if (rows * cols) % spec.blocksize:
+                raise ConfigError(
+                    f"{name}: an expert's {rows}x{cols} weight is not a whole number of "
+                    f"{spec.blocksize}-value blocks: cannot quantize it per expert; keep it in "
+                    "full precision with skip_modules"
+                )
+            n = experts * rows * cols
+            self.packed = torch.empty((n // 2, 1), dtype=torch.uint8, device=device)
+            self.absmax = torch.empty(n // spec.blocksize, dtype=torch.float32, device=device)
+        else:
+            self.cb = torch.empty((self.rows, cols), dtype=torch.int8, device=device)
+            self.scb = torch.empty(self.rows, dtype=torch.float32, device=device)
+
+    def add(self, tensor: torch.Tensor, first_row: int, *, owned: bool) -> bool:
+        """Quantize ``tensor`` (``[rows, C]``, or ``[E, R, C]`` whole) into rows
+        ``first_row...`` of the ``[E * R, C]`` view; True once every row is in."""
+        weight = placed(tensor, self.device, self.dtype, owned=owned).reshape(-1, self.cols)
+        rows = weight.shape[0]
+        end = first_row + rows
+        if self.spec.bits == 4:
+            bs = self.spec.blocksize
+            if (rows * self.cols) % bs:
+                raise ConfigError(
+                    f"{self.name}: a piece of {rows}x{self.cols} values is not a whole number "
+                    f"of {bs}-value blocks; keep it in full precision with skip_modules"
+                )
+            first, last = first_row * self.cols, end * self.cols
+            packed, absmax = (
+                self.packed[first // 2 : last // 2],
+                self.absmax[first // bs : last // bs],
+            )
+            if self.spec.native and _native_input(weight):
+                _core.quantize_4bit(
+                    _raw(weight),
+                    _NATIVE_DTYPES[weight.dtype],
+                    packed.numpy(),
+                    absmax.numpy(),
+                    quant_type=self.spec.quant_type,
+                    blocksize=bs,
+                    threads=torch.get_num_threads(),
+                )
+            else:
+                out, scales = torch.ops.bitsandbytes.quantize_4bit.default(
+                    weight.contiguous(), bs, self.spec.quant_type, torch.uint8
+                )
+                packed.copy_(out)
+                absmax.copy_(scales)
+        else:
+            cb, scb = self.cb[first_row:end], self.scb[first_row:end]
+            if self.spec.native and _native_input(weight):
+                _core.quantize_int8(
+                    _raw(weight),
+                    _NATIVE_DTYPES[weight.dtype],
+                    self.cols,
+                    cb.numpy(),
+                    scb.numpy(),
+                    threads=torch.get_num_threads(),
+                )
+            else:
+                fresh = owned or weight.data_ptr() != tensor.data_ptr()
+                half = placed(weight.contiguous(), self.device, torch.float16, owned=fresh)
+                out, scales, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(half, 0.0)
+                cb.copy_(out)
+                scb.copy_(scales)
+        self.done += rows
+        return self.done == self.rows
+
+    def result(self) -> Any:
+        """The quantized parameter (a :class:`leanstream.experts.QuantizedExperts`)."""
+        from .experts import QuantizedExperts
+
+        assert self.done == self.rows, (self.name, self.done, self.rows)
+        if self.spec.bits == 4:
+            state = quant_state_4bit(
+                self.absmax,
+                torch.Size(self.shape),
+                self.dtype,
+                self.spec.blocksize,
+                self.spec.quant_type,
+                self.spec.double_quant,
+            )
+            return QuantizedExperts.four_bit(self.packed, state)
+        return QuantizedExperts.eight_bit(self.cb.view(self.shape), self.scb, self.dtype)
+
+
 # --- the native CPU quantizer ------------------------------------------------------
 
 _NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -591,8 +723,10 @@ def _native_int8(weight: torch.Tensor) -> Any:
 
 
 __all__ = [
+    "ExpertsQuantizer",
     "QuantSpec",
     "default_skip_modules",
+    "expert_params",
     "extra_modules",
     "is_quantized_module",
     "kernel_stream",

@@ -118,6 +118,15 @@ def save(
     """
     target = Path(folder).expanduser().absolute()
     parse_size(max_shard_size)
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    experts = getattr(quant, "leanstream_quantized_experts", None)
+    if experts:
+        raise ConfigError(
+            f"{target}: the model's mixture-of-experts weights are quantized by leanstream "
+            f"({len(experts)} of them, e.g. {experts[0]}), which save cannot write yet; "
+            "load the original checkpoint instead (it streams), or load with the experts kept "
+            "in full precision (skip_modules) to save"
+        )
     _check_target(target, model)
     config = _config_to_save(model)
     state = _state_dict(model)

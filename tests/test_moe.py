@@ -1,0 +1,312 @@
+"""Mixture-of-experts checkpoints: experts merged by transformers' conversion rules
+(one tensor per expert on disk) or stored fused (gpt-oss), streamed piece by piece
+into place; quantized (4 and 8 bits) without the merged full-precision tensor ever
+existing, bit-identical to bitsandbytes quantizing transformers' merged tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes.functional as F
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from test_load import SETTINGS
+from transformers import AutoModelForCausalLM
+
+import leanstream
+from leanstream.experts import QuantizedExperts
+
+_BASE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+#: tiny configs; experts of 64x64 / 128x64 values (whole numbers of 64-value blocks)
+MOE: dict[str, Any] = {
+    "mixtral": lambda: transformers.MixtralConfig(
+        **_BASE, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_BASE,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_BASE,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **_BASE, intermediate_size=64, num_experts=4, num_experts_per_tok=2, eos_token_id=1
+    ),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**_BASE, "num_key_value_heads": 4},  # its attention needs as many kv heads as heads
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+    ),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **_BASE,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+        sliding_window=32,
+    ),
+}
+IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 11, 2]])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each architecture written by transformers' ``save_pretrained`` (which splits the
+    merged experts back into one tensor per expert, except gpt-oss's fused ones)."""
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for arch, make in MOE.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make(), dtype=torch.bfloat16)
+        out[arch] = root / arch
+        model.save_pretrained(out[arch], max_shard_size="60KB")
+    return out
+
+
+def load(folder: Path, **kwargs: Any) -> Any:
+    return leanstream.load(folder, device="cpu", progress=False, **kwargs)
+
+
+def merged_reference(folder: Path) -> Any:
+    """transformers' own bf16 model of the folder (the experts merged by transformers)."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+
+def expert_weights(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.dim() == 3}
+
+
+def bnb_quantized(weight: torch.Tensor, setting: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """bitsandbytes quantizing the merged ``[E, R, C]`` tensor as rows of ``[E * R, C]``
+    (each expert matrix quantized as bitsandbytes quantizes a linear's weight)."""
+    experts, rows, cols = weight.shape
+    flat = weight.reshape(experts * rows, cols)
+    if setting["bits"] == 8:
+        cb, scb, _ = F.int8_vectorwise_quant(flat.half())
+        return {"CB": cb.reshape(weight.shape), "SCB": scb}
+    packed, state = F.quantize_4bit(
+        flat,
+        blocksize=64,
+        compress_statistics=setting["double_quant"],
+        quant_type=setting["quant_type"],
+    )
+    out = {"packed": packed, "absmax": state.absmax}
+    if state.nested:
+        out.update(offset=state.offset, absmax2=state.state2.absmax)
+    return out
+
+
+def ours_as_dict(param: QuantizedExperts) -> dict[str, torch.Tensor]:
+    if param.bits == 8:
+        return {"CB": param.data, "SCB": param.SCB}
+    state = param.quant_state
+    out = {"packed": param.data, "absmax": state.absmax}
+    if state.nested:
+        out.update(offset=state.offset, absmax2=state.state2.absmax)
+    return out
+
+
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "fp4", "int8"])
+@pytest.mark.parametrize("arch", list(MOE))
+def test_experts_are_quantized_bit_identically(
+    folders: dict[str, Path], arch: str, setting: str
+) -> None:
+    ref = merged_reference(folders[arch])
+    got = load(folders[arch], **SETTINGS[setting])
+    want = expert_weights(ref)
+    assert want, "the tiny model has experts"
+    params = dict(got.named_parameters())
+    for name, weight in want.items():
+        param = params[name]
+        assert isinstance(param, QuantizedExperts), name
+        assert tuple(param.shape3) == tuple(weight.shape)
+        expected = bnb_quantized(weight, SETTINGS[setting])
+        actual = ours_as_dict(param)
+        assert actual.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(actual[key].reshape(value.shape), value), (name, key)
+    qc = got.config.quantization_config
+    assert sorted(qc.leanstream_quantized_experts) == sorted(want)
+
+
+def dequantized_reference(folder: Path, setting: dict[str, Any]) -> Any:
+    """transformers' bf16 model whose experts are what bitsandbytes' quantization of them
+    dequantizes to, and whose other linears are bitsandbytes layers as transformers
+    quantizes them: the model ours must compute."""
+    ref = AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=setting["bits"] == 4,
+            load_in_8bit=setting["bits"] == 8,
+            bnb_4bit_quant_type=setting.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=setting.get("double_quant", False),
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        device_map="cpu",
+    ).eval()
+    for name, weight in expert_weights(ref).items():
+        experts, rows, cols = weight.shape
+        flat = weight.data.reshape(experts * rows, cols)
+        if setting["bits"] == 8:
+            cb, scb, _ = F.int8_vectorwise_quant(flat.half())
+            value = F.int8_vectorwise_dequant(cb, scb)
+        else:
+            packed, state = F.quantize_4bit(
+                flat,
+                blocksize=64,
+                compress_statistics=setting["double_quant"],
+                quant_type=setting["quant_type"],
+            )
+            value = F.dequantize_4bit(packed, state)
+        module_name, _, attr = name.rpartition(".")
+        module = ref.get_submodule(module_name)
+        module._parameters[attr] = torch.nn.Parameter(
+            value.to(torch.bfloat16).reshape(weight.shape), requires_grad=False
+        )
+    ref.config._experts_implementation = "eager"
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("arch", "setting"),
+    [
+        (arch, setting)
+        for arch in MOE
+        for setting in ("nf4", "nf4-dq", "int8")
+        # LLM.int8 of DeepSeek's kv_b_proj gets a 4-D input that bitsandbytes' int8 matmul
+        # refuses, in transformers' model as in ours (issue 16: not handled yet)
+        if (arch, setting) != ("deepseek_v3", "int8")
+    ],
+)
+def test_logits_are_those_of_the_quantized_experts(
+    folders: dict[str, Path], arch: str, setting: str
+) -> None:
+    extra = {"compute_dtype": torch.bfloat16} if SETTINGS[setting]["bits"] == 4 else {}
+    got = load(folders[arch], **SETTINGS[setting], **extra)
+    ref = dequantized_reference(folders[arch], SETTINGS[setting])
+    with torch.no_grad():
+        a, b = ref(input_ids=IDS).logits.float(), got(input_ids=IDS).logits.float()
+    assert torch.isfinite(b).all()
+    assert torch.allclose(a, b, rtol=0, atol=1e-2 * a.abs().max().item()), (a - b).abs().max()
+    out = got.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 4)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_pipelined_equals_mapped(folders: dict[str, Path], arch: str) -> None:
+    for setting in ("nf4-dq", "int8"):
+        mapped = load(folders[arch], **SETTINGS[setting])
+        piped = load(folders[arch], **SETTINGS[setting], pipeline=True, ring_bytes=16 * 1000)
+        for name in expert_weights(merged_reference(folders[arch])):
+            a, b = ours_as_dict(mapped.get_parameter(name)), ours_as_dict(piped.get_parameter(name))
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert torch.equal(mapped(input_ids=IDS).logits, piped(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_unquantized_moe_equals_transformers(folders: dict[str, Path], arch: str) -> None:
+    ref = merged_reference(folders[arch])
+    for pipeline in (False, True):
+        got = load(folders[arch], bits=None, pipeline=pipeline)
+        a, b = ref.state_dict(), got.state_dict()
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert torch.equal(b[key], value), key
+        assert torch.equal(ref(input_ids=IDS).logits, got(input_ids=IDS).logits)
+
+
+def test_skip_modules_keeps_experts_in_full_precision(folders: dict[str, Path]) -> None:
+    got = load(folders["mixtral"], bits=4, skip_modules=["model.layers.0.mlp.experts"])
+    assert not isinstance(got.model.layers[0].mlp.experts.gate_up_proj, QuantizedExperts)
+    assert got.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert isinstance(got.model.layers[1].mlp.experts.gate_up_proj, QuantizedExperts)
+
+
+def test_a_missing_expert_is_named(folders: dict[str, Path], tmp_path: Path) -> None:
+    """transformers 5 loads such a checkpoint with random weights for the expert."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for path in folders["mixtral"].iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    shard = folder / index["weight_map"].pop(key)
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(leanstream.MismatchError) as err:
+        load(folder, bits=4)
+    assert err.value.missing == ["model.layers.1.mlp.experts.gate_up_proj (expert 2, part 2 of 2)"]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_inspect_predicts_the_loaded_size(folders: dict[str, Path], arch: str) -> None:
+    from leanstream.cli import inspect_checkpoint
+
+    report = inspect_checkpoint(folders[arch])
+    memory = {row["setting"]: row["total_bytes"] for row in report["memory"]}
+    for label, kwargs in (
+        ("16-bit", dict(bits=None)),
+        ("8-bit (LLM.int8)", dict(bits=8)),
+        ("4-bit nf4", dict(bits=4)),
+        ("4-bit nf4 + double", dict(bits=4, double_quant=True)),
+    ):
+        got = leanstream.footprint(load(folders[arch], **kwargs)).total_bytes
+        assert memory[label] == got, (label, memory[label], got)
+
+
+def test_inspect_refuses_what_load_refuses(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion that cannot be streamed (here: every merge, as if unsupported)."""
+    import leanstream.loader
+    from leanstream.cli import inspect_checkpoint
+
+    monkeypatch.setattr(leanstream.loader, "_merge_piece", lambda *args: None)
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"w1\.weight"):
+        load(folders["mixtral"], bits=4)
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"w1\.weight"):
+        inspect_checkpoint(folders["mixtral"])
+
+
+def test_save_refuses_quantized_experts(folders: dict[str, Path], tmp_path: Path) -> None:
+    model = load(folders["mixtral"], bits=4)
+    with pytest.raises(leanstream.ConfigError, match="mixture-of-experts"):
+        leanstream.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    kept = load(folders["mixtral"], bits=4, skip_modules=["experts"])
+    leanstream.save(kept, tmp_path / "kept")
+    again = load(tmp_path / "kept")
+    assert torch.equal(kept(input_ids=IDS).logits, again(input_ids=IDS).logits)

@@ -310,3 +310,47 @@ def test_save_refuses_quantized_experts(folders: dict[str, Path], tmp_path: Path
     leanstream.save(kept, tmp_path / "kept")
     again = load(tmp_path / "kept")
     assert torch.equal(kept(input_ids=IDS).logits, again(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("setting", ["nf4-dq", "fp4", "int8"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_experts_quantized_with_bitsandbytes_ops(
+    folders: dict[str, Path], arch: str, setting: str
+) -> None:
+    """The GPU's path on the CPU: bitsandbytes' ops per piece (owned pieces cast in place
+    for LLM.int8), bit-identical to bitsandbytes quantizing the merged tensor."""
+    got = load(
+        folders[arch], **SETTINGS[setting], native_quantizer=False, pipeline=True, ring_bytes=16000
+    )
+    for name, weight in expert_weights(merged_reference(folders[arch])).items():
+        expected = bnb_quantized(weight, SETTINGS[setting])
+        actual = ours_as_dict(got.get_parameter(name))
+        for key, value in expected.items():
+            assert torch.equal(actual[key].reshape(value.shape), value), (name, key)
+
+
+def test_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_kernel(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an AVX512-BF16 CPU bitsandbytes repacks 4-bit weights at the first forward and
+    asserts for a layer whose out_features is not a multiple of 32 (Qwen2-MoE's
+    shared-expert gate, Linear(H, 1)): transformers' model fails, ours runs."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    setting = SETTINGS["nf4"]
+    ref = AutoModelForCausalLM.from_pretrained(
+        folders["qwen2_moe"],
+        quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        device_map="cpu",
+    )
+    with pytest.raises(AssertionError, match="block_n"), torch.no_grad():
+        ref(input_ids=IDS)
+    got = load(folders["qwen2_moe"], **setting, compute_dtype=torch.bfloat16)
+    gate = got.model.layers[0].mlp.shared_expert_gate
+    assert gate.out_features == 1 and not gate.support_avx512bf16_for_cpu
+    assert got.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu
+    with torch.no_grad():
+        assert torch.isfinite(got(input_ids=IDS).logits).all()

@@ -263,6 +263,11 @@ def is_quantized_module(module: nn.Module, bits: int) -> bool:
     return isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit)
 
 
+#: ``bitsandbytes.functional._convert_weight_packed_for_cpu``'s ``block_n``: the rows of a
+#: 4-bit weight its AVX512-BF16 CPU kernel packs together
+_CPU_BLOCK_N = 32
+
+
 def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> dict[str, bool]:
     """Replace linear layers on ``meta`` with bitsandbytes layers.
 
@@ -294,6 +299,11 @@ def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> d
                 device="meta",
             )
             new.weight.blocksize = spec.blocksize
+            if out_features % _CPU_BLOCK_N or in_features % 2:
+                # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the
+                # first CPU forward, and asserts "N must be divisible by block_n" for such a
+                # layer (a MoE shared-expert gate, Linear(H, 1)): it keeps the plain kernel
+                new.support_avx512bf16_for_cpu = False
         else:
             new = bnb.nn.Linear8bitLt(
                 in_features,

@@ -468,3 +468,32 @@ def test_every_tensor_is_on_the_device(
     for name, value in expected.model.rotary_emb.named_buffers():
         assert rotary[name].dtype == value.dtype, name
         assert torch.equal(rotary[name].cpu(), value), name
+
+
+# --- mixture-of-experts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8"])
+def test_moe_experts_are_quantized_on_the_gpu(
+    tmp_path_factory: pytest.TempPathFactory, setting: str
+) -> None:
+    """Experts streamed piece by piece and quantized on the device with bitsandbytes' CUDA
+    ops: bit-identical to bitsandbytes quantizing transformers' merged tensor on CUDA."""
+    from test_moe import IDS, MOE, bnb_quantized, expert_weights, merged_reference, ours_as_dict
+
+    folder = tmp_path_factory.mktemp("gpu-moe") / "mixtral"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(MOE["mixtral"](), dtype=torch.bfloat16).save_pretrained(
+        folder, max_shard_size="60KB"
+    )
+    got = ours(folder, SETTINGS[setting], pipeline=True, ring_bytes=TINY_RING)
+    assert_on_cuda(got)
+    for name, weight in expert_weights(merged_reference(folder)).items():
+        expected = bnb_quantized(weight.cuda(), SETTINGS[setting])
+        actual = ours_as_dict(got.get_parameter(name))
+        for key, value in expected.items():
+            assert torch.equal(actual[key].reshape(value.shape), value), (name, key)
+    with torch.no_grad():
+        assert torch.isfinite(got(input_ids=IDS.cuda()).logits).all()
+    out = got.generate(IDS.cuda(), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 4)

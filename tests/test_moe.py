@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import leanstream
 from leanstream.experts import QuantizedExperts
+from leanstream.quantize import accept_any_rank
 
 _BASE = dict(
     hidden_size=64,
@@ -195,20 +197,16 @@ def dequantized_reference(folder: Path, setting: dict[str, Any]) -> Any:
             value.to(torch.bfloat16).reshape(weight.shape), requires_grad=False
         )
     ref.config._experts_implementation = "eager"
+    for module in ref.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            # DeepSeek's kv_b_proj gets a 4-D input, which transformers' LLM.int8 layer
+            # cannot take (test_int8_layers_take_inputs_of_any_rank): leanstream's fix
+            accept_any_rank(module)
     return ref
 
 
-@pytest.mark.parametrize(
-    ("arch", "setting"),
-    [
-        (arch, setting)
-        for arch in MOE
-        for setting in ("nf4", "nf4-dq", "int8")
-        # LLM.int8 of DeepSeek's kv_b_proj gets a 4-D input that bitsandbytes' int8 matmul
-        # refuses, in transformers' model as in ours (issue 16: not handled yet)
-        if (arch, setting) != ("deepseek_v3", "int8")
-    ],
-)
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8"])
+@pytest.mark.parametrize("arch", list(MOE))
 def test_logits_are_those_of_the_quantized_experts(
     folders: dict[str, Path], arch: str, setting: str
 ) -> None:
@@ -354,3 +352,32 @@ def test_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_kernel(
     assert got.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu
     with torch.no_grad():
         assert torch.isfinite(got(input_ids=IDS).logits).all()
+
+
+def test_int8_layers_take_inputs_of_any_rank(folders: dict[str, Path]) -> None:
+    """DeepSeek's MLA feeds kv_b_proj a 4-D input: bitsandbytes' LLM.int8 layer fails on it
+    (in transformers' model), leanstream's runs it as nn.Linear would."""
+    ref = AutoModelForCausalLM.from_pretrained(
+        folders["deepseek_v3"],
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+        device_map="cpu",
+    )
+    with pytest.raises(RuntimeError), torch.no_grad():
+        ref(input_ids=IDS)
+    layer = bnb.nn.Linear8bitLt(64, 32, bias=True, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(
+        torch.randn(32, 64).half(), requires_grad=False, has_fp16_weights=False
+    )._quantize("cpu")
+    layer.bias = torch.nn.Parameter(torch.randn(32).half(), requires_grad=False)
+    accept_any_rank(layer)
+    x = torch.randn(2, 3, 5, 64).half()
+    with torch.no_grad():
+        four = layer(x)
+        two = layer(x.reshape(-1, 64))
+        three = layer(x.reshape(6, 5, 64))
+    assert four.shape == (2, 3, 5, 32)
+    assert torch.equal(four.reshape(-1, 32), two) and torch.equal(three.reshape(-1, 32), two)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(2, 3, 5, 63).half())
+    with torch.no_grad():
+        assert torch.equal(layer(x), four)  # the failed call left nothing behind

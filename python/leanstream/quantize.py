@@ -38,6 +38,7 @@ import contextlib
 import copy
 import functools
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -263,6 +264,37 @@ def is_quantized_module(module: nn.Module, bits: int) -> bool:
     return isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit)
 
 
+_flattened = threading.local()  # per thread: id(module) -> stack of input shapes
+
+
+def accept_any_rank(module: nn.Module) -> None:
+    """Let a bitsandbytes ``Linear8bitLt`` take inputs of any rank, as ``nn.Linear`` does.
+
+    bitsandbytes 0.50's LLM.int8 matmul flattens 3-D inputs only; a 4-D one (DeepSeek's
+    ``kv_b_proj``) fails inside its row-wise quantization, in transformers' model too.
+    Forward hooks (the module keeps its class) flatten such an input to 2-D and give the
+    output its leading dimensions back."""
+    module.register_forward_pre_hook(_flatten_input)
+    module.register_forward_hook(_unflatten_output, always_call=True)  # pops on errors too
+
+
+def _flatten_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    stacks = _flattened.__dict__.setdefault("stacks", {})
+    x = args[0] if args else None
+    shape = x.shape if isinstance(x, torch.Tensor) and x.dim() > 3 else None
+    stacks.setdefault(id(module), []).append(shape)
+    if shape is None:
+        return None
+    return (x.reshape(-1, shape[-1]), *args[1:])
+
+
+def _unflatten_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    shape = _flattened.stacks[id(module)].pop()
+    if shape is None or not isinstance(output, torch.Tensor):
+        return None
+    return output.reshape(*shape[:-1], output.shape[-1])
+
+
 #: ``bitsandbytes.functional._convert_weight_packed_for_cpu``'s ``block_n``: the rows of a
 #: 4-bit weight its AVX512-BF16 CPU kernel packs together
 _CPU_BLOCK_N = 32
@@ -313,6 +345,7 @@ def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> d
                 threshold=spec.threshold,
                 device="meta",
             )
+            accept_any_rank(new)
         new.requires_grad_(False)
         model.set_submodule(name, new)
         replaced[name] = conv1d

@@ -299,14 +299,19 @@ def test_inspect_refuses_what_load_refuses(
         inspect_checkpoint(folders["mixtral"])
 
 
-def test_save_refuses_quantized_experts(folders: dict[str, Path], tmp_path: Path) -> None:
-    model = load(folders["mixtral"], bits=4)
-    with pytest.raises(leanstream.ConfigError, match="mixture-of-experts"):
-        leanstream.save(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_experts_kept_in_full_precision_save_as_transformers_does(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """Quantized experts are saved in leanstream's format (test_moe_save.py); experts kept
+    in bf16 are saved as transformers saves them, one tensor per expert."""
     kept = load(folders["mixtral"], bits=4, skip_modules=["experts"])
-    leanstream.save(kept, tmp_path / "kept")
-    again = load(tmp_path / "kept")
+    folder = leanstream.save(kept, tmp_path / "kept", progress=False)
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "bitsandbytes"
+    assert "leanstream_quantized_experts" not in quant
+    keys = {k for path in folder.glob("*.safetensors") for k in load_file(path)}
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in keys
+    again = load(folder)
     assert torch.equal(kept(input_ids=IDS).logits, again(input_ids=IDS).logits)
 
 

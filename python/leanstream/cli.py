@@ -368,7 +368,8 @@ def inspect_checkpoint(
         spec = dataclasses.replace(pre.spec, embeddings=bool(embeddings), lm_head=bool(output))
         settings = {_setting_name(pre.spec.bits, spec): spec}
         skip = pre.skip(model) - output
-        pre_extra = (embeddings, output)
+        experts = pre.experts_shapes(model, _expected_shapes(model))
+        pre_extra = (embeddings, output, experts)
     else:
         settings = _standard_settings()
         skip = None
@@ -420,11 +421,13 @@ def _predict(
     model_dtype: Any,
     settings: dict[str, Any],
     skip: set[str] | None,
-    pre_extra: tuple[set[str], set[str]] | None = None,
+    pre_extra: tuple[set[str], set[str], dict[str, tuple[int, ...]]] | None = None,
 ) -> tuple[list[Prediction], int, list[str]]:
     """Bytes of parameters and buffers after loading with each setting, by
     :func:`leanstream.footprint`'s kinds; layers are chosen by :func:`replace_linears`
-    itself (run on the meta model: it allocates nothing)."""
+    itself (run on the meta model: it allocates nothing). ``pre_extra``: what a
+    pre-quantized checkpoint stores quantized besides its linears (embeddings, output
+    embeddings, ``{name: (E, R, C)}`` of experts weights)."""
     import torch
 
     from .quantize import (
@@ -439,7 +442,7 @@ def _predict(
     fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     if pre_extra is not None:  # a pre-quantized checkpoint: what it stores
-        embeddings, output = pre_extra
+        embeddings, output, experts = pre_extra
     else:
         embeddings, output = extra_modules(
             model, QuantSpec(bits=4, embeddings=True, lm_head=True), fp32_modules
@@ -448,8 +451,9 @@ def _predict(
     kept = sorted(name for name, module in model.named_modules() if _is_linear(module))
     replaced = replace_linears(model, QuantSpec(bits=4), skip)
     kept = [name for name in kept if name not in replaced]
-    # 3-D experts weights [E, R, C], quantized as E * R rows (not from a pre-quantized folder)
-    experts = expert_params(model, skip) if pre_extra is None else {}
+    if pre_extra is None:
+        # 3-D experts weights [E, R, C], quantized as E * R rows
+        experts = expert_params(model, skip)
     shapes = []  # (out_features, in_features) of every weight that gets quantized
     extra = []  # the same for embeddings / lm_head, quantized only with the flags
     plain: dict[str, int] = {}  # bytes of the tensors no setting changes, by kind

@@ -338,8 +338,12 @@ def _fill(
     names = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
     # pre-quantized statistics are parsed and packed on the host (Prequantized.materialize)
     host = {key for t in targets for _, key in t.stats or ()}
-    # 3-D experts weights: quantized piece by piece into place (or assembled unquantized)
-    experts = expert_params(model, skip) if spec.quantized and prequantized is None else {}
+    # 3-D experts weights: quantized piece by piece into place (or assembled unquantized),
+    # or stored quantized (leanstream format)
+    if prequantized is not None:
+        experts = prequantized.experts_shapes(model, expected)
+    else:
+        experts = expert_params(model, skip) if spec.quantized else {}
     merging: dict[str, Any] = {}  # name -> ExpertsQuantizer or _Merged, while pieces arrive
 
     if warm is not None:
@@ -359,9 +363,22 @@ def _fill(
             tensor = tensors.take(target.key)
             nbytes += tensor.nbytes
             if target.stats is not None and prequantized is not None:
-                prequantized.materialize(
-                    target.name, target.module, tensor, stats, device=device, owned=owned
-                )
+                if target.name in experts:
+                    prequantized.materialize_experts(
+                        target.name,
+                        target.module,
+                        target.attr,
+                        tensor,
+                        stats,
+                        shape=experts[target.name],
+                        dtype=target.dtype,  # type: ignore[arg-type]
+                        device=device,
+                        owned=owned,
+                    )
+                else:
+                    prequantized.materialize(
+                        target.name, target.module, tensor, stats, device=device, owned=owned
+                    )
             elif target.name in experts or target.piece is not None:
                 _merge(merging, experts, target, tensor, spec, device, owned)
             else:
@@ -724,10 +741,12 @@ def _plan(
     tensor, in module traversal order; raise :class:`MismatchError` for missing,
     unexpected or mis-shaped tensors. Returns the targets and the ties to make
     afterwards (``{tied_name: loaded_name}``). With ``prequantized``, a replaced
-    layer's weight also claims its statistics tensors (and its shape is the packed one)."""
+    layer's weight, and a quantized experts weight, also claims its statistics tensors
+    (and its shape is the stored one)."""
     from .quantize import matches_any
 
     by_name, merged = _rename_keys(model, ckpt, folder, expected)
+    experts = prequantized.experts_shapes(model, expected) if prequantized is not None else {}
     ties: dict[str, str] = {}
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if source in by_name and target in by_name:
@@ -754,6 +773,11 @@ def _plan(
             if name in seen or name in ties:
                 continue
             seen.add(name)
+            if name in merged and name in experts:
+                # listed as stored quantized, but stored as one tensor per expert
+                _, absent = prequantized.experts_stats(name, by_name)  # type: ignore[union-attr]
+                missing_stats += [name, *absent]
+                continue
             if name in merged:
                 pieces, wrong = _pieces(name, expected[name], merged[name], ckpt)
                 mismatched += wrong
@@ -782,6 +806,11 @@ def _plan(
                 claimed.update(prefix + stat for stat, _ in stats)
                 missing_stats += absent
                 want = prequantized.weight_shape(module, key, ckpt[key])
+            elif prequantized is not None and name in experts:
+                stats, absent = prequantized.experts_stats(name, by_name)
+                claimed.update(f"{name}.{stat}" for stat, _ in stats)
+                missing_stats += absent
+                want = prequantized.experts_shape(want, key, ckpt[key])
             if shape != want:
                 mismatched.append((name, shape, want))
             keep_fp32 = matches_any(module_name, fp32_modules)
@@ -825,7 +854,10 @@ def _plan(
         and not (ignore_unexpected and ignore_unexpected.search(name))
     ]
     unexpected += [
-        key for name, found in merged.items() if name not in expected for key, _ in found
+        key
+        for name, found in merged.items()
+        if name not in expected or name in experts
+        for key, _ in found
     ]
     if missing or unexpected or mismatched:
         raise MismatchError(

@@ -10,6 +10,13 @@ linear weight as several tensors:
   ``weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``: the JSON of the rest);
 - LLM.int8: ``weight`` (int8), ``SCB``, and optionally ``weight_format`` (0: row-major).
 
+leanstream's own format (``quant_method: "leanstream"``, written by :func:`leanstream.save`)
+adds quantized embeddings and lm_head, stored the same way, and quantized 3-D
+mixture-of-experts weights ``<m>.<attr>`` (``leanstream_quantized_experts``): the
+stored bytes under that name and the statistics as ``<m>.<attr>.absmax`` ... (4-bit,
+the suffixes above without ``weight.``) or ``<m>.<attr>.SCB`` (8-bit), which become a
+:class:`leanstream.experts.QuantizedExperts`.
+
 :func:`leanstream.load` streams them like any checkpoint (one pipeline: the same
 plan, reader and progress bar). :class:`Prequantized` tells the loader which layers
 to replace (``llm_int8_skip_modules`` as transformers reads it), which extra tensors
@@ -52,6 +59,11 @@ STATS_4BIT = (
 QUANT_STATE_4BIT = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
 #: Statistics of an LLM.int8 weight, relative to the module.
 STATS_8BIT = ("SCB", "weight_format")
+#: Statistics of a quantized 3-D experts weight ``<m>.<attr>`` (leanstream format), relative
+#: to the weight: a 4-bit linear's weight's suffixes, or LLM.int8's row scales.
+STATS_EXPERTS_4BIT = tuple(s.removeprefix("weight.") for s in STATS_4BIT)
+QUANT_STATE_EXPERTS = tuple(s.removeprefix("weight.") for s in QUANT_STATE_4BIT)
+STATS_EXPERTS_8BIT = ("SCB",)
 
 _DEFAULT = QuantSpec()
 
@@ -75,6 +87,9 @@ def describe(quant: Mapping[str, Any]) -> str:
     more = ""
     if extra:
         names = [*extra["leanstream_quantized_embeddings"], *extra["leanstream_quantized_lm_head"]]
+        experts = len(extra["leanstream_quantized_experts"])
+        if experts:
+            names.append(f"{experts} mixture-of-experts weight{'s' if experts > 1 else ''}")
         more = f", also {', '.join(names)} (leanstream format)"
     if quant.get("load_in_4bit"):
         text = f"bitsandbytes 4-bit {quant.get('bnb_4bit_quant_type', 'fp4')}"
@@ -90,7 +105,9 @@ class Prequantized:
 
     Built by :meth:`from_config`; used by the loader in three places: :meth:`skip`
     (before layers are replaced), :meth:`stats` and :meth:`weight_shape` (while
-    planning, before a byte is read), :meth:`materialize` (per streamed weight).
+    planning, before a byte is read), :meth:`materialize` (per streamed weight); for
+    quantized experts weights :meth:`experts_shapes`, :meth:`experts_stats`,
+    :meth:`experts_shape` and :meth:`materialize_experts`.
     """
 
     spec: QuantSpec
@@ -99,6 +116,8 @@ class Prequantized:
     #: quantized ``nn.Embedding`` modules and output embeddings (leanstream format)
     embeddings: tuple[str, ...] = ()
     lm_head: tuple[str, ...] = ()
+    #: quantized 3-D mixture-of-experts weights ``<m>.<attr>`` (leanstream format)
+    experts: tuple[str, ...] = ()
 
     @classmethod
     def from_config(
@@ -157,6 +176,7 @@ class Prequantized:
         extra = leanstream_extras(quant)
         embeddings = tuple(extra.get("leanstream_quantized_embeddings", ()))
         lm_head = tuple(extra.get("leanstream_quantized_lm_head", ()))
+        experts = tuple(extra.get("leanstream_quantized_experts", ()))
         for flag, asked, have in (
             ("quantize_embeddings", requested.embeddings, embeddings),
             ("quantize_lm_head", requested.lm_head, lm_head),
@@ -191,6 +211,7 @@ class Prequantized:
             config_file=path,
             embeddings=embeddings,
             lm_head=lm_head,
+            experts=experts,
         )
 
     def extra_modules(self, model: Any) -> tuple[set[str], set[str]]:
@@ -216,17 +237,53 @@ class Prequantized:
         module, in a fixed order, and the model names of required ones missing."""
         prefix = f"{module_name}." if module_name else ""
         if self.spec.bits == 4:
-            required = ["weight.absmax", "weight.quant_map"]
-            if self.spec.double_quant:
-                required += ["weight.nested_absmax", "weight.nested_quant_map"]
-            candidates = [*STATS_4BIT, *QUANT_STATE_4BIT]
+            return self._stats(prefix, by_name, STATS_4BIT, QUANT_STATE_4BIT)
+        return self._stats(prefix, by_name, STATS_8BIT, ())
+
+    def experts_shapes(
+        self, model: nn.Module, expected: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        """``{name: (E, R, C)}`` of the experts weights stored quantized, from the
+        model's ``expected`` shapes; :class:`ConfigError` if the config names anything
+        else."""
+        wrong = [n for n in self.experts if len(expected.get(n, ())) != 3]
+        if wrong:
+            raise ConfigError(
+                f"{self.config_file}: leanstream_quantized_experts names "
+                f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}, not a 3-D experts "
+                f"weight of {type(model).__name__}"
+            )
+        return {name: tuple(expected[name]) for name in self.experts}
+
+    def experts_stats(
+        self, name: str, by_name: Mapping[str, str]
+    ) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+        """:meth:`stats` for the quantized experts weight ``name`` (``<m>.<attr>``):
+        ``stat`` relative to the weight (``absmax``, ``quant_state.bitsandbytes__nf4``,
+        ``SCB``)."""
+        if self.spec.bits == 4:
+            return self._stats(f"{name}.", by_name, STATS_EXPERTS_4BIT, QUANT_STATE_EXPERTS)
+        return self._stats(f"{name}.", by_name, STATS_EXPERTS_8BIT, ())
+
+    def _stats(
+        self,
+        prefix: str,
+        by_name: Mapping[str, str],
+        stats: tuple[str, ...],
+        quant_state: tuple[str, ...],
+    ) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+        """``stats`` (4-bit: absmax, quant_map, nested_absmax, nested_quant_map; 8-bit:
+        SCB, weight_format) and ``quant_state`` (4-bit's JSON, one per quant type)
+        found under ``prefix``, and the required ones missing."""
+        if self.spec.bits == 4:
+            required = list(stats[:4] if self.spec.double_quant else stats[:2])
         else:
-            required = ["SCB"]
-            candidates = list(STATS_8BIT)
+            required = [stats[0]]
+        candidates = [*stats, *quant_state]
         found = tuple((s, by_name[prefix + s]) for s in candidates if prefix + s in by_name)
         missing = [prefix + s for s in required if prefix + s not in by_name]
-        if self.spec.bits == 4 and not any(s in QUANT_STATE_4BIT for s, _ in found):
-            missing.append(prefix + QUANT_STATE_4BIT[self.spec.quant_type == "fp4"])
+        if quant_state and not any(s in quant_state for s, _ in found):
+            missing.append(prefix + quant_state[self.spec.quant_type == "fp4"])
         return found, missing
 
     def weight_shape(self, module: nn.Module, key: str, info: Any) -> tuple[int, ...]:
@@ -248,6 +305,28 @@ class Prequantized:
         per_element = 2 * self.spec.quant_storage.itemsize
         return ((out_features * in_features + 1) // per_element, 1)
 
+    def experts_shape(self, shape: tuple[int, ...], key: str, info: Any) -> tuple[int, ...]:
+        """The shape the stored quantized experts weight of ``shape`` ``[E, R, C]`` must
+        have: 4-bit, uint8 ``[E*R*C // 2, 1]`` (leanstream packs experts in uint8
+        whatever ``bnb_4bit_quant_storage``); 8-bit, int8 ``[E, R, C]``. Another dtype
+        is refused."""
+        want = "U8" if self.spec.bits == 4 else "I8"
+        if info.dtype != want:
+            kind = "a 4-bit experts weight is U8" if want == "U8" else "an 8-bit one is I8"
+            raise checkpoint_error(
+                UnsupportedCheckpointError,
+                f"{info.file}: tensor {key!r} is {info.dtype}; {kind} "
+                f"({self.config_file} says the checkpoint is {self.spec.bits}-bit)",
+                file=info.file,
+                tensor=key,
+            )
+        if self.spec.bits == 8:
+            return tuple(shape)
+        count = 1
+        for size in shape:
+            count *= size
+        return (count // 2, 1)
+
     def materialize(
         self,
         name: str,
@@ -266,7 +345,6 @@ class Prequantized:
         allocation and one copy (:func:`to_device_at_once`): no host sync, and no
         device allocation, copy or event per tiny tensor."""
         import bitsandbytes as bnb
-        import bitsandbytes.functional as F
 
         data = weight.to(device=device, copy=not owned)
         if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
@@ -278,17 +356,8 @@ class Prequantized:
                     file=self.config_file,
                     tensor=name,
                 )
-            try:
-                # what Params4bit.from_prequantized does, on the host
-                state = F.QuantState.from_dict(qs_dict=dict(stats), device=torch.device("cpu"))
-            except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as err:
-                raise checkpoint_error(
-                    UnsupportedCheckpointError,
-                    f"{self.config_file}: the quantization statistics of {name!r} are invalid "
-                    f"({type(err).__name__}: {err})",
-                    file=self.config_file,
-                    tensor=name,
-                ) from err
+            # what Params4bit.from_prequantized does, on the host
+            state = self._quant_state(name, stats)
             _check_4bit(self.config_file, name, state)
             _unpack_cpu_absmax(state)
             expected = _features(module)
@@ -296,13 +365,7 @@ class Prequantized:
                 raise MismatchError(
                     self.config_file, mismatched=[(name, tuple(state.shape), expected)]
                 )
-            asked = self.spec.blocksize
-            if asked != _DEFAULT.blocksize and asked != state.blocksize:
-                raise ConfigError(
-                    f"{self.config_file}: {name!r} is stored with blocksize "
-                    f"{state.blocksize} but blocksize={asked} was asked: "
-                    "leave blocksize out for a pre-quantized checkpoint"
-                )
+            self._check_blocksize(name, state)
             _state_to(state, device)
             module.weight = bnb.nn.Params4bit(
                 data,
@@ -347,6 +410,93 @@ class Prequantized:
             return
         raise TypeError(f"{name}: not a bitsandbytes layer: {type(module).__name__}")
 
+    def materialize_experts(
+        self,
+        name: str,
+        module: nn.Module,
+        attr: str,
+        stored: torch.Tensor,
+        stats: Mapping[str, torch.Tensor],
+        *,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        owned: bool = False,
+    ) -> None:
+        """Make ``module.<attr>`` the :class:`~leanstream.experts.QuantizedExperts`
+        stored as ``stored`` and ``stats`` (see :meth:`experts_stats`), of weight shape
+        ``shape`` ``[E, R, C]`` and dequantized to ``dtype`` (the model's, as when it
+        was quantized on load; the 4-bit JSON's ``dtype`` says the same for a folder
+        saved from such a model). As :meth:`materialize`: ``stored`` copied once to
+        ``device``, ``stats`` parsed and checked on the host, then sent at once."""
+        from .experts import QuantizedExperts
+
+        data = stored.to(device=device, copy=not owned)
+        if self.spec.bits == 4:
+            state = self._quant_state(name, stats)
+            _check_4bit(self.config_file, name, state, rank=3)
+            if tuple(state.shape) != tuple(shape):
+                raise MismatchError(
+                    self.config_file, mismatched=[(name, tuple(state.shape), tuple(shape))]
+                )
+            _, r, c = shape
+            if (r * c) % state.blocksize:
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{self.config_file}: the quantization statistics of {name!r} are invalid: "
+                    f"an expert of {r}x{c} values is not a whole number of "
+                    f"{state.blocksize}-value blocks",
+                    file=self.config_file,
+                    tensor=name,
+                )
+            self._check_blocksize(name, state)
+            state.dtype = dtype
+            _state_to(state, device)
+            param = QuantizedExperts.four_bit(data, state)
+        else:
+            scb, scb_name = stats["SCB"], f"{name}.SCB"
+            rows = shape[0] * shape[1]
+            if tuple(scb.shape) != (rows,):
+                raise MismatchError(
+                    self.config_file, mismatched=[(scb_name, tuple(scb.shape), (rows,))]
+                )
+            if scb.dtype != torch.float32:
+                raise checkpoint_error(
+                    UnsupportedCheckpointError,
+                    f"{self.config_file}: {scb_name!r} is {scb.dtype}; LLM.int8 row scales "
+                    "of experts are float32",
+                    file=self.config_file,
+                    tensor=scb_name,
+                )
+            (scb,) = to_device_at_once([scb], device)
+            param = QuantizedExperts.eight_bit(data, scb, dtype)
+        module._parameters[attr] = param
+
+    def _quant_state(self, name: str, stats: Mapping[str, torch.Tensor]) -> Any:
+        """The host ``QuantState`` of 4-bit statistics (what ``Params4bit.from_prequantized``
+        builds); :class:`UnsupportedCheckpointError` naming ``name`` if malformed."""
+        import bitsandbytes.functional as F
+
+        try:
+            return F.QuantState.from_dict(qs_dict=dict(stats), device=torch.device("cpu"))
+        except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as err:
+            raise checkpoint_error(
+                UnsupportedCheckpointError,
+                f"{self.config_file}: the quantization statistics of {name!r} are invalid "
+                f"({type(err).__name__}: {err})",
+                file=self.config_file,
+                tensor=name,
+            ) from err
+
+    def _check_blocksize(self, name: str, state: Any) -> None:
+        asked = self.spec.blocksize
+        if asked != _DEFAULT.blocksize and asked != state.blocksize:
+            raise ConfigError(
+                f"{self.config_file}: {name!r} is stored with blocksize "
+                f"{state.blocksize} but blocksize={asked} was asked: "
+                "leave blocksize out for a pre-quantized checkpoint"
+            )
+
 
 def to_device_at_once(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """``[t.to(device, copy=True) for t in tensors]`` for small host tensors, in one
@@ -382,10 +532,11 @@ def _state_to(state: Any, device: torch.device) -> None:
         state.offset, nested.absmax, nested.code = moved[2:]
 
 
-def _check_4bit(config_file: str, name: str, state: Any) -> None:
+def _check_4bit(config_file: str, name: str, state: Any, *, rank: int = 2) -> None:
     """Refuse 4-bit statistics that bitsandbytes would accept but read out of bounds
     (or misread) at the first matmul: every length follows from the shape and block
-    sizes, and the values' types from the format (``QuantState.from_dict`` checks none)."""
+    sizes, and the values' types from the format (``QuantState.from_dict`` checks none).
+    ``rank``: 2 for a linear's or embedding's weight, 3 for an experts weight."""
 
     def invalid(what: str) -> UnsupportedCheckpointError:
         return checkpoint_error(
@@ -404,12 +555,15 @@ def _check_4bit(config_file: str, name: str, state: Any) -> None:
         raise invalid(f"quant_type {state.quant_type!r} is neither 'nf4' nor 'fp4'")
     if not state.dtype.is_floating_point:
         raise invalid(f"dtype {state.dtype} is not a floating-point dtype")
-    shape = tuple(state.shape)
-    if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise invalid(f"shape {list(shape)} is not two positive sizes")
+    shape = tuple(state.shape or ())
+    if len(shape) != rank or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise invalid(f"shape {list(shape)} is not {rank} positive sizes")
     stat = f"{name}."
     expected = [(stat + "quant_map", state.code, (16,), torch.float32)]
-    count = -(-shape[0] * shape[1] // block(state.blocksize, "blocksize"))
+    values = 1
+    for size in shape:
+        values *= size
+    count = -(-values // block(state.blocksize, "blocksize"))
     if state.nested:
         nested = state.state2
         inner = -(-count // block(nested.blocksize, "nested blocksize"))
@@ -418,7 +572,7 @@ def _check_4bit(config_file: str, name: str, state: Any) -> None:
             (stat + "nested_absmax", nested.absmax, (inner,), torch.float32),
             (stat + "nested_quant_map", nested.code, (256,), torch.float32),
         ]
-    elif state.absmax.dim() == 2 and shape[1] % state.blocksize == 0:
+    elif rank == 2 and state.absmax.dim() == 2 and shape[1] % state.blocksize == 0:
         # saved after a CPU forward: see _unpack_cpu_absmax
         layout = (shape[1] // state.blocksize, shape[0])
         expected.append((stat + "absmax", state.absmax, layout, torch.bfloat16))
@@ -474,8 +628,11 @@ def _dtype(value: Any, path: str) -> torch.dtype | None:
 
 __all__ = [
     "QUANT_STATE_4BIT",
+    "QUANT_STATE_EXPERTS",
     "STATS_4BIT",
     "STATS_8BIT",
+    "STATS_EXPERTS_4BIT",
+    "STATS_EXPERTS_8BIT",
     "Prequantized",
     "describe",
     "to_device_at_once",

@@ -9,6 +9,13 @@ LLM.int8: ``weight``, ``SCB``, ``weight_format``), tied weights stored once,
 with a ``quantization_config``, ``generation_config.json``, and the tokenizer
 files of the folder the model was loaded from.
 
+Quantized embeddings, lm_head and mixture-of-experts weights, which transformers
+cannot load, make it leanstream's format: ``quant_method: "leanstream"`` and the
+modules listed (``leanstream_quantized_embeddings``, ``leanstream_quantized_lm_head``,
+``leanstream_quantized_experts``); ``from_pretrained`` refuses it by name. An experts
+weight ``<m>.<attr>`` ([E, R, C]) is stored under its model name with the statistics
+a 4-bit linear's weight has, as ``<m>.<attr>.absmax`` ... (:func:`_experts_state`).
+
 Only its own files: like ``save_pretrained``, a save into an existing folder (a
 cloned hub repo, a previous save) replaces the files it writes and removes only
 stale weight files of its own naming; ``.git``, ``README.md``, ``LICENSE`` and
@@ -64,7 +71,10 @@ def save(
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(folder)`` and with
     :func:`leanstream.load` (which streams the quantized tensors straight into the
-    bitsandbytes layers).
+    bitsandbytes layers). A model with quantized embeddings, lm_head or
+    mixture-of-experts weights is saved in leanstream's format (see the module's
+    docstring), which only :func:`leanstream.load` reads (``from_pretrained`` refuses
+    it, naming ``saved_by_leanstream_with_quantized_..._use_leanstream_load``).
 
     Args:
         model: a ``transformers.PreTrainedModel``; its ``config.quantization_config``
@@ -118,15 +128,6 @@ def save(
     """
     target = Path(folder).expanduser().absolute()
     parse_size(max_shard_size)
-    quant = getattr(getattr(model, "config", None), "quantization_config", None)
-    experts = getattr(quant, "leanstream_quantized_experts", None)
-    if experts:
-        raise ConfigError(
-            f"{target}: the model's mixture-of-experts weights are quantized by leanstream "
-            f"({len(experts)} of them, e.g. {experts[0]}), which save cannot write yet; "
-            "load the original checkpoint instead (it streams), or load with the experts kept "
-            "in full precision (skip_modules) to save"
-        )
     _check_target(target, model)
     config = _config_to_save(model)
     state = _state_dict(model)
@@ -225,12 +226,24 @@ def _mapped_files(model: Any, folder: Path) -> list[str]:
 
 
 def _bnb_layers(model: Any) -> tuple[int, int]:
-    """Numbers of bitsandbytes 4-bit and 8-bit layers in ``model``."""
+    """Numbers of 4-bit and 8-bit weights in ``model``: bitsandbytes layers and
+    leanstream's quantized experts (which hold bitsandbytes' layouts)."""
     import bitsandbytes as bnb
 
     four = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     eight = sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    for param in _quantized_experts(model).values():
+        four, eight = (four + 1, eight) if param.bits == 4 else (four, eight + 1)
     return four, eight
+
+
+def _quantized_experts(model: Any) -> dict[str, Any]:
+    """``{name: QuantizedExperts}`` of ``model``'s quantized 3-D experts weights."""
+    from .experts import QuantizedExperts
+
+    if not hasattr(model, "named_parameters"):
+        return {}
+    return {n: p for n, p in model.named_parameters() if isinstance(p, QuantizedExperts)}
 
 
 def _config_to_save(model: Any) -> Any:
@@ -260,10 +273,16 @@ def _config_to_save(model: Any) -> Any:
         )
     config = copy.deepcopy(config)
     config.architectures = [type(model).__name__]
-    extra = leanstream_extras(quant)
-    if extra:
-        # transformers cannot load bitsandbytes embeddings (nor a quantized lm_head): a
-        # quant_method of its own makes from_pretrained refuse the folder by name
+    extra = {
+        **{key: [] for key in _EXTRA_FIELDS},
+        **leanstream_extras(quant),
+        # the experts weights the model holds quantized, whatever its config says
+        _EXPERTS_FIELD: sorted(_quantized_experts(model)),
+    }
+    if any(extra.values()):
+        # transformers cannot load bitsandbytes embeddings (nor a quantized lm_head), nor
+        # 3-D experts weights held quantized: a quant_method of its own makes
+        # from_pretrained refuse the folder by name
         fields = _quant_dict(quant)
         config.quantization_config = {
             **fields,
@@ -271,7 +290,7 @@ def _config_to_save(model: Any) -> Any:
             "quant_method": LEANSTREAM_METHOD,
             # transformers still parses this as a BitsAndBytesConfig (load_in_4bit/8bit) and
             # fails on this field, naming it: "module 'torch' has no attribute '<REFUSAL>'"
-            "bnb_4bit_compute_dtype": REFUSAL,
+            "bnb_4bit_compute_dtype": refusal(extra),
             "leanstream_compute_dtype": str(fields.get("bnb_4bit_compute_dtype")),
         }
     if getattr(config, "dtype", None) is None:
@@ -279,20 +298,34 @@ def _config_to_save(model: Any) -> Any:
     return config
 
 
-#: ``quant_method`` of a folder whose embeddings or lm_head are quantized (leanstream format).
+#: ``quant_method`` of a folder whose embeddings, lm_head or mixture-of-experts weights
+#: are quantized (leanstream format).
 LEANSTREAM_METHOD = "leanstream"
-#: What transformers' ``from_pretrained`` reports on such a folder (as an AttributeError).
-REFUSAL = (
-    "saved_by_leanstream_with_quantized_embeddings_or_lm_head"
-    "__transformers_cannot_load_it__use_leanstream_load"
-)
-_EXTRA_FIELDS = ("leanstream_quantized_embeddings", "leanstream_quantized_lm_head")
+#: What transformers' ``from_pretrained`` reports on a folder with quantized embeddings or
+#: lm_head (as an AttributeError); see :func:`refusal`.
+_REFUSAL_TAIL = "__transformers_cannot_load_it__use_leanstream_load"
+REFUSAL = "saved_by_leanstream_with_quantized_embeddings_or_lm_head" + _REFUSAL_TAIL
+_EXPERTS_FIELD = "leanstream_quantized_experts"
+_EXTRA_FIELDS = ("leanstream_quantized_embeddings", "leanstream_quantized_lm_head", _EXPERTS_FIELD)
 
 
 def leanstream_extras(quant: Any) -> dict[str, list[str]]:
-    """The quantized embeddings / lm_head recorded in a quantization config (empty: none)."""
+    """The quantized embeddings, lm_head and experts weights recorded in a quantization
+    config (all three keys; empty: none)."""
     extra = {name: list(_quant_field(quant, name) or []) for name in _EXTRA_FIELDS}
     return extra if any(extra.values()) else {}
+
+
+def refusal(extra: dict[str, list[str]]) -> str:
+    """The name transformers' ``from_pretrained`` reports on a folder in leanstream's
+    format: :data:`REFUSAL`, or with quantized experts
+    ``saved_by_leanstream_with_quantized_experts[_and_embeddings_or_lm_head]__...``."""
+    if not extra.get(_EXPERTS_FIELD):
+        return REFUSAL
+    what = "experts"
+    if extra.get(_EXTRA_FIELDS[0]) or extra.get(_EXTRA_FIELDS[1]):
+        what += "_and_embeddings_or_lm_head"
+    return f"saved_by_leanstream_with_quantized_{what}{_REFUSAL_TAIL}"
 
 
 def _quant_dict(quant: Any) -> dict[str, Any]:
@@ -333,7 +366,31 @@ def _state_dict(model: Any) -> dict[str, torch.Tensor]:
             state.pop(f"{prefix}SCB", None)
             state.pop(f"{prefix}weight_format", None)
     state = remove_tied_weights_from_state_dict(state, model)
-    return dict(revert_weight_conversion(model, state))
+    # quantized experts weights keep the model's names (transformers' conversion would
+    # split the packed bytes as if they were the merged weight); the others as usual
+    experts = _experts_state(model)
+    state = {k: v for k, v in state.items() if k not in experts}
+    return {**revert_weight_conversion(model, state), **experts}
+
+
+def _experts_state(model: Any) -> dict[str, torch.Tensor]:
+    """The quantized experts weights in leanstream's format, for each ``<m>.<attr>``: the
+    stored bytes under its name (4-bit: uint8 ``[E*R*C // 2, 1]``; 8-bit: int8
+    ``[E, R, C]``) and its statistics under the suffixes bitsandbytes gives a 4-bit
+    linear's weight (``<m>.<attr>.absmax``, ``.quant_map``, ``.nested_absmax``,
+    ``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4|fp4``: the JSON, with
+    ``shape`` ``[E, R, C]`` and ``dtype``), or LLM.int8's row scales ``<m>.<attr>.SCB``
+    (float32 ``[E*R]``; a module holds two such weights, so not ``<m>.SCB`` as for a
+    linear)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, param in _quantized_experts(model).items():
+        state[name] = param
+        if param.quant_state is not None:
+            for key, value in param.quant_state.as_dict(packed=True).items():
+                state[f"{name}.{key}"] = value
+        else:
+            state[f"{name}.SCB"] = param.SCB
+    return state
 
 
 def _is_bnb(model: Any, module_name: str) -> bool:

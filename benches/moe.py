@@ -1,0 +1,449 @@
+"""Mixture-of-experts benchmark: leanstream vs transformers + bitsandbytes, on the CPU.
+
+    python benches/moe.py                    # Qwen3-MoE-like shapes, 1.6 GiB bf16
+    python benches/moe.py --shapes tiny --reps 1    # a smoke test
+    python benches/moe.py --record           # append the table to benches/RESULTS.md
+
+Writes (once, cached under ``~/.cache/leanstream/bench``) a synthetic bf16 checkpoint
+with Qwen3-MoE's architecture at reduced width (see ``SHAPES``), stored as
+transformers' ``save_pretrained`` stores it: one tensor per expert and projection
+(``mlp.experts.7.gate_proj.weight``), which transformers merges into its 3-D
+``experts.gate_up_proj`` / ``down_proj`` when loading. Values are cut from the seeded
+pool of ``benches/load.py``.
+
+Each loader runs in its own fresh process through ``benches/load.py``'s machinery
+(imports before the clock, only the load call timed, ``/proc/<pid>/status`` sampled
+every 5 ms for the peak RSS). After the load the child measures, outside the timing
+that the table reports as load: ``leanstream.footprint`` of the model and of its experts
+modules, then (``--forward``) the tokens/s of one 128-token prompt (prefill, after a
+short warm-up) and of 16 greedy decode steps on its KV cache, best of 3. transformers +
+bitsandbytes quantizes only the ``nn.Linear`` layers: its experts stay bf16, so its
+forward is the "bf16 experts" reference. The transformers children also check that
+every tensor of the checkpoint was used and none was missing.
+
+Targets (issue 16): experts bytes <= 0.29x their bf16 bytes at 4 bits (<= 0.52x at 8),
+load >= 5x faster than transformers at the same bits, peak RSS growth <= the quantized
+model + 0.5 GiB. The sizes predicted by ``benches/moe_sizes.py`` (the code behind
+``leanstream inspect``) are printed next to the measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load as load_bench  # benches/load.py: checkpoint pool, child runner
+import moe_sizes
+
+GIB = load_bench.GIB
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Qwen3-30B-A3B's layout (128-wide heads, 4:1 grouped-query attention, top-8 routing,
+    # normalized top-k, every layer sparse), narrower and shallower: 1.6 GiB of bf16
+    "qwen3moe-1.6g": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=3072,
+        moe_intermediate_size=512,
+        num_hidden_layers=10,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        num_experts=48,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
+}
+
+LOADERS = {
+    "leanstream nf4": ("leanstream", dict(bits=4, quant_type="nf4")),
+    "leanstream int8": ("leanstream", dict(bits=8)),
+    "leanstream nf4 pipelined": ("leanstream", dict(bits=4, quant_type="nf4", pipeline=True)),
+    "transformers nf4": ("transformers", dict(bits=4, quant_type="nf4")),
+    "transformers int8": ("transformers", dict(bits=8)),
+}
+DEFAULT_LOADERS = "leanstream nf4,leanstream int8,transformers nf4,transformers int8"
+DEFAULT_FORWARD = "leanstream nf4,transformers nf4"
+
+CHILD = r"""
+import json, sys, time
+args = json.loads(sys.argv[1])
+import torch, transformers, bitsandbytes as bnb  # imported before the clock starts
+import leanstream
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+kind, s, device, folder = args["kind"], dict(args["settings"]), args["device"], args["folder"]
+forward = s.pop("forward")
+dtype = torch.bfloat16
+
+def bnb_config():
+    if s["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s["quant_type"],
+                              bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=dtype)
+
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]  # lazy imports
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.perf_counter()
+if kind == "leanstream":
+    if s["bits"] == 4:
+        s["compute_dtype"] = dtype
+    model = leanstream.load(folder, device=device, progress=False, **s)
+else:
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=bnb_config(), device_map=device, output_loading_info=True)
+seconds = time.perf_counter() - start
+print("loaded", flush=True)
+sys.stdin.readline()
+result = {"seconds": seconds}
+if kind == "transformers":
+    bad = {k: sorted(v)[:3] for k, v in info.items() if v and k != "error_msgs"}
+    if bad or info.get("error_msgs"):
+        raise SystemExit(f"transformers did not load the checkpoint cleanly: {info}")
+result["footprint"] = leanstream.footprint(model).total_bytes
+result["experts"] = sum(leanstream.footprint(m).total_bytes
+                        for n, m in model.named_modules() if n.endswith(".experts"))
+if forward:
+    model.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, forward["prompt"]), device=device)
+    prefill, decode = [], []
+    with torch.no_grad():
+        model(input_ids=ids[:, :8])  # warm-up: first-call costs out of the figures
+        for _ in range(forward["reps"]):  # best of: the 2 cores may be shared
+            t = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            prefill.append(time.perf_counter() - t)
+            logits, cache = out.logits[:, -1].float(), out.past_key_values
+            token, tokens = logits.argmax(-1, keepdim=True), []
+            t = time.perf_counter()
+            for _ in range(forward["decode"]):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(token))
+            decode.append(time.perf_counter() - t)
+    result["prefill_s"], result["decode_s"] = min(prefill), min(decode)
+    torch.save(logits.cpu(), args["logits"])
+    result["tokens"] = tokens
+print("result", json.dumps(result), flush=True)
+"""
+
+
+def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB) -> Path:
+    """Random bf16 weights under the names ``save_pretrained`` gives a Qwen3-MoE model.
+
+    Each tensor is cut from ``benches/load.py``'s seeded pool at an offset of its own;
+    shards are written one by one into a temporary folder, renamed into place when
+    complete (a cached folder is always whole).
+    """
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig
+
+    start = time.monotonic()
+    fields = SHAPES[shape]
+    config = Qwen3MoeConfig(**fields)
+    config.dtype = torch.bfloat16
+    h, i, e = fields["hidden_size"], fields["moe_intermediate_size"], fields["num_experts"]
+    heads, kv, d = fields["num_attention_heads"], fields["num_key_value_heads"], fields["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (heads * d, h),
+                p + "self_attn.k_proj.weight": (kv * d, h),
+                p + "self_attn.v_proj.weight": (kv * d, h),
+                p + "self_attn.o_proj.weight": (h, heads * d),
+                p + "self_attn.q_norm.weight": (d,),
+                p + "self_attn.k_norm.weight": (d,),
+                p + "mlp.gate.weight": (e, h),
+            }
+        )
+        for n in range(e):
+            shapes[p + f"mlp.experts.{n}.gate_proj.weight"] = (i, h)
+            shapes[p + f"mlp.experts.{n}.up_proj.weight"] = (i, h)
+            shapes[p + f"mlp.experts.{n}.down_proj.weight"] = (h, i)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (config.vocab_size, h)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        config.save_pretrained(tmp)
+        generator = torch.Generator().manual_seed(0)
+        pool = torch.randn(load_bench.POOL_VALUES, generator=generator).mul_(0.02)
+        pool = pool.to(torch.bfloat16)
+        weight_map: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+        size = total = count = 0
+
+        def flush() -> None:
+            nonlocal count
+            count += 1
+            name = f"model-{count:05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            shard.clear()
+
+        for k, (name, dims) in enumerate(shapes.items()):
+            tensor = torch.empty(dims, dtype=torch.bfloat16)
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            else:
+                load_bench._fill(tensor.view(-1), pool, (k * 7_919_993) % pool.numel())
+            shard[name] = tensor
+            size += tensor.nbytes
+            total += tensor.nbytes
+            if size >= shard_bytes:
+                flush()
+                size = 0
+        if shard:
+            flush()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"wrote {folder}: {total / GIB:.2f} GiB in {count} shards, "
+        f"{time.monotonic() - start:.1f} s",
+        flush=True,
+    )
+    return folder
+
+
+def _peer(name: str) -> str:
+    return "transformers nf4" if LOADERS[name][1]["bits"] == 4 else "transformers int8"
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", choices=list(SHAPES), default="qwen3moe-1.6g")
+    parser.add_argument("--reps", type=int, default=2, help="loads per loader (median)")
+    parser.add_argument("--loaders", default=DEFAULT_LOADERS, help="comma-separated names")
+    parser.add_argument(
+        "--forward",
+        default=DEFAULT_FORWARD,
+        help="loaders whose children also measure tokens/s (in their last run); '' for none",
+    )
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
+    parser.add_argument("--decode", type=int, default=16, help="greedy decode steps")
+    parser.add_argument(
+        "--forward-reps", type=int, default=3, help="prefill + decode rounds (best of)"
+    )
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/leanstream/bench")
+    parser.add_argument("--run-timeout", type=float, default=300.0)
+    parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    names = [n.strip() for n in args.loaders.split(",")]
+    forward = {n.strip() for n in args.forward.split(",") if n.strip()}
+    if unknown := [n for n in [*names, *forward] if n not in LOADERS]:
+        parser.error(f"unknown loaders {unknown}; known: {', '.join(LOADERS)}")
+
+    fields = SHAPES[args.shapes]
+    folder = write_checkpoint(args.cache / f"moe-{args.shapes}-bf16", args.shapes)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    predicted = moe_sizes.predict("qwen3_moe", fields)
+    experts_bf16 = predicted["experts bf16"]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    failures: list[str] = []
+    work = Path(tempfile.mkdtemp(prefix="leanstream-bench-"))
+    load_bench.CHILD = CHILD  # load.run_one runs load.CHILD: ours, through its machinery
+    interrupted = False
+    load_start = os.getloadavg()[0]  # 2 cores shared with other work: say how busy
+    try:
+        for rep in range(args.reps):
+            for name in names:  # interleaved, so drift hits every loader alike
+                kind, settings = LOADERS[name]
+                last = rep == args.reps - 1
+                fwd = dict(prompt=args.prompt, decode=args.decode, reps=args.forward_reps)
+                settings = dict(settings, forward=fwd if last and name in forward else None)
+                path = work / f"{name.replace(' ', '_')}.pt"
+                try:
+                    result = load_bench.run_one(
+                        kind, settings, folder, "cpu", path, args.run_timeout
+                    )
+                except load_bench.RunFailed as e:
+                    tail = "".join(f"\n    {line}" for line in e.tail)
+                    failures.append(f"- rep {rep} {name}: {e}: `{e.tail[-1] if e.tail else ''}`")
+                    print(f"rep {rep} {name}: FAILED, {e}{tail}", flush=True)
+                    continue
+                result["logits"] = path if "prefill_s" in result else None
+                runs[name].append(result)
+                grow = result["peak_rss"] - result["base_rss"]
+                extra = ""
+                if "prefill_s" in result:
+                    extra = (
+                        f", prefill {args.prompt / result['prefill_s']:.1f} tok/s, "
+                        f"decode {args.decode / result['decode_s']:.2f} tok/s"
+                    )
+                print(
+                    f"rep {rep} {name}: {result['seconds']:.2f} s, peak RSS +{grow / GIB:.2f} "
+                    f"GiB, footprint {result['footprint'] / GIB:.3f} GiB{extra}",
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: the tables have the runs measured so far", flush=True)
+
+    ok = {n: runs[n] for n in names if runs[n]}
+    median = {n: statistics.median(r["seconds"] for r in rs) for n, rs in ok.items()}
+    expect = {
+        "leanstream nf4": "leanstream 4-bit",
+        "leanstream nf4 pipelined": "leanstream 4-bit",
+        "leanstream int8": "leanstream 8-bit",
+        "transformers nf4": "transformers 4-bit",
+        "transformers int8": "transformers 8-bit",
+    }
+    lines = [
+        f"checkpoint: Qwen3-MoE layout, `{args.shapes}` shapes ("
+        + ", ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, list))
+        + f"), bf16, {size / GIB:.2f} GiB, of which experts {experts_bf16 / GIB:.2f} GiB, "
+        f"one tensor per expert on disk; CPU, warm page cache; {args.reps} load(s) per loader "
+        f"(median, min-max); load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end" + ("; INTERRUPTED" if interrupted else ""),
+        "",
+        "| loader | load s | min-max | vs transformers | peak RSS growth | model GiB "
+        "(predicted) | experts GiB | experts / bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        if name not in ok:
+            lines.append(f"| {name} | failed |" + " |" * 6)
+            continue
+        rs, peer = ok[name], _peer(name)
+        ratio = ""
+        if peer in median and peer != name:
+            best = min(x["seconds"] for x in ok[peer]) / min(x["seconds"] for x in rs)
+            ratio = f"{median[peer] / median[name]:.1f}x faster (fastest runs: {best:.1f}x)"
+        grow = max(r["peak_rss"] - r["base_rss"] for r in rs)
+        r = rs[-1]
+        lines.append(
+            f"| {name} | {median[name]:.2f} | {min(x['seconds'] for x in rs):.2f}-"
+            f"{max(x['seconds'] for x in rs):.2f} | {ratio} | {grow / GIB:.2f} GiB | "
+            f"{r['footprint'] / GIB:.3f} ({predicted[expect[name]] / GIB:.3f}) | "
+            f"{r['experts'] / GIB:.3f} | {r['experts'] / experts_bf16:.3f} |"
+        )
+
+    fwd_rows = [n for n in names if n in ok and "prefill_s" in ok[n][-1]]
+    if fwd_rows:
+        lines += [
+            "",
+            f"forward, batch 1: a {args.prompt}-token prompt (prefill, after an 8-token "
+            f"warm-up), then {args.decode} greedy decode steps on the KV cache, best of "
+            f"{args.forward_reps}; transformers' experts are bf16",
+            "",
+            "| model | experts | prefill tok/s | decode tok/s | prefill logits vs transformers "
+            "(rel. err) | same greedy tokens |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in fwd_rows:
+            r, peer = ok[name][-1], _peer(name)
+            p = ok[peer][-1] if peer in ok and "prefill_s" in ok[peer][-1] else None
+            err = same = ""
+            if p is not None and peer != name:
+                import torch
+
+                a, b = torch.load(p["logits"]), torch.load(r["logits"])
+                err = f"{((a - b).norm() / a.norm()).item():.3f}"
+                agree = sum(x == y for x, y in zip(r["tokens"], p["tokens"], strict=True))
+                same = f"{agree}/{args.decode}"
+            experts = "bf16" if name.startswith("transformers") else name.split()[1]
+            lines.append(
+                f"| {name} | {experts} | {args.prompt / r['prefill_s']:.1f} | "
+                f"{args.decode / r['decode_s']:.2f} | {err} | {same} |"
+            )
+
+    targets = []
+    for name in names:
+        if name not in ok or not name.startswith("leanstream"):
+            continue
+        r, bits = ok[name][-1], LOADERS[name][1]["bits"]
+        share, limit = r["experts"] / experts_bf16, 0.29 if bits == 4 else 0.52
+        targets.append(
+            f"| {name} | experts <= {limit}x bf16 | {share:.3f}x | {_mark(share <= limit)} |"
+        )
+        if _peer(name) in median:
+            speed = median[_peer(name)] / median[name]
+            targets.append(
+                f"| {name} | load >= 5x faster (medians) | {speed:.1f}x | {_mark(speed >= 5)} |"
+            )
+        grow = max(x["peak_rss"] - x["base_rss"] for x in ok[name])
+        bound = r["footprint"] + GIB // 2
+        targets.append(
+            f"| {name} | peak RSS growth <= model + 0.5 GiB ({bound / GIB:.2f} GiB) | "
+            f"{grow / GIB:.2f} GiB | {_mark(grow <= bound)} |"
+        )
+    if targets:
+        lines += ["", "| loader | target (issue 16) | measured | |", "|---|---|---|---|", *targets]
+    if failures:
+        lines += ["", "Failed:", *failures]
+    table = "\n".join(lines)
+    print(table, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if args.record:
+        import bitsandbytes
+        import torch
+        import transformers
+
+        title = (
+            f"\n## {time.strftime('%Y-%m-%d')} — `python benches/moe.py "
+            f"{shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, "
+            f"no GPU; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, "
+            f"Python {platform.python_version()}\n\n"
+        )
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(title + table + "\n")
+    return 1 if failures or interrupted or not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,6 +50,10 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 class _Package(_types.ModuleType):
     """Importing the submodule ``leanstream.save`` (or ``.footprint``) must not hide the
     function of the same name, as the import system's ``setattr`` on the package would."""

@@ -49,6 +49,84 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {**_DECODER, "tie_word_embeddings": False}),
 }
 
+# the mixture-of-experts layer shared by the tiny MoE models: experts of 64x64 / 128x64
+# values (whole numbers of 64-value blocks), vocabulary 128
+_MOE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+MOE_ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+TINY.update(
+    {
+        "mixtral": (
+            "MixtralConfig",
+            {**_MOE, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
+        ),
+        "qwen3_moe": (
+            "Qwen3MoeConfig",
+            dict(
+                **_MOE,
+                intermediate_size=128,
+                moe_intermediate_size=64,
+                num_experts=4,
+                num_experts_per_tok=2,
+                head_dim=16,
+            ),
+        ),
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            dict(
+                **_MOE,
+                intermediate_size=128,
+                moe_intermediate_size=64,
+                shared_expert_intermediate_size=64,
+                num_experts=4,
+                num_experts_per_tok=2,
+            ),
+        ),
+        "olmoe": (
+            "OlmoeConfig",
+            dict(
+                **_MOE, intermediate_size=64, num_experts=4, num_experts_per_tok=2, eos_token_id=1
+            ),
+        ),
+        "deepseek_v3": (
+            "DeepseekV3Config",
+            dict(
+                **{**_MOE, "num_key_value_heads": 4},  # its attention repeats no heads
+                intermediate_size=128,
+                moe_intermediate_size=64,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                n_group=1,
+                topk_group=1,
+                first_k_dense_replace=1,
+                q_lora_rank=32,
+                kv_lora_rank=32,
+                qk_nope_head_dim=16,
+                qk_rope_head_dim=16,
+                v_head_dim=16,
+            ),
+        ),
+        "gpt_oss": (
+            "GptOssConfig",
+            dict(
+                **_MOE,
+                intermediate_size=64,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                head_dim=16,
+                sliding_window=32,
+            ),
+        ),
+    }
+)
+
 
 def make_config(arch: str, dtype: torch.dtype = torch.bfloat16, **overrides: Any) -> Any:
     import transformers

@@ -28,6 +28,7 @@ from leanstream.experts import (
     experts_forward,
     use_quantized_experts,
 )
+from models import MOE_ARCHS, make_config
 
 E, BLOCKSIZE = 4, 64
 SHAPES = [(64, 64), (128, 64), (64, 256), (128, 192)]
@@ -193,68 +194,12 @@ def test_eager_forward_is_the_wrapped_original() -> None:
 
 # --- in a model ------------------------------------------------------------------------
 
-_BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
-MOE: dict[str, Any] = {
-    "mixtral": lambda: transformers.MixtralConfig(
-        **_BASE, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2
-    ),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **_BASE,
-        intermediate_size=128,
-        moe_intermediate_size=128,
-        num_experts=4,
-        num_experts_per_tok=2,
-        head_dim=16,
-    ),
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **_BASE,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=64,
-        num_experts=4,
-        num_experts_per_tok=2,
-    ),
-    "olmoe": lambda: transformers.OlmoeConfig(
-        **_BASE, intermediate_size=64, num_experts=4, num_experts_per_tok=2, eos_token_id=1
-    ),
-    "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        **{**_BASE, "num_key_value_heads": 4},  # its attention repeats no heads
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=32,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=16,
-        v_head_dim=16,
-    ),
-    "gpt_oss": lambda: transformers.GptOssConfig(
-        **_BASE,
-        intermediate_size=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        head_dim=16,
-        sliding_window=32,
-    ),
-}
 IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 11, 2], [3, 3, 17, 64, 90, 8, 120, 4]])
 
 
 def tiny(arch: str) -> Any:
     torch.manual_seed(0)
-    config = MOE[arch]()
+    config = make_config(arch)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
@@ -284,7 +229,7 @@ def quantize_experts(model: nn.Module, mode: str) -> tuple[Any, Any]:
 
 
 @pytest.mark.parametrize("mode", ["nf4", "fp4-dq", "int8"])
-@pytest.mark.parametrize("arch", list(MOE))
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_model_equals_dequantized_model(arch: str, mode: str) -> None:
     model, reference = quantize_experts(tiny(arch), mode)
     default = reference.config._experts_implementation

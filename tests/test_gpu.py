@@ -479,11 +479,11 @@ def test_moe_experts_are_quantized_on_the_gpu(
 ) -> None:
     """Experts streamed piece by piece and quantized on the device with bitsandbytes' CUDA
     ops: bit-identical to bitsandbytes quantizing transformers' merged tensor on CUDA."""
-    from test_moe import IDS, MOE, bnb_quantized, expert_weights, merged_reference, ours_as_dict
+    from test_moe import IDS, bnb_quantized, expert_weights, merged_reference, ours_as_dict
 
     folder = tmp_path_factory.mktemp("gpu-moe") / "mixtral"
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(MOE["mixtral"](), dtype=torch.bfloat16).save_pretrained(
+    AutoModelForCausalLM.from_config(make_config("mixtral"), dtype=torch.bfloat16).save_pretrained(
         folder, max_shard_size="60KB"
     )
     got = ours(folder, SETTINGS[setting], pipeline=True, ring_bytes=TINY_RING)

@@ -21,64 +21,8 @@ from transformers import AutoModelForCausalLM
 import leanstream
 from leanstream.experts import QuantizedExperts
 from leanstream.quantize import accept_any_rank
+from models import MOE_ARCHS, make_config
 
-_BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
-#: tiny configs; experts of 64x64 / 128x64 values (whole numbers of 64-value blocks)
-MOE: dict[str, Any] = {
-    "mixtral": lambda: transformers.MixtralConfig(
-        **_BASE, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2
-    ),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **_BASE,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        num_experts=4,
-        num_experts_per_tok=2,
-        head_dim=16,
-    ),
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **_BASE,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=64,
-        num_experts=4,
-        num_experts_per_tok=2,
-    ),
-    "olmoe": lambda: transformers.OlmoeConfig(
-        **_BASE, intermediate_size=64, num_experts=4, num_experts_per_tok=2, eos_token_id=1
-    ),
-    "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        **{**_BASE, "num_key_value_heads": 4},  # its attention needs as many kv heads as heads
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=32,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=16,
-        v_head_dim=16,
-    ),
-    "gpt_oss": lambda: transformers.GptOssConfig(
-        **_BASE,
-        intermediate_size=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        head_dim=16,
-        sliding_window=32,
-    ),
-}
 IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 11, 2]])
 
 
@@ -88,9 +32,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     merged experts back into one tensor per expert, except gpt-oss's fused ones)."""
     root = tmp_path_factory.mktemp("moe")
     out = {}
-    for arch, make in MOE.items():
+    for arch in MOE_ARCHS:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(make(), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(make_config(arch), dtype=torch.bfloat16)
         out[arch] = root / arch
         model.save_pretrained(out[arch], max_shard_size="60KB")
     return out
@@ -140,7 +84,7 @@ def ours_as_dict(param: QuantizedExperts) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "fp4", "int8"])
-@pytest.mark.parametrize("arch", list(MOE))
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_experts_are_quantized_bit_identically(
     folders: dict[str, Path], arch: str, setting: str
 ) -> None:
@@ -206,7 +150,7 @@ def dequantized_reference(folder: Path, setting: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8"])
-@pytest.mark.parametrize("arch", list(MOE))
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_logits_are_those_of_the_quantized_experts(
     folders: dict[str, Path], arch: str, setting: str
 ) -> None:

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_load import SETTINGS
-from test_moe import IDS, MOE, expert_weights, load
+from test_moe import IDS, expert_weights, load
 from transformers import AutoModelForCausalLM
 
 import leanstream
 from leanstream.experts import IMPLEMENTATION, QuantizedExperts
+from models import make_config
 
 ARCHS = ["mixtral", "qwen3_moe", "gpt_oss"]
 EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
@@ -30,7 +31,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for arch in ARCHS:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(MOE[arch](), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(make_config(arch), dtype=torch.bfloat16)
         out[arch] = root / arch
         model.save_pretrained(out[arch], max_shard_size="60KB")
     return out
@@ -93,7 +94,7 @@ def test_round_trip_is_bit_identical(
 ) -> None:
     model = load(sources[arch], **SETTINGS[setting])
     folder = saved[arch, setting]
-    names = sorted(expert_weights(AutoModelForCausalLM.from_config(MOE[arch]())))
+    names = sorted(expert_weights(AutoModelForCausalLM.from_config(make_config(arch))))
     quant = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert quant["quant_method"] == "leanstream"
     assert quant["leanstream_quantized_experts"] == names

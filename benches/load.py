@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -106,28 +107,40 @@ def _fill(flat, pool, offset: int) -> None:
 
 
 def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 5 * GIB) -> Path:
-    """Random bf16 weights, shard by shard, never the whole model in memory.
-
-    Drawing 8e9 normal values one by one takes minutes: every tensor is instead cut
-    from one seeded pool of ``POOL_VALUES`` normal values (std 0.02), at an offset of
-    its own, so tensors differ and each 4-bit block still sees normal statistics.
-    Written into a temporary folder, renamed into place when complete.
-    """
+    """A Llama checkpoint of ``SHAPES[shape]`` with random bf16 weights
+    (:func:`write_random_checkpoint`)."""
     if (folder / "model.safetensors.index.json").exists():
         return folder
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     from leanstream.meta import build_empty_model
 
-    start = time.monotonic()
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0)
     config.dtype = torch.bfloat16
+    shapes = {name: tuple(p.shape) for name, p in build_empty_model(config).named_parameters()}
+    return write_random_checkpoint(folder, config, shapes, shard_bytes)
+
+
+def write_random_checkpoint(
+    folder: Path, config: Any, shapes: dict[str, tuple[int, ...]], shard_bytes: int
+) -> Path:
+    """``config`` and random bf16 tensors of ``shapes`` (in that order), shard by shard,
+    never the whole model in memory.
+
+    Drawing 8e9 normal values one by one takes minutes: every tensor is instead cut
+    from one seeded pool of ``POOL_VALUES`` normal values (std 0.02), at an offset of
+    its own, so tensors differ and each 4-bit block still sees normal statistics; norms
+    are 1. Written into a temporary folder, renamed into place when complete.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    start = time.monotonic()
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         config.save_pretrained(tmp)
-        model = build_empty_model(config)
         generator = torch.Generator().manual_seed(0)
         pool = torch.randn(POOL_VALUES, generator=generator).mul_(0.02).to(torch.bfloat16)
         weight_map: dict[str, str] = {}
@@ -143,8 +156,8 @@ def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 5 * GIB) -> Pa
             weight_map.update(dict.fromkeys(shard, name))
             shard.clear()
 
-        for i, (name, param) in enumerate(model.named_parameters()):
-            tensor = torch.empty(param.shape, dtype=torch.bfloat16)
+        for i, (name, dims) in enumerate(shapes.items()):
+            tensor = torch.empty(dims, dtype=torch.bfloat16)
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)
             else:

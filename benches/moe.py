@@ -30,7 +30,6 @@ model + 0.5 GiB. The sizes predicted by ``benches/moe_sizes.py`` (the code behin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -166,17 +165,14 @@ print("result", json.dumps(result), flush=True)
 def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB) -> Path:
     """Random bf16 weights under the names ``save_pretrained`` gives a Qwen3-MoE model.
 
-    Each tensor is cut from ``benches/load.py``'s seeded pool at an offset of its own;
-    shards are written one by one into a temporary folder, renamed into place when
-    complete (a cached folder is always whole).
+    Written by ``benches/load.py``'s :func:`write_random_checkpoint` (seeded pool, one
+    shard at a time, a temporary folder renamed into place when complete).
     """
     if (folder / "model.safetensors.index.json").exists():
         return folder
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
-    start = time.monotonic()
     fields = SHAPES[shape]
     config = Qwen3MoeConfig(**fields)
     config.dtype = torch.bfloat16
@@ -205,51 +201,7 @@ def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB) -> Pa
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (config.vocab_size, h)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        config.save_pretrained(tmp)
-        generator = torch.Generator().manual_seed(0)
-        pool = torch.randn(load_bench.POOL_VALUES, generator=generator).mul_(0.02)
-        pool = pool.to(torch.bfloat16)
-        weight_map: dict[str, str] = {}
-        shard: dict[str, torch.Tensor] = {}
-        size = total = count = 0
-
-        def flush() -> None:
-            nonlocal count
-            count += 1
-            name = f"model-{count:05d}.safetensors"
-            save_file(shard, tmp / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-            shard.clear()
-
-        for k, (name, dims) in enumerate(shapes.items()):
-            tensor = torch.empty(dims, dtype=torch.bfloat16)
-            if name.endswith("norm.weight"):
-                tensor.fill_(1.0)
-            else:
-                load_bench._fill(tensor.view(-1), pool, (k * 7_919_993) % pool.numel())
-            shard[name] = tensor
-            size += tensor.nbytes
-            total += tensor.nbytes
-            if size >= shard_bytes:
-                flush()
-                size = 0
-        if shard:
-            flush()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(
-        f"wrote {folder}: {total / GIB:.2f} GiB in {count} shards, "
-        f"{time.monotonic() - start:.1f} s",
-        flush=True,
-    )
-    return folder
+    return load_bench.write_random_checkpoint(folder, config, shapes, shard_bytes)
 
 
 def _peer(name: str) -> str:

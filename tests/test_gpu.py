@@ -34,8 +34,8 @@ from typing import Any
 import bitsandbytes as bnb
 import pytest
 import torch
-from test_load import SETTINGS, assert_same_weights
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from test_load import SETTINGS, assert_same_weights, reference
+from transformers import AutoModelForCausalLM
 
 import leanstream
 import leanstream.loader
@@ -100,12 +100,12 @@ def references(big: Big) -> Iterator[Callable[[str], Any]]:
     """transformers' model of ``big`` on CUDA for a setting of ``SETTINGS``, made once."""
     made: dict[str, Any] = {}
 
-    def reference(setting: str) -> Any:
+    def made_once(setting: str) -> Any:
         if setting not in made:
             made[setting] = transformers_on_cuda(big.folder, SETTINGS[setting])
         return made[setting]
 
-    yield reference
+    yield made_once
     made.clear()
 
 
@@ -126,20 +126,8 @@ def prequantized(
 
 
 def transformers_on_cuda(folder: Path, settings: dict[str, Any]) -> Any:
-    """The reference: ``from_pretrained`` with the same quantization, on ``cuda:0``.
-    The quant type is always spelled out (``load_in_4bit`` alone means fp4)."""
-    if settings["bits"] == 4:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=settings["quant_type"],
-            bnb_4bit_use_double_quant=settings["double_quant"],
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=config, device_map="cuda:0"
-    ).eval()
+    """The reference: ``from_pretrained`` with the same quantization, on ``cuda:0``."""
+    return reference(folder, settings, device_map="cuda:0")
 
 
 def ours(folder: Path, settings: dict[str, Any], **kwargs: Any) -> Any:

@@ -32,18 +32,23 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: write_model(root / arch, arch) for arch in ARCHS}
 
 
-def reference(folder: Path, settings: dict[str, Any]) -> Any:
+def bnb_config(settings: dict[str, Any]) -> BitsAndBytesConfig:
+    """transformers' config for a setting of ``SETTINGS``, the quant type always spelled
+    out (``load_in_4bit`` alone means fp4), computing in bf16."""
     if settings["bits"] == 4:
-        config = BitsAndBytesConfig(
+        return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=settings["quant_type"],
             bnb_4bit_use_double_quant=settings["double_quant"],
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def reference(folder: Path, settings: dict[str, Any], device_map: str = "cpu") -> Any:
+    """transformers + bitsandbytes loading ``folder`` with ``settings``."""
     return AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=config, device_map="cpu"
+        folder, quantization_config=bnb_config(settings), device_map=device_map
     ).eval()
 
 

@@ -13,9 +13,8 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
-from test_load import SETTINGS
+from test_load import SETTINGS, reference
 from transformers import AutoModelForCausalLM
 
 import leanstream
@@ -110,17 +109,7 @@ def dequantized_reference(folder: Path, setting: dict[str, Any]) -> Any:
     """transformers' bf16 model whose experts are what bitsandbytes' quantization of them
     dequantizes to, and whose other linears are bitsandbytes layers as transformers
     quantizes them: the model ours must compute."""
-    ref = AutoModelForCausalLM.from_pretrained(
-        folder,
-        quantization_config=transformers.BitsAndBytesConfig(
-            load_in_4bit=setting["bits"] == 4,
-            load_in_8bit=setting["bits"] == 8,
-            bnb_4bit_quant_type=setting.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=setting.get("double_quant", False),
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-        device_map="cpu",
-    ).eval()
+    ref = reference(folder, setting)
     for name, weight in expert_weights(ref).items():
         experts, rows, cols = weight.shape
         flat = weight.data.reshape(experts * rows, cols)
@@ -286,13 +275,7 @@ def test_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_kernel(
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
     setting = SETTINGS["nf4"]
-    ref = AutoModelForCausalLM.from_pretrained(
-        folders["qwen2_moe"],
-        quantization_config=transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        ),
-        device_map="cpu",
-    )
+    ref = reference(folders["qwen2_moe"], setting)
     with pytest.raises(AssertionError, match="block_n"), torch.no_grad():
         ref(input_ids=IDS)
     got = load(folders["qwen2_moe"], **setting, compute_dtype=torch.bfloat16)
@@ -306,11 +289,7 @@ def test_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_kernel(
 def test_int8_layers_take_inputs_of_any_rank(folders: dict[str, Path]) -> None:
     """DeepSeek's MLA feeds kv_b_proj a 4-D input: bitsandbytes' LLM.int8 layer fails on it
     (in transformers' model), leanstream's runs it as nn.Linear would."""
-    ref = AutoModelForCausalLM.from_pretrained(
-        folders["deepseek_v3"],
-        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
-        device_map="cpu",
-    )
+    ref = reference(folders["deepseek_v3"], SETTINGS["int8"])
     with pytest.raises(RuntimeError), torch.no_grad():
         ref(input_ids=IDS)
     layer = bnb.nn.Linear8bitLt(64, 32, bias=True, has_fp16_weights=False)

@@ -379,6 +379,14 @@ def run_one(
     return result
 
 
+def record(command: str, machine: str, table: str) -> None:
+    """Append ``table`` to benches/RESULTS.md under a dated heading with the command and
+    the machine it was measured with."""
+    title = f"\n## {time.strftime('%Y-%m-%d')} — `{command}`\n\nMachine: {machine}\n\n"
+    with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+        f.write(title + table + "\n")
+
+
 def _peer(name: str) -> str | None:
     """The transformers loader with the same settings as ``name``."""
     settings = {k: v for k, v in LOADERS[name][1].items() if k != "pipeline"}
@@ -575,17 +583,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         import transformers
 
-        title = (
-            f"\n## {time.strftime('%Y-%m-%d')} — `python benches/load.py "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        record(
+            f"python benches/load.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+            f"{platform.machine()}, {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM"
             + (f", {torch.cuda.get_device_name()}" if cuda else ", no GPU")
             + f"; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"bitsandbytes {bitsandbytes.__version__}, Python {platform.python_version()}\n\n"
+            f"bitsandbytes {bitsandbytes.__version__}, Python {platform.python_version()}",
+            table,
         )
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(title + table + "\n")
     return 1 if failures or interrupted or not medians else 0
 
 

@@ -38,7 +38,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -383,17 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         import transformers
 
-        title = (
-            f"\n## {time.strftime('%Y-%m-%d')} — `python benches/moe.py "
-            f"{shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        load_bench.record(
+            f"python benches/moe.py {shlex.join(argv if argv is not None else sys.argv[1:])}",
+            f"{platform.machine()}, {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, "
             f"no GPU; torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, "
-            f"Python {platform.python_version()}\n\n"
+            f"Python {platform.python_version()}",
+            table,
         )
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(title + table + "\n")
     return 1 if failures or interrupted or not ok else 0
 
 

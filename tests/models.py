@@ -170,6 +170,25 @@ def stored(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
+    """Replace (or with None, drop) tensor ``name`` in its shard of a sharded checkpoint
+    folder, fixing the index."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"][name]
+    tensors = load_file(folder / shard)
+    if value is None:
+        del tensors[name], index["weight_map"][name]
+    else:
+        tensors[name] = value
+    save_file(tensors, folder / shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
 def write_tokenizer(folder: Path) -> Path:
     """A tiny word-level tokenizer (ids 0..319, like the tiny models), built offline."""
     from tokenizers import Tokenizer, pre_tokenizers

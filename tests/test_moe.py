@@ -6,6 +6,7 @@ existing, bit-identical to bitsandbytes quantizing transformers' merged tensor."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,14 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_load import SETTINGS, reference
 from transformers import AutoModelForCausalLM
 
 import leanstream
 from leanstream.experts import QuantizedExperts
 from leanstream.quantize import accept_any_rank
-from models import MOE_ARCHS, make_config
+from models import MOE_ARCHS, edit_tensor, make_config
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 11, 2]])
 
@@ -186,17 +187,8 @@ def test_skip_modules_keeps_experts_in_full_precision(folders: dict[str, Path]) 
 
 def test_a_missing_expert_is_named(folders: dict[str, Path], tmp_path: Path) -> None:
     """transformers 5 loads such a checkpoint with random weights for the expert."""
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for path in folders["mixtral"].iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
-    shard = folder / index["weight_map"].pop(key)
-    tensors = load_file(shard)
-    del tensors[key]
-    save_file(tensors, shard, metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    folder = Path(shutil.copytree(folders["mixtral"], tmp_path / "m"))
+    edit_tensor(folder, "model.layers.1.block_sparse_moe.experts.2.w3.weight", None)
     with pytest.raises(leanstream.MismatchError) as err:
         load(folder, bits=4)
     assert err.value.missing == ["model.layers.1.mlp.experts.gate_up_proj (expert 2, part 2 of 2)"]

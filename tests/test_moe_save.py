@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from test_load import SETTINGS
 from test_moe import IDS, expert_weights, load
 from transformers import AutoModelForCausalLM
 
 import leanstream
 from leanstream.experts import IMPLEMENTATION, QuantizedExperts
-from models import make_config
+from models import edit_tensor, make_config, stored
 
 ARCHS = ["mixtral", "qwen3_moe", "gpt_oss"]
 EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
@@ -53,10 +52,6 @@ def saved(
         for arch in ARCHS
         for setting in ("nf4", "nf4-dq", "int8")
     }
-
-
-def stored(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for path in folder.glob("*.safetensors") for k, v in load_file(path).items()}
 
 
 def experts_state(model: Any) -> dict[str, Any]:
@@ -194,25 +189,11 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "m"))
 
 
-def _edit(folder: Path, name: str, value: torch.Tensor | None) -> None:
-    """Replace (or with None, drop) tensor ``name`` in its shard, fixing the index."""
-    index_path = folder / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shard = index["weight_map"][name]
-    tensors = load_file(folder / shard)
-    if value is None:
-        del tensors[name], index["weight_map"][name]
-    else:
-        tensors[name] = value
-    save_file(tensors, folder / shard, metadata={"format": "pt"})
-    index_path.write_text(json.dumps(index))
-
-
 def _edit_quant_state(folder: Path, change: Any) -> None:
     name = f"{EXPERTS}.quant_state.bitsandbytes__nf4"
     state = json.loads(bytes(stored(folder)[name].tolist()))
     change(state)
-    _edit(folder, name, torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8))
+    edit_tensor(folder, name, torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8))
 
 
 @pytest.mark.parametrize(
@@ -223,7 +204,7 @@ def test_missing_statistics_are_named(
     saved: dict[tuple[str, str], Path], tmp_path: Path, setting: str, stat: str
 ) -> None:
     folder = _copy(saved["mixtral", setting], tmp_path)
-    _edit(folder, f"{EXPERTS}.{stat}", None)
+    edit_tensor(folder, f"{EXPERTS}.{stat}", None)
     with pytest.raises(leanstream.MismatchError) as err:
         load(folder)
     assert err.value.missing == [f"{EXPERTS}.{stat}"]
@@ -231,7 +212,7 @@ def test_missing_statistics_are_named(
 
 def test_missing_scb_is_named(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
     folder = _copy(saved["gpt_oss", "int8"], tmp_path)
-    _edit(folder, f"{EXPERTS}.SCB", None)
+    edit_tensor(folder, f"{EXPERTS}.SCB", None)
     with pytest.raises(leanstream.MismatchError) as err:
         load(folder)
     assert err.value.missing == [f"{EXPERTS}.SCB"]
@@ -269,7 +250,7 @@ def test_malformed_quant_state_is_refused(
 
 def test_absmax_of_the_wrong_length(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
     folder = _copy(saved["mixtral", "nf4-dq"], tmp_path)
-    _edit(folder, f"{EXPERTS}.absmax", torch.zeros(7, dtype=torch.uint8))
+    edit_tensor(folder, f"{EXPERTS}.absmax", torch.zeros(7, dtype=torch.uint8))
     with pytest.raises(leanstream.MismatchError) as err:
         load(folder)
     assert err.value.mismatched == [(f"{EXPERTS}.absmax", (7,), (512,))]
@@ -279,11 +260,11 @@ def test_stored_bytes_of_the_wrong_size_or_dtype(
     saved: dict[tuple[str, str], Path], tmp_path: Path
 ) -> None:
     folder = _copy(saved["mixtral", "nf4"], tmp_path)
-    _edit(folder, EXPERTS, torch.zeros(100, 1, dtype=torch.uint8))
+    edit_tensor(folder, EXPERTS, torch.zeros(100, 1, dtype=torch.uint8))
     with pytest.raises(leanstream.MismatchError) as err:
         load(folder)
     assert err.value.mismatched == [(EXPERTS, (100, 1), (16384, 1))]
-    _edit(folder, EXPERTS, torch.zeros(16384, 1, dtype=torch.int8))
+    edit_tensor(folder, EXPERTS, torch.zeros(16384, 1, dtype=torch.int8))
     with pytest.raises(leanstream.UnsupportedCheckpointError, match="is I8; a 4-bit") as e:
         load(folder)
     assert e.value.tensor == EXPERTS
@@ -294,11 +275,11 @@ def test_int8_scales_of_the_wrong_shape_or_dtype(
 ) -> None:
     folder = _copy(saved["gpt_oss", "int8"], tmp_path)
     scb = stored(folder)[f"{EXPERTS}.SCB"]
-    _edit(folder, f"{EXPERTS}.SCB", scb[:-1].clone())
+    edit_tensor(folder, f"{EXPERTS}.SCB", scb[:-1].clone())
     with pytest.raises(leanstream.MismatchError) as err:
         load(folder)
     assert err.value.mismatched == [(f"{EXPERTS}.SCB", (255,), (256,))]
-    _edit(folder, f"{EXPERTS}.SCB", scb.half())
+    edit_tensor(folder, f"{EXPERTS}.SCB", scb.half())
     with pytest.raises(leanstream.UnsupportedCheckpointError, match="float32") as e:
         load(folder)
     assert e.value.tensor == f"{EXPERTS}.SCB"

@@ -11,12 +11,12 @@ from typing import Any
 import bitsandbytes as bnb
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_load import SETTINGS, assert_same_weights, logits, reference
 from transformers import AutoModelForCausalLM
 
 import leanstream
-from models import write_model
+from models import edit_tensor, write_model
 
 #: (setting, architecture) pairs saved by transformers: llama (plain), gpt2 (Conv1D), opt (tied)
 CASES = [(s, "llama") for s in SETTINGS] + [("nf4", "gpt2"), ("int8", "gpt2"), ("nf4-dq", "opt")]
@@ -168,23 +168,9 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _edit(folder: Path, name: str, value: torch.Tensor | None) -> None:
-    """Replace (or with None, drop) tensor ``name`` in its shard, fixing the index."""
-    index_path = folder / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shard = index["weight_map"][name]
-    tensors = load_file(folder / shard)
-    if value is None:
-        del tensors[name], index["weight_map"][name]
-    else:
-        tensors[name] = value
-    save_file(tensors, folder / shard, metadata={"format": "pt"})
-    index_path.write_text(json.dumps(index))
-
-
 def test_missing_statistics_are_named(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
     folder = _copy(saved["nf4-dq", "llama"], tmp_path / "m")
-    _edit(folder, "model.layers.1.mlp.up_proj.weight.nested_absmax", None)
+    edit_tensor(folder, "model.layers.1.mlp.up_proj.weight.nested_absmax", None)
     with pytest.raises(leanstream.MismatchError) as err:
         _load(folder)
     assert err.value.missing == ["model.layers.1.mlp.up_proj.weight.nested_absmax"]
@@ -192,7 +178,7 @@ def test_missing_statistics_are_named(saved: dict[tuple[str, str], Path], tmp_pa
 
 def test_int8_without_scb_is_refused(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
     folder = _copy(saved["int8", "llama"], tmp_path / "m")
-    _edit(folder, "model.layers.0.self_attn.q_proj.SCB", None)
+    edit_tensor(folder, "model.layers.0.self_attn.q_proj.SCB", None)
     with pytest.raises(leanstream.MismatchError, match=r"q_proj\.SCB"):
         _load(folder)
 
@@ -223,7 +209,9 @@ def test_statistics_of_an_unquantized_layer_are_unexpected(
 
 def test_int8_weight_of_wrong_dtype(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
     folder = _copy(saved["int8", "llama"], tmp_path / "m")
-    _edit(folder, "model.layers.0.mlp.up_proj.weight", torch.zeros(192, 64, dtype=torch.bfloat16))
+    edit_tensor(
+        folder, "model.layers.0.mlp.up_proj.weight", torch.zeros(192, 64, dtype=torch.bfloat16)
+    )
     with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"is BF16; an LLM\.int8") as e:
         _load(folder)
     assert e.value.tensor == "model.layers.0.mlp.up_proj.weight"
@@ -233,7 +221,9 @@ def test_int8_column_major_format_is_refused(
     saved: dict[tuple[str, str], Path], tmp_path: Path
 ) -> None:
     folder = _copy(saved["int8", "llama"], tmp_path / "m")
-    _edit(folder, "model.layers.0.mlp.up_proj.weight_format", torch.tensor(1, dtype=torch.uint8))
+    edit_tensor(
+        folder, "model.layers.0.mlp.up_proj.weight_format", torch.tensor(1, dtype=torch.uint8)
+    )
     with pytest.raises(leanstream.UnsupportedCheckpointError, match="weight_format 1"):
         _load(folder)
 
@@ -245,7 +235,7 @@ def _quant_state(folder: Path, name: str) -> dict[str, Any]:
 
 
 def _put_quant_state(folder: Path, name: str, state: dict[str, Any]) -> None:
-    _edit(folder, name, torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8))
+    edit_tensor(folder, name, torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8))
 
 
 def test_quant_state_of_the_wrong_shape(saved: dict[tuple[str, str], Path], tmp_path: Path) -> None:
@@ -284,7 +274,7 @@ def test_packed_weight_of_another_storage_dtype(
     saved: dict[tuple[str, str], Path], tmp_path: Path
 ) -> None:
     folder = _copy(saved["nf4", "llama"], tmp_path / "m")
-    _edit(folder, "model.layers.0.mlp.up_proj.weight", torch.zeros(6144, 1, dtype=torch.int8))
+    edit_tensor(folder, "model.layers.0.mlp.up_proj.weight", torch.zeros(6144, 1, dtype=torch.int8))
     with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"stored as torch\.int8"):
         _load(folder)
 
@@ -396,11 +386,11 @@ def test_transposed_absmax_of_the_wrong_shape(
 ) -> None:
     folder = _copy(cpu_saved["nf4", "llama"], tmp_path / "m")
     name = "model.layers.0.mlp.down_proj.weight.absmax"
-    _edit(folder, name, torch.ones(64, 3, dtype=torch.bfloat16))
+    edit_tensor(folder, name, torch.ones(64, 3, dtype=torch.bfloat16))
     with pytest.raises(leanstream.MismatchError) as err:
         _load(folder)
     assert err.value.mismatched == [(name, (64, 3), (3, 64))]
-    _edit(folder, name, torch.ones(3, 64, dtype=torch.float32))
+    edit_tensor(folder, name, torch.ones(3, 64, dtype=torch.float32))
     with pytest.raises(
         leanstream.UnsupportedCheckpointError, match=r"float32, not torch\.bfloat16"
     ) as e:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
-from .quantize import QuantSpec, default_skip_modules
+from .quantize import QuantSpec, default_skip_modules, params_4bit
 from .save import LEANSTREAM_METHOD, leanstream_extras
 
 #: Statistics of a 4-bit weight, relative to the module (``<module>.weight.absmax`` ...).
@@ -367,18 +367,7 @@ class Prequantized:
                 )
             self._check_blocksize(name, state)
             _state_to(state, device)
-            module.weight = bnb.nn.Params4bit(
-                data,
-                requires_grad=False,
-                quant_state=state,
-                blocksize=state.blocksize,
-                compress_statistics=state.nested,
-                quant_type=state.quant_type,
-                quant_storage=data.dtype,
-                module=module,
-                bnb_quantized=True,
-            )
-            module.quant_state = state  # as Params4bit.from_prequantized does
+            module.weight = params_4bit(module, data, state)
             return
         if isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit):
             layout = stats.get("weight_format")

@@ -549,23 +549,24 @@ def quant_state_4bit(
 
 
 def params_4bit(module: nn.Module, packed: torch.Tensor, state: Any) -> Any:
-    """The ``Params4bit`` ``Params4bit._quantize`` leaves in ``module`` (whose meta
-    weight gives the settings), around ``packed`` and ``state``."""
+    """The ``Params4bit`` bitsandbytes leaves in ``module`` once its weight is quantized
+    (``Params4bit._quantize``) or loaded pre-quantized (``Params4bit.from_prequantized``):
+    ``packed`` with ``state``, whose settings (block size, double quantization, quant
+    type) it carries; its storage dtype is ``packed``'s."""
     import bitsandbytes as bnb
 
-    meta = module.weight
     param = bnb.nn.Params4bit(
         packed,
         requires_grad=False,
         quant_state=state,
-        blocksize=meta.blocksize,
-        compress_statistics=meta.compress_statistics,
-        quant_type=meta.quant_type,
-        quant_storage=meta.quant_storage,
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=packed.dtype,
         module=module,
         bnb_quantized=True,
     )
-    module.quant_state = state  # as Params4bit._quantize does
+    module.quant_state = state  # as both do
     return param
 
 

@@ -762,6 +762,7 @@ def _plan(
     missing_stats: list[str] = []
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
+        dtype = torch.float32 if matches_any(module_name, fp32_modules) else model_dtype
         entries = [(a, False) for a, p in module._parameters.items() if p is not None]
         entries += [
             (a, True)
@@ -781,14 +782,13 @@ def _plan(
             if name in merged:
                 pieces, wrong = _pieces(name, expected[name], merged[name], ckpt)
                 mismatched += wrong
-                keep_fp32 = matches_any(module_name, fp32_modules)
                 targets += [
                     _Target(
                         key=key,
                         name=name,
                         module=module,
                         attr=attr,
-                        dtype=torch.float32 if keep_fp32 else model_dtype,
+                        dtype=dtype,
                         transpose=False,
                         buffer=False,
                         piece=piece,
@@ -813,14 +813,13 @@ def _plan(
                 want = prequantized.experts_shape(want, key, ckpt[key])
             if shape != want:
                 mismatched.append((name, shape, want))
-            keep_fp32 = matches_any(module_name, fp32_modules)
             targets.append(
                 _Target(
                     key=key,
                     name=name,
                     module=module,
                     attr=attr,
-                    dtype=torch.float32 if keep_fp32 else model_dtype,
+                    dtype=dtype,
                     transpose=replaced.get(module_name, False) and attr == "weight",
                     buffer=is_buffer,
                     stats=stats,

@@ -76,19 +76,15 @@ def resolve(
 
 def check(options: dict[str, Any], bits: int) -> None:
     """Refuse options that would do nothing at ``bits`` (4, 8, or 16: none)."""
-    if bits != 4:
-        given = [k for k in FOUR_BIT if not _same(options[k], DEFAULTS[k])]
-        if given:
+    for applies, keys, what in (
+        (4, FOUR_BIT, "4-bit option(s)"),
+        (8, EIGHT_BIT, "LLM.int8 option(s) (bits=8)"),
+    ):
+        given = [k for k in keys if not _same(options[k], DEFAULTS[k])]
+        if bits != applies and given:
             raise ConfigError(
-                f"{', '.join(f'{k}={options[k]!r}' for k in given)}: 4-bit option(s), but "
+                f"{', '.join(f'{k}={options[k]!r}' for k in given)}: {what}, but "
                 f"bits={bits if bits != 16 else None!r}"
-            )
-    if bits != 8:
-        given = [k for k in EIGHT_BIT if not _same(options[k], DEFAULTS[k])]
-        if given:
-            raise ConfigError(
-                f"{', '.join(f'{k}={options[k]!r}' for k in given)}: LLM.int8 option(s) "
-                f"(bits=8), but bits={bits if bits != 16 else None!r}"
             )
     if bits == 16 and options["skip_modules"]:
         raise ConfigError(

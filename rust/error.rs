@@ -40,6 +40,9 @@ pub enum ErrorKind {
     IndexMismatch,
     /// A requested tensor name is not in the checkpoint.
     MissingTensor,
+    /// A folder holds several checkpoints (variants such as `fp16`, or several
+    /// indexes) and nothing says which one to open.
+    Ambiguous,
     /// Any other I/O error (permissions, mmap failure, ...).
     Io,
     /// A broken invariant inside leanstream (poisoned lock, dead thread).
@@ -212,6 +215,12 @@ pub mod py {
         CheckpointError,
         "A requested tensor name is not in the checkpoint."
     );
+    create_exception!(
+        leanstream._core,
+        AmbiguousCheckpointError,
+        CheckpointError,
+        "A folder holds several checkpoints (variants such as fp16, or several indexes): open one index or file explicitly."
+    );
 
     /// Add every exception class to the module, and give `CheckpointError`
     /// class-level `file = tensor = None` so that instances raised from Python
@@ -241,6 +250,10 @@ pub mod py {
         )?;
         m.add("IndexMismatchError", py.get_type::<IndexMismatchError>())?;
         m.add("MissingTensorError", py.get_type::<MissingTensorError>())?;
+        m.add(
+            "AmbiguousCheckpointError",
+            py.get_type::<AmbiguousCheckpointError>(),
+        )?;
         Ok(())
     }
 
@@ -269,6 +282,7 @@ pub mod py {
                     ErrorKind::DuplicateTensor => new_err::<DuplicateTensorError>(py, &err),
                     ErrorKind::IndexMismatch => new_err::<IndexMismatchError>(py, &err),
                     ErrorKind::MissingTensor => new_err::<MissingTensorError>(py, &err),
+                    ErrorKind::Ambiguous => new_err::<AmbiguousCheckpointError>(py, &err),
                     ErrorKind::Io => new_err::<CheckpointError>(py, &err),
                     ErrorKind::Internal => Ok(LeanstreamError::new_err(err.to_string())),
                 };

@@ -31,6 +31,8 @@ use std::time::SystemTime;
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// File name of a single-file checkpoint inside a folder.
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// How any index without a variant ends (`diffusion_pytorch_model.safetensors.index.json`).
+const INDEX_SUFFIX: &str = ".safetensors.index.json";
 /// Largest index file read (real ones are a few hundred KB).
 const MAX_INDEX_SIZE: u64 = 100_000_000;
 
@@ -413,14 +415,14 @@ impl Checkpoint {
         }
     }
 
+    /// `model.safetensors.index.json`; else the one `*.safetensors.index.json`
+    /// (diffusers' `diffusion_pytorch_model.safetensors.index.json`); else
+    /// `model.safetensors`; else every `*.safetensors` file, provided they are
+    /// all one variant (see [`variant_of`]).
     fn open_folder(dir: &Path) -> Result<Checkpoint> {
         let index = dir.join(INDEX_FILE);
         if index.is_file() {
             return Self::open_index(&index);
-        }
-        let single = dir.join(SINGLE_FILE);
-        if single.is_file() {
-            return Self::open_files(&[single]);
         }
         let entries = std::fs::read_dir(dir).map_err(|e| Error::io(&e, dir, "list folder"))?;
         let mut names = Vec::new();
@@ -429,11 +431,34 @@ impl Checkpoint {
             names.push(entry.file_name().to_string_lossy().into_owned());
         }
         names.sort();
-        let shards: Vec<PathBuf> = names
+        let indexes: Vec<&String> = names
+            .iter()
+            .filter(|n| n.len() > INDEX_SUFFIX.len() && n.ends_with(INDEX_SUFFIX))
+            .filter(|n| dir.join(n).is_file())
+            .collect();
+        if let [index] = indexes.as_slice() {
+            return Self::open_index(&dir.join(index));
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::open_files(&[single]);
+        }
+        if indexes.len() > 1 {
+            let shown: Vec<&str> = indexes.iter().map(|n| n.as_str()).collect();
+            return Err(Error::new(
+                ErrorKind::Ambiguous,
+                format!(
+                    "several indexes ({}) and no {INDEX_FILE} or {SINGLE_FILE}: open one \
+                     index explicitly",
+                    shown.join(", ")
+                ),
+            )
+            .in_file(dir));
+        }
+        let shards: Vec<&String> = names
             .iter()
             .filter(|n| n.ends_with(".safetensors"))
-            .map(|n| dir.join(n))
-            .filter(|p| p.is_file())
+            .filter(|n| dir.join(n).is_file())
             .collect();
         if shards.is_empty() {
             let shown = if names.is_empty() {
@@ -458,7 +483,35 @@ impl Checkpoint {
             )
             .in_file(dir));
         }
-        Self::open_files(&shards)
+        let mut variants: BTreeMap<Option<&str>, Vec<&str>> = BTreeMap::new();
+        for name in &shards {
+            variants.entry(variant_of(name)).or_default().push(name);
+        }
+        if variants.len() > 1 {
+            let shown: Vec<String> = variants
+                .iter()
+                .map(|(variant, files)| {
+                    let label = variant.map_or("no variant".to_owned(), |v| format!("'{v}'"));
+                    let more = if files.len() > 3 {
+                        format!(", ... ({} files)", files.len())
+                    } else {
+                        String::new()
+                    };
+                    format!("{label}: {}{more}", files[..files.len().min(3)].join(", "))
+                })
+                .collect();
+            return Err(Error::new(
+                ErrorKind::Ambiguous,
+                format!(
+                    "the *.safetensors files are several variants of the weights ({}): open \
+                     one index, file or list of shards explicitly",
+                    shown.join("; ")
+                ),
+            )
+            .in_file(dir));
+        }
+        let paths: Vec<PathBuf> = shards.iter().map(|n| dir.join(n)).collect();
+        Self::open_files(&paths)
     }
 
     /// Open the given shard files, in this order.
@@ -744,6 +797,35 @@ impl Checkpoint {
     }
 }
 
+/// The variant of a `*.safetensors` file name, named as transformers and
+/// diffusers name them (`_add_variant`): `None` for `model.safetensors` and
+/// `model-00001-of-00002.safetensors`, `Some("fp16")` for
+/// `model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors` and the
+/// older `model-00001-of-00002.fp16.safetensors`.
+pub fn variant_of(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".safetensors").unwrap_or(name);
+    let stem = strip_shard_suffix(stem);
+    match stem.rsplit_once('.') {
+        Some((prefix, variant)) if !prefix.is_empty() && !variant.is_empty() => Some(variant),
+        _ => None,
+    }
+}
+
+/// `stem` without a trailing `-<digits>-of-<digits>`.
+fn strip_shard_suffix(stem: &str) -> &str {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some((head, total)) = stem.rsplit_once("-of-") {
+        if digits(total) {
+            if let Some((prefix, number)) = head.rsplit_once('-') {
+                if digits(number) {
+                    return prefix;
+                }
+            }
+        }
+    }
+    stem
+}
+
 fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).map_err(|e| Error::io(&e, path, "resolve path"))
 }
@@ -864,13 +946,165 @@ pub(crate) mod tests {
     pub const PAD: u64 = 32 << 20;
 
     fn write_index(dir: &Path, map: &[(&str, &str)]) {
+        write_index_named(dir, INDEX_FILE, map);
+    }
+
+    fn write_index_named(dir: &Path, name: &str, map: &[(&str, &str)]) {
         let entries: Vec<String> = map.iter().map(|(n, f)| format!(r#""{n}":"{f}""#)).collect();
         let text = format!(
             r#"{{"metadata":{{"total_size":8}},"weight_map":{{{}}}}}"#,
             entries.join(",")
         );
-        let mut f = File::create(dir.join(INDEX_FILE)).unwrap();
+        let mut f = File::create(dir.join(name)).unwrap();
         f.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn opened(ckpt: &Checkpoint) -> Vec<String> {
+        ckpt.files().map(file_name).collect()
+    }
+
+    #[test]
+    fn variant_names() {
+        for (name, variant) in [
+            ("model.safetensors", None),
+            ("model-00001-of-00002.safetensors", None),
+            ("diffusion_pytorch_model.safetensors", None),
+            ("model.fp16.safetensors", Some("fp16")),
+            ("model.fp16-00001-of-00002.safetensors", Some("fp16")),
+            ("model-00001-of-00002.fp16.safetensors", Some("fp16")),
+            (
+                "diffusion_pytorch_model.non_ema.safetensors",
+                Some("non_ema"),
+            ),
+            ("model-1-of-x.safetensors", None),
+            ("model.v-1-of-x.safetensors", Some("v-1-of-x")),
+            (".safetensors", None),
+            (".fp16.safetensors", None),
+            ("model..safetensors", None),
+        ] {
+            assert_eq!(variant_of(name), variant, "{name}");
+        }
+    }
+
+    #[test]
+    fn opens_a_lone_diffusers_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s1, s2) = (
+            "diffusion_pytorch_model-00001-of-00002.safetensors",
+            "diffusion_pytorch_model-00002-of-00002.safetensors",
+        );
+        write_shard(&dir.path().join(s1), &[("a", b"a")]);
+        write_shard(&dir.path().join(s2), &[("b", b"b")]);
+        write_index_named(
+            dir.path(),
+            "diffusion_pytorch_model.safetensors.index.json",
+            &[("a", s1), ("b", s2)],
+        );
+        // Its fp16 variant beside it is not an index of the weights without a variant.
+        let f1 = "diffusion_pytorch_model.fp16-00001-of-00001.safetensors";
+        write_shard(&dir.path().join(f1), &[("a", b"A"), ("b", b"B")]);
+        write_index_named(
+            dir.path(),
+            "diffusion_pytorch_model.safetensors.index.fp16.json",
+            &[("a", f1), ("b", f1)],
+        );
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(opened(&ckpt), [s1, s2]);
+        assert_eq!(ckpt.view("b").unwrap().bytes(), b"b");
+    }
+
+    #[test]
+    fn variants_side_by_side_are_ambiguous() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = "diffusion_pytorch_model.safetensors";
+        let fp16 = "diffusion_pytorch_model.fp16.safetensors";
+        write_shard(&dir.path().join(main), &[("w", b"ww")]);
+        write_shard(&dir.path().join(fp16), &[("w", b"w")]);
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Ambiguous, "{e}");
+        assert_eq!(e.file.as_deref(), Some(dir.path()));
+        assert!(
+            e.message.contains(&format!("no variant: {main}"))
+                && e.message.contains(&format!("'fp16': {fp16}"))
+                && e.message.contains("explicitly"),
+            "{e}"
+        );
+        // Sharded variants: three shards at most are named per variant.
+        for i in 1..=5 {
+            let name = format!("diffusion_pytorch_model.bf16-0000{i}-of-00005.safetensors");
+            write_shard(&dir.path().join(name), &[(&format!("w{i}"), b"w")]);
+        }
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Ambiguous, "{e}");
+        assert!(
+            e.message
+                .contains("'bf16': diffusion_pytorch_model.bf16-00001-of-00005")
+                && e.message.contains("... (5 files)")
+                && !e.message.contains("00004-of"),
+            "{e}"
+        );
+        // Opening one of them explicitly works.
+        assert_eq!(
+            Checkpoint::open(&dir.path().join(fp16))
+                .unwrap()
+                .view("w")
+                .unwrap()
+                .bytes(),
+            b"w"
+        );
+    }
+
+    #[test]
+    fn one_variant_alone_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s1, s2) = (
+            "model.fp16-00001-of-00002.safetensors",
+            "model.fp16-00002-of-00002.safetensors",
+        );
+        write_shard(&dir.path().join(s2), &[("b", b"b")]);
+        write_shard(&dir.path().join(s1), &[("a", b"a")]);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(opened(&ckpt), [s1, s2]);
+        // model.safetensors comes first, variants or not.
+        write_shard(&dir.path().join(SINGLE_FILE), &[("m", b"m")]);
+        write_shard(&dir.path().join("model.fp16.safetensors"), &[("m", b"M")]);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(opened(&ckpt), [SINGLE_FILE]);
+    }
+
+    #[test]
+    fn several_indexes_are_ambiguous_without_model_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write_shard(&dir.path().join("s1.safetensors"), &[("a", b"a")]);
+        write_shard(&dir.path().join("s2.safetensors"), &[("a", b"b")]);
+        write_index_named(
+            dir.path(),
+            "x.safetensors.index.json",
+            &[("a", "s1.safetensors")],
+        );
+        write_index_named(
+            dir.path(),
+            "y.safetensors.index.json",
+            &[("a", "s2.safetensors")],
+        );
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Ambiguous, "{e}");
+        assert!(
+            e.message
+                .contains("several indexes (x.safetensors.index.json, y.safetensors.index.json)"),
+            "{e}"
+        );
+        write_shard(&dir.path().join(SINGLE_FILE), &[("m", b"m")]);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(opened(&ckpt), [SINGLE_FILE]);
+        write_index(dir.path(), &[("a", "s2.safetensors")]);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ckpt.view("a").unwrap().bytes(), b"b");
+        // A lone index names what is opened, ahead of model.safetensors.
+        std::fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        std::fs::remove_file(dir.path().join("y.safetensors.index.json")).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(opened(&ckpt), ["s1.safetensors"]);
     }
 
     #[test]

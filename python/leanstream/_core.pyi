@@ -84,6 +84,10 @@ class MissingTensorError(CheckpointError):
     """A name given to :meth:`Checkpoint.stream`, :meth:`Checkpoint.view` or
     ``Checkpoint[name]`` is not in the checkpoint."""
 
+class AmbiguousCheckpointError(CheckpointError):
+    """A folder holds several checkpoints (variants such as ``fp16``, or several
+    indexes) and nothing says which one to open: open one index or file explicitly."""
+
 @final
 class TensorInfo:
     """Where one tensor lives: dtype, shape, file and absolute byte range."""
@@ -235,9 +239,12 @@ class Warmup:
 class Checkpoint:
     """One safetensors checkpoint: a set of shards, validated completely on open.
 
-    ``path`` is a folder (``model.safetensors.index.json`` if present, else
-    ``model.safetensors``, else every ``*.safetensors`` in it), a single
-    ``.safetensors`` file, an ``*.index.json`` file, or a sequence of shard files.
+    ``path`` is a folder (``model.safetensors.index.json`` if present, else the one
+    ``*.safetensors.index.json``, else ``model.safetensors``, else every
+    ``*.safetensors`` in it if they are all one variant: several variants, such as
+    ``x.safetensors`` and ``x.fp16.safetensors``, or several indexes raise
+    :class:`AmbiguousCheckpointError`), a single ``.safetensors`` file, an
+    ``*.index.json`` file, or a sequence of shard files.
 
     >>> ckpt = Checkpoint("path/to/model")          # doctest: +SKIP
     >>> for name, view in ckpt.stream(ckpt.keys()):  # doctest: +SKIP

@@ -8,7 +8,8 @@ re-exported here; model-level errors are defined here on top of them::
     │   ├── FileNotFoundCheckpointError, TruncatedFileError, HeaderTooLargeError,
     │   │   InvalidHeaderError, UnknownDtypeError, ShapeError, OffsetError,
     │   │   OverlapError, TrailingDataError, DuplicateTensorError,
-    │   │   IndexMismatchError, MissingTensorError         (raised by the Rust reader)
+    │   │   IndexMismatchError, MissingTensorError,
+    │   │   AmbiguousCheckpointError                          (raised by the Rust reader)
     │   ├── UnsupportedCheckpointError  (pickle-only folders, merged-weight conversions)
     │   └── MismatchError               (.missing, .unexpected, .mismatched)
     ├── ConfigError                     (config.json missing/invalid, bad load() options)
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ._core import (
+    AmbiguousCheckpointError,
     CheckpointError,
     DuplicateTensorError,
     FileNotFoundCheckpointError,
@@ -129,6 +131,7 @@ def _names(names: Sequence[str], limit: int = 10) -> str:
 
 
 __all__ = [
+    "AmbiguousCheckpointError",
     "CheckpointError",
     "ConfigError",
     "DuplicateTensorError",

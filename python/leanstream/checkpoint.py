@@ -4,13 +4,21 @@ Repo ids are resolved with ``huggingface_hub.snapshot_download`` restricted to
 the files a load needs (configs, safetensors shards and index, tokenizer
 files), so ``revision``, ``token``, ``cache_dir``, ``local_files_only`` and the
 ``HF_HUB_OFFLINE`` environment variable behave as everywhere in the HF stack.
+A ``subfolder`` (a diffusers pipeline's ``transformer``) fetches that folder only.
+
+Inside a folder, :func:`weight_files` picks the weights of one variant, named as
+transformers and diffusers name them (``_add_variant``): ``X.safetensors``,
+``X-00001-of-00002.safetensors`` and the index ``X.safetensors.index.json``
+without a variant; ``X.fp16.safetensors``, ``X.fp16-00001-of-00002.safetensors``
+and ``X.safetensors.index.fp16.json`` for the variant ``fp16``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import (
@@ -35,10 +43,16 @@ _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.p
 #: Largest config.json read (real ones are a few KB; a larger one is not a config).
 MAX_CONFIG_SIZE = 16 << 20
 
+#: Single-file weights preferred over other files of the same variant (transformers', diffusers').
+_MAIN_WEIGHTS = ("model", "diffusion_pytorch_model")
+_SHARD_SUFFIX = re.compile(r"-[0-9]+-of-[0-9]+$")
+_INDEX = re.compile(r"^.+\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
+
 
 def resolve(
     source: str | os.PathLike[str],
     *,
+    subfolder: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -47,7 +61,14 @@ def resolve(
     """Return the local folder holding ``source``'s config and safetensors files.
 
     A path that exists is used as it is; anything else is taken as a hub repo id.
+    ``subfolder`` names a folder inside it (``"transformer"`` of a diffusers
+    pipeline): the folder returned is that one, and from the hub only its files
+    are fetched.
+
+    >>> resolve("black-forest-labs/FLUX.1-dev", subfolder="transformer")  # doctest: +SKIP
+    PosixPath('.../snapshots/<commit>/transformer')
     """
+    sub = _subfolder(source, subfolder)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -56,7 +77,7 @@ def resolve(
                 f"{path}: expected a checkpoint folder (config.json + *.safetensors), got a file",
                 file=str(path),
             )
-        return path.resolve()
+        return _inside(path.resolve(), sub, str(path))
     repo_id = os.fspath(source)
     if repo_id.startswith(("/", ".", "~")) or repo_id.count("/") > 1:
         raise checkpoint_error(
@@ -66,6 +87,7 @@ def resolve(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    patterns = [f"{sub}/{p}" for p in HUB_PATTERNS] if sub else HUB_PATTERNS
     try:
         folder = snapshot_download(
             repo_id,
@@ -73,7 +95,7 @@ def resolve(
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
-            allow_patterns=HUB_PATTERNS,
+            allow_patterns=patterns,
         )
     except LocalEntryNotFoundError as err:
         raise checkpoint_error(
@@ -88,7 +110,37 @@ def resolve(
             f"{repo_id}: no such folder, and not a valid hub repo id ({err})",
             file=repo_id,
         ) from err
-    return Path(folder)
+    return _inside(Path(folder), sub, repo_id)
+
+
+def _subfolder(source: str | os.PathLike[str], subfolder: str | None) -> str | None:
+    """``subfolder`` as a relative POSIX path, refusing one that leaves the checkpoint."""
+    if not subfolder:
+        return None
+    parts = PurePosixPath(subfolder).parts
+    if PurePosixPath(subfolder).is_absolute() or ".." in parts:
+        raise checkpoint_error(
+            FileNotFoundCheckpointError,
+            f"{source}: subfolder {subfolder!r} must be a relative path inside the checkpoint "
+            "(no '..', not absolute)",
+            file=os.fspath(source),
+        )
+    kept = [p for p in parts if p != "."]
+    return "/".join(kept) or None
+
+
+def _inside(folder: Path, sub: str | None, source: str) -> Path:
+    """``folder / sub``, which must be a folder."""
+    if sub is None:
+        return folder
+    path = folder / sub
+    if not path.is_dir():
+        raise checkpoint_error(
+            FileNotFoundCheckpointError,
+            f"{path}: no subfolder {sub!r} in {source}",
+            file=str(path),
+        )
+    return path
 
 
 def check_weights_format(folder: Path) -> None:
@@ -107,8 +159,93 @@ def check_weights_format(folder: Path) -> None:
         )
 
 
+def variants(folder: Path) -> list[str | None]:
+    """The variants of the weights in ``folder``: ``None`` (no variant) first, then by name.
+
+    Both safetensors files and indexes count; other files do not.
+    """
+    return _variants(_weights(folder))
+
+
+def weight_files(folder: Path, variant: str | None = None) -> Path | list[Path]:
+    """What to open with ``_core.Checkpoint``: the weights of ``variant`` in ``folder``.
+
+    An index of that variant (any ``*.safetensors.index.json``, e.g. diffusers'
+    ``diffusion_pytorch_model.safetensors.index.json``) if there is one, else its
+    ``model``/``diffusion_pytorch_model`` single file, else all its safetensors files.
+    ``variant=None`` takes the only weights of a folder that holds one variant
+    (``None``, the weights without one, or e.g. ``"fp16"``); a folder that holds
+    several is a :class:`ConfigError` listing them. A folder without any safetensors
+    file is returned as it is (the reader says what is missing).
+
+    >>> weight_files(Path("unet"), variant="fp16")  # doctest: +SKIP
+    PosixPath('unet/diffusion_pytorch_model.fp16.safetensors')
+    """
+    found = _weights(folder)
+    present = _variants(found)
+    if not present:
+        return folder
+    if variant is None:
+        if len(present) > 1:
+            named = [v for v in present if v is not None]
+            raise ConfigError(
+                f"{folder}: holds several variants of the weights ({_shown(present)}); pass "
+                f"variant= to choose one (e.g. variant={named[0]!r})"
+            )
+        variant = present[0]
+    if variant not in present:
+        raise checkpoint_error(
+            FileNotFoundCheckpointError,
+            f"{folder}: no weights of the variant {variant!r}; it holds {_shown(present)}",
+            file=str(folder),
+        )
+    indexes = sorted(p for is_index, v, p in found if is_index and v == variant)
+    if len(indexes) > 1:
+        raise ConfigError(
+            f"{folder}: several indexes of the same weights ("
+            + ", ".join(p.name for p in indexes)
+            + "); open one of them explicitly, or remove the others"
+        )
+    if indexes:
+        return indexes[0]
+    files = sorted(p for is_index, v, p in found if not is_index and v == variant)
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    main = [p for p in files if p.name in {n + suffix for n in _MAIN_WEIGHTS}]
+    if len(main) == 1:
+        return main[0]
+    return files[0] if len(files) == 1 else files
+
+
+def _weights(folder: Path) -> list[tuple[bool, str | None, Path]]:
+    """``(is_index, variant, path)`` of every safetensors file and index in ``folder``."""
+    found = []
+    for path in folder.iterdir():
+        name = path.name
+        if name.endswith(".safetensors"):
+            stem = _SHARD_SUFFIX.sub("", name.removesuffix(".safetensors"))
+            prefix, _, variant = stem.rpartition(".")
+            entry = (False, variant if prefix and variant else None, path)
+        elif match := _INDEX.match(name):
+            entry = (True, match["variant"], path)
+        else:
+            continue
+        if path.is_file():
+            found.append(entry)
+    return found
+
+
+def _variants(found: list[tuple[bool, str | None, Path]]) -> list[str | None]:
+    return sorted({variant for _, variant, _ in found}, key=lambda v: (v is not None, v or ""))
+
+
+def _shown(present: list[str | None]) -> str:
+    return ", ".join("no variant" if v is None else repr(v) for v in present)
+
+
 def read_config_dict(folder: Path) -> dict[str, Any]:
-    """Parse ``config.json`` strictly: it must exist and be a JSON object with a model_type."""
+    """Parse ``config.json`` strictly: it must exist and be a JSON object with a
+    ``model_type`` (transformers) or, without one, a ``_class_name`` (a diffusers
+    component, e.g. ``FluxTransformer2DModel``)."""
     path = folder / "config.json"
     if path.exists() and not path.is_file():
         # a FIFO would block the read, a device (/dev/zero) never end it
@@ -125,8 +262,14 @@ def read_config_dict(folder: Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON: {err}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise ConfigError(f'{path}: not a transformers config (no "model_type" string)')
+    if not isinstance(data, dict) or not (
+        isinstance(data.get("model_type"), str)
+        or ("model_type" not in data and isinstance(data.get("_class_name"), str))
+    ):
+        raise ConfigError(
+            f'{path}: not a transformers or diffusers config (no "model_type" or "_class_name" '
+            "string)"
+        )
     return data
 
 
@@ -143,4 +286,12 @@ def load_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
         ) from err
 
 
-__all__ = ["HUB_PATTERNS", "check_weights_format", "load_config", "read_config_dict", "resolve"]
+__all__ = [
+    "HUB_PATTERNS",
+    "check_weights_format",
+    "load_config",
+    "read_config_dict",
+    "resolve",
+    "variants",
+    "weight_files",
+]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._core import Checkpoint, __version__
 from .errors import (
+    AmbiguousCheckpointError,
     CheckpointError,
     ConfigError,
     DuplicateTensorError,
@@ -32,12 +33,20 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .footprint import Footprint, footprint
-    from .loader import load
+    from .loader import load, load_into
+    from .meta import empty_parameters
     from .save import save
 
 #: imported on first use: they import torch, which takes seconds, so ``import leanstream``
 #: (and the command line, which catches Ctrl-C only once it runs) does not
-_LAZY = {"Footprint": "footprint", "footprint": "footprint", "load": "loader", "save": "save"}
+_LAZY = {
+    "Footprint": "footprint",
+    "empty_parameters": "meta",
+    "footprint": "footprint",
+    "load": "loader",
+    "load_into": "loader",
+    "save": "save",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -66,6 +75,7 @@ class _Package(_types.ModuleType):
 _sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "AmbiguousCheckpointError",
     "Checkpoint",
     "CheckpointError",
     "ConfigError",
@@ -87,7 +97,9 @@ __all__ = [
     "UnknownDtypeError",
     "UnsupportedCheckpointError",
     "__version__",
+    "empty_parameters",
     "footprint",
     "load",
+    "load_into",
     "save",
 ]

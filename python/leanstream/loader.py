@@ -21,19 +21,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import os
 import re
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from . import _core, options
-from .checkpoint import check_weights_format, load_config, read_config_dict, resolve
+from .checkpoint import (
+    check_weights_format,
+    load_config,
+    read_config_dict,
+    resolve,
+    weight_files,
+)
 from .errors import (
     ConfigError,
     MismatchError,
@@ -41,7 +49,17 @@ from .errors import (
     UnsupportedCheckpointError,
     checkpoint_error,
 )
-from .meta import build_empty_model, meta_tensors
+from .families import (
+    default_skip,
+    family,
+    fp32_patterns,
+    fp32_rule,
+    quantization_config,
+    record,
+    resolve_skip,
+    shared_parameters,
+)
+from .meta import build_diffusers_model, build_empty_model, empty_parameters, meta_tensors
 from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
 from .prequantized import Prequantized
 from .progress import byte_progress
@@ -49,7 +67,6 @@ from .quantize import (
     ExpertsQuantizer,
     QuantSpec,
     QuantType,
-    default_skip_modules,
     expert_params,
     extra_modules,
     kernel_stream,
@@ -122,8 +139,17 @@ def load(
     load_in_8bit: bool | None = None,
     low_cpu_mem_usage: bool | None = None,
     device_map: Any = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    model_class: Any = None,
+    ignore_unexpected: list[str] | None = None,
 ) -> Any:
-    """Load a safetensors causal LM, quantizing each linear weight as it streams in.
+    """Load a safetensors model, quantizing each linear weight as it streams in.
+
+    A transformers checkpoint (``config.json`` with a ``model_type``) is built as a
+    causal LM, or as ``model_class``; a diffusers model folder (``config.json`` with a
+    ``_class_name``: a pipeline's ``transformer``, ``unet``, ...) as the diffusers class
+    it names, quantized by diffusers' bitsandbytes rules.
 
     Args:
         source: a local folder, or a Hugging Face hub repo id (fetched with
@@ -184,6 +210,19 @@ def load(
         low_cpu_mem_usage: accepted and ignored: leanstream always streams.
         device_map: one device (``"cuda:0"``, ``0``, ``{"": "cpu"}``); placing modules
             on several devices is a :class:`ConfigError` for now.
+        subfolder: the component folder inside ``source`` (a diffusers pipeline's
+            ``"transformer"``, ``"unet"``); from the hub, only its files are fetched.
+        variant: the weights variant to load (``"fp16"``: ``*.fp16.safetensors`` and
+            its index); a folder holding several variants needs one
+            (:class:`ConfigError` otherwise, listing them).
+        model_class: the transformers class to build: a model class (``BertModel``)
+            or an ``Auto*`` class (``AutoModelForSeq2SeqLM``,
+            ``AutoModelForImageTextToText``). Default: the causal LM class of the
+            config, else the first class its ``architectures`` names.
+        ignore_unexpected: patterns (regular expressions, searched in checkpoint
+            names) of checkpoint tensors the model does not have that may be left
+            out, e.g. the vision tower of a multimodal checkpoint loaded as a
+            text-only model. Any other extra tensor is a :class:`MismatchError`.
 
     Options that would do nothing (4-bit options with ``bits=8``, ``threshold`` with
     ``bits=4``, ``skip_modules`` with ``bits=None`` or naming no module) are a
@@ -199,64 +238,285 @@ def load(
         >>> model.generate(**prompt, max_new_tokens=32)  # doctest: +SKIP
     """
     del low_cpu_mem_usage  # the load always streams
-    given = dict(
-        bits=bits,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype,
-        blocksize=blocksize,
-        quant_storage=quant_storage,
-        threshold=threshold,
-        skip_modules=skip_modules,
-        dtype=dtype,
-        device=device,
-    )
-    chosen = options.resolve(
-        given,
+    chosen, spec = _choose(
+        dict(
+            bits=bits,
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            quant_storage=quant_storage,
+            threshold=threshold,
+            skip_modules=skip_modules,
+            dtype=dtype,
+            device=device,
+        ),
         torch_dtype=torch_dtype,
         quantization_config=quantization_config,
         load_in_4bit=load_in_4bit,
         load_in_8bit=load_in_8bit,
         device_map=device_map,
+        native_quantizer=native_quantizer,
+        quantize_embeddings=quantize_embeddings,
+        quantize_lm_head=quantize_lm_head,
     )
-    bits, quant_type, double_quant = chosen["bits"], chosen["quant_type"], chosen["double_quant"]
-    compute_dtype, blocksize = chosen["compute_dtype"], chosen["blocksize"]
-    quant_storage, threshold = chosen["quant_storage"], chosen["threshold"]
-    skip_modules, dtype, device = chosen["skip_modules"], chosen["dtype"], chosen["device"]
-    spec = QuantSpec(
-        bits=4 if bits == "auto" else 16 if bits is None else bits,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        compute_dtype=_as_dtype(compute_dtype, "compute_dtype") if compute_dtype else None,
-        blocksize=blocksize,
-        quant_storage=quant_storage,
-        threshold=threshold,
-        native=native_quantizer,
-        embeddings=quantize_embeddings,
-        lm_head=quantize_lm_head,
-    )
-    target_device = _as_device(device)
     folder = resolve(
         source,
+        subfolder=subfolder,
         revision=revision,
         token=token,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
     )
+    _refuse_pipeline_folder(folder)
     check_weights_format(folder)
-    read_config_dict(folder)  # a missing or malformed config.json is named first
-    if ring_bytes < DEFAULT_SLOTS:
-        raise ConfigError(f"ring_bytes must be at least {DEFAULT_SLOTS}, got {ring_bytes}")
+    config_dict = read_config_dict(folder)  # a missing or malformed config.json is named first
+    weights = weight_files(folder, variant)
+    diffusers_class = _diffusers_class(folder, config_dict)
+
+    def build() -> tuple[Any, Any]:
+        if diffusers_class is not None:
+            if model_class is not None:
+                raise ConfigError(
+                    f"model_class={model_class!r}: {folder / 'config.json'} is a diffusers "
+                    f"config, built as the class it names ({diffusers_class.__name__})"
+                )
+            return (
+                lambda: build_diffusers_model(diffusers_class, folder),
+                _DiffusersConfig(config_dict),
+            )
+        config = load_config(folder, trust_remote_code=trust_remote_code)
+        return (
+            lambda: build_empty_model(
+                config,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+                model_class=model_class,
+            ),
+            config,
+        )
+
+    model = _run(
+        folder,
+        weights,
+        build,
+        chosen,
+        spec,
+        progress=progress,
+        source=_source(chosen, pipeline, window, threads, ring_bytes),
+        ignore_unexpected=ignore_unexpected,
+    )
+    if family(model) == "transformers":
+        _load_generation_config(model, folder)
+    return model
+
+
+def load_into(
+    model: nn.Module | Callable[[], nn.Module],
+    source: str | os.PathLike[str],
+    *,
+    key_map: KeyMap = None,
+    init_missing: list[str] | None = None,
+    ignore_unexpected: list[str] | None = None,
+    bits: int | Literal["auto"] | None = "auto",
+    quant_type: QuantType = "nf4",
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | str | None = None,
+    blocksize: int = 64,
+    quant_storage: torch.dtype = torch.uint8,
+    threshold: float = 6.0,
+    skip_modules: list[str] | None = None,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    progress: bool = True,
+    window: int = _core.DEFAULT_WINDOW,
+    native_quantizer: bool = True,
+    quantize_embeddings: bool = False,
+    pipeline: bool | None = None,
+    threads: int | None = None,
+    ring_bytes: int = DEFAULT_SLOTS * DEFAULT_SLOT_BYTES,
+    quantization_config: Any = None,
+) -> Any:
+    """Stream a safetensors checkpoint into a model you built, quantizing its linears.
+
+    The model is built on ``meta`` by the caller (parameters on ``meta``; for instance
+    under :func:`leanstream.empty_parameters`, or accelerate's ``init_empty_weights``),
+    or ``model`` is a zero-argument factory that leanstream calls under
+    :func:`leanstream.empty_parameters` (thread-safe, and buffers computed in
+    ``__init__`` stay real). Every ``nn.Linear`` is replaced by a bitsandbytes layer
+    (``Linear4bit`` / ``Linear8bitLt``) unless ``skip_modules`` names it, and each
+    checkpoint tensor is quantized on ``device`` as it streams in. Works for any
+    ``nn.Module``: a transformers or diffusers model follows its library's rules and
+    gets its markers (see :func:`load`); a plain module records the settings as
+    ``model.quantization_config``.
+
+    Args:
+        model: the model (parameters on ``meta``; real ones are replaced), or a
+            zero-argument callable that builds it.
+        source: a safetensors file, an ``*.index.json``, a checkpoint folder, or a
+            hub repo id (``subfolder``, ``variant``, ``revision``, ``token``,
+            ``cache_dir``, ``local_files_only`` as in :func:`load`).
+        key_map: how checkpoint names become the model's parameter names: a dict
+            (``{checkpoint_name: model_name}``; names not in it are kept), a list of
+            ``(regex, replacement)`` pairs applied in order with ``re.sub``, or a
+            function from checkpoint name to model name.
+        init_missing: patterns (regular expressions, searched in the model's
+            parameter and buffer names) of tensors the checkpoint may lack. They are
+            made on ``device`` by their module's ``reset_parameters`` (the outermost
+            module made only of such tensors that has one, so a LoRA-like module's own
+            zero init applies), or, in a transformers model, by its ``_init_weights``;
+            then quantized like loaded ones. Any other missing tensor is a
+            :class:`MismatchError`.
+        ignore_unexpected: patterns of checkpoint tensors the model lacks that may be
+            left out (any other is a :class:`MismatchError`).
+        bits: 4, 8, or None (16: nothing quantized, streamed the same way);
+            ``"auto"`` (the default): 4, or what a pre-quantized bitsandbytes
+            checkpoint (one whose ``config.json`` says so) stores, loaded as stored.
+
+    The other options are :func:`load`'s.
+
+    Returns:
+        ``model`` (or what the factory built), in eval mode, with parameters and
+        buffers on ``device``.
+    """
+    chosen, spec = _choose(
+        dict(
+            bits=bits,
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            quant_storage=quant_storage,
+            threshold=threshold,
+            skip_modules=skip_modules,
+            dtype=dtype,
+            device=device,
+        ),
+        quantization_config=quantization_config,
+        native_quantizer=native_quantizer,
+        quantize_embeddings=quantize_embeddings,
+        quantize_lm_head=False,
+    )
+    path = Path(os.fspath(source)).expanduser()
+    if path.is_file():
+        if subfolder is not None or variant is not None:
+            raise ConfigError(f"{path}: subfolder and variant apply to folders and repos only")
+        folder, weights = path.resolve().parent, path.resolve()
+    else:
+        folder = resolve(
+            source,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        check_weights_format(folder)
+        weights = weight_files(folder, variant)
+    given = model if isinstance(model, nn.Module) else None
+    if given is None and not callable(model):
+        raise ConfigError(
+            f"load_into takes an nn.Module or a zero-argument callable, not {type(model).__name__}"
+        )
+    factory = model
+
+    def build() -> tuple[Any, Any]:
+        def make() -> nn.Module:
+            if given is not None:
+                return given
+            with empty_parameters():
+                built = factory()  # type: ignore[operator]
+            if not isinstance(built, nn.Module):
+                raise ConfigError(
+                    f"the factory given to load_into returned {type(built).__name__}, "
+                    "not an nn.Module"
+                )
+            return built
+
+        return make, _saved_quantization(folder, weights)
+
+    return _run(
+        folder,
+        weights,
+        build,
+        chosen,
+        spec,
+        progress=progress,
+        source=_source(chosen, pipeline, window, threads, ring_bytes),
+        key_map=key_map,
+        init_missing=init_missing,
+        ignore_unexpected=ignore_unexpected,
+    )
+
+
+#: ``load_into``'s ``key_map``
+KeyMap = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str] | None
+
+
+def _choose(given: dict[str, Any], **extra: Any) -> tuple[dict[str, Any], QuantSpec]:
+    """The options ``load`` / ``load_into`` resolve (transformers' aliases and
+    ``quantization_config`` reconciled), and the :class:`QuantSpec` they give."""
+    flags = {
+        k: extra.pop(k) for k in ("native_quantizer", "quantize_embeddings", "quantize_lm_head")
+    }
+    chosen = options.resolve(given, **extra)
+    bits, compute_dtype = chosen["bits"], chosen["compute_dtype"]
+    spec = QuantSpec(
+        bits=4 if bits == "auto" else 16 if bits is None else bits,
+        quant_type=chosen["quant_type"],
+        double_quant=chosen["double_quant"],
+        compute_dtype=_as_dtype(compute_dtype, "compute_dtype") if compute_dtype else None,
+        blocksize=chosen["blocksize"],
+        quant_storage=chosen["quant_storage"],
+        threshold=chosen["threshold"],
+        native=flags["native_quantizer"],
+        embeddings=flags["quantize_embeddings"],
+        lm_head=flags["quantize_lm_head"],
+    )
+    chosen["device"] = _as_device(chosen["device"])
+    return chosen, spec
+
+
+def _source(
+    chosen: dict[str, Any], pipeline: bool | None, window: int, threads: int | None, ring: int
+) -> _Source:
+    if ring < DEFAULT_SLOTS:
+        raise ConfigError(f"ring_bytes must be at least {DEFAULT_SLOTS}, got {ring}")
     if pipeline is None:
-        pipeline = target_device.type == "cuda"
-    source = _Source(pipeline=pipeline, window=window, threads=threads, ring_bytes=ring_bytes)
+        pipeline = chosen["device"].type == "cuda"
+    return _Source(pipeline=pipeline, window=window, threads=threads, ring_bytes=ring)
+
+
+def _run(
+    folder: Path,
+    weights: Path | list[Path],
+    build: Callable[[], tuple[Callable[[], nn.Module], Any]],
+    chosen: dict[str, Any],
+    spec: QuantSpec,
+    *,
+    progress: bool,
+    source: _Source,
+    key_map: KeyMap = None,
+    init_missing: list[str] | None = None,
+    ignore_unexpected: list[str] | None = None,
+) -> Any:
+    """Validate the shards, build the model (``build`` returns the model's factory and
+    the config whose ``quantization_config`` says whether the checkpoint is
+    pre-quantized), and stream the checkpoint into it."""
+    bits, skip_modules = chosen["bits"], chosen["skip_modules"]
     # validate the shards, then read ahead while transformers imports the model's
     # code, parses config.json and builds the empty model (most of a second)
     with (
-        _core.Checkpoint(folder) as ckpt,
+        _core.Checkpoint(weights) as ckpt,
         ckpt.warm(likely_order(ckpt.keys()), budget=_warm_budget()) as warm,
     ):
-        config = load_config(folder, trust_remote_code=trust_remote_code)
+        make_model, config = build()
         prequantized = None
         if getattr(config, "quantization_config", None) is not None:
             prequantized = Prequantized.from_config(
@@ -265,15 +525,13 @@ def load(
                 bits=bits,
                 requested=spec,
                 skip_modules=skip_modules,
-                compute_dtype_given=compute_dtype is not None,
+                compute_dtype_given=chosen["compute_dtype"] is not None,
             )
             spec = prequantized.spec
         else:
             options.check(chosen, spec.bits)
-        model_dtype = _model_dtype(dtype, config, ckpt)
-        model = build_empty_model(
-            config, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
-        )
+        model_dtype = _model_dtype(chosen["dtype"], config, ckpt)
+        model = make_model()
         try:
             _fill(
                 model,
@@ -282,11 +540,12 @@ def load(
                 spec,
                 skip_modules,
                 model_dtype,
-                target_device,
+                chosen["device"],
                 progress,
                 source,
                 prequantized,
                 warm,
+                _Names(key_map, init_missing, ignore_unexpected),
             )
         except BaseException as err:
             # the traceback keeps this frame and those below alive (pytest.raises, a
@@ -295,8 +554,34 @@ def load(
             model = None
             traceback.clear_frames(err.__traceback__)
             raise
-    _load_generation_config(model, folder)
     return model
+
+
+@dataclass(frozen=True)
+class _Names:
+    """How checkpoint names meet the model's: ``load_into``'s ``key_map``, and the
+    patterns of missing tensors to initialize and of extra tensors to leave out."""
+
+    key_map: KeyMap = None
+    init_missing: list[str] | None = None
+    ignore_unexpected: list[str] | None = None
+
+    def map(self, key: str) -> str:
+        """The model name of checkpoint tensor ``key``."""
+        key_map = self.key_map
+        if key_map is None:
+            return key
+        if isinstance(key_map, Mapping):
+            name = key_map.get(key, key)
+        elif callable(key_map):
+            name = key_map(key)
+        else:
+            name = key
+            for pattern, replacement in key_map:
+                name = re.sub(pattern, replacement, name)
+        if not isinstance(name, str):
+            raise ConfigError(f"key_map gave {name!r} for checkpoint tensor {key!r}, not a str")
+        return name
 
 
 def _fill(
@@ -311,15 +596,23 @@ def _fill(
     source: _Source,
     prequantized: Prequantized | None = None,
     warm: _core.Warmup | None = None,
+    names: _Names | None = None,
 ) -> None:
+    names = names or _Names()
+    kind = family(model)
     expected = _expected_shapes(model)
-    fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    keep_fp32 = fp32_rule(model, kind)
+    fp32_modules = fp32_patterns(model)
     if prequantized is None:
         _check_skip_modules(model, skip_modules)
-        skip = default_skip_modules(model) | set(skip_modules or [])
-    else:
+        skip = default_skip(model, kind) | resolve_skip(model, kind, skip_modules or [])
+    elif kind == "transformers":
         skip = prequantized.skip(model)
+    else:
+        skip = resolve_skip(model, kind, [*(prequantized.skip_modules or []), *fp32_modules])
+    if kind == "module":
+        ties = shared_parameters(model)
+        skip |= {_exact_module(n) for pair in ties.items() for n in pair}
     embeddings: set[str] = set()
     output: set[str] = set()
     if spec.quantized:
@@ -328,19 +621,37 @@ def _fill(
         else:
             embeddings, output = prequantized.extra_modules(model)
         skip -= output
+    by_name, merged = _rename_keys(model, ckpt, folder, expected, names)
+    # tensors the checkpoint lacks that the caller asked to initialize: made now, by the
+    # modules as built (before their linears are replaced), quantized below like the rest
+    initialized = _initialize(
+        model, _to_initialize(model, expected, by_name, merged, names), device
+    )
     replaced = replace_linears(model, spec, skip) if spec.quantized else {}
     if embeddings:
         replace_embeddings(model, spec, embeddings, model_dtype)
         replaced.update(dict.fromkeys(embeddings, False))
     targets, ties = _plan(
-        model, ckpt, folder, expected, replaced, model_dtype, fp32_modules, prequantized
+        model,
+        ckpt,
+        folder,
+        expected,
+        replaced,
+        model_dtype,
+        keep_fp32,
+        (by_name, merged),
+        set(initialized),
+        names,
+        prequantized,
     )
-    names = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
+    keys = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
     # pre-quantized statistics are parsed and packed on the host (Prequantized.materialize)
     host = {key for t in targets for _, key in t.stats or ()}
     # 3-D experts weights: quantized piece by piece into place (or assembled unquantized),
     # or stored quantized (leanstream format)
-    if prequantized is not None:
+    if kind != "transformers":
+        experts = {}
+    elif prequantized is not None:
         experts = prequantized.experts_shapes(model, expected)
     else:
         experts = expert_params(model, skip) if spec.quantized else {}
@@ -350,7 +661,7 @@ def _fill(
         warm.stop()  # the ordered reads start now: the warm-up would compete
     with (
         kernel_stream(device),
-        source.open(ckpt, names, device, host) as tensors,
+        source.open(ckpt, keys, device, host) as tensors,
         byte_progress(tensors.total_bytes, f"leanstream {folder.name}", enabled=progress) as bar,
     ):
         trim = _MallocTrim() if device.type == "cpu" else None
@@ -400,6 +711,23 @@ def _fill(
                 trim.freed(nbytes)
         tensors.finish()
     assert not merging, sorted(merging)
+    for name, tensor in initialized.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        materialize(
+            module,
+            attr,
+            tensor,
+            device=device,
+            dtype=(torch.float32 if keep_fp32(module_name, attr) else model_dtype)
+            if tensor.is_floating_point()
+            else None,
+            spec=spec,
+            transpose=replaced.get(module_name, False) and attr == "weight",
+            buffer=attr in module._buffers,
+            owned=True,
+        )
+    initialized.clear()
     _tie(model, ties)
     _share_quantized(model, output)
     left = meta_tensors(model)
@@ -418,23 +746,130 @@ def _fill(
                 # as transformers' layers: the compute dtype is the configured one, not
                 # the dtype of the first input (fp32 after prepare_model_for_kbit_training)
                 module.compute_type_is_set = True
-        model.config.quantization_config = spec.config(sorted(skip), compute)
+        config = quantization_config(kind, spec, sorted(skip), compute)
         if experts:
             from .experts import use_quantized_experts
 
             use_quantized_experts(model)
             # quantized with leanstream (transformers + bitsandbytes keep them in bf16)
-            model.config.quantization_config.leanstream_quantized_experts = sorted(experts)
+            config.leanstream_quantized_experts = sorted(experts)
         if embeddings or output:
             # what leanstream.save writes in its own format (transformers cannot load it)
-            model.config.quantization_config.leanstream_quantized_embeddings = sorted(embeddings)
-            model.config.quantization_config.leanstream_quantized_lm_head = sorted(output)
-        _mark_quantized(model, sorted(skip), prequantized is not None)
-    _set_requires_grad(model)
-    model.config.dtype = model_dtype
-    # the bitsandbytes layers were created after build_empty_model's eval(): LLM.int8
-    # takes another code path in training mode
+            config.leanstream_quantized_embeddings = sorted(embeddings)
+            config.leanstream_quantized_lm_head = sorted(output)
+        record(model, kind, config, sorted(skip), prequantized is not None)
+    _set_requires_grad(model, kind)
+    if kind == "transformers":
+        model.config.dtype = model_dtype
+    # the bitsandbytes layers were created after the model's eval(): LLM.int8 takes
+    # another code path in training mode
     model.eval()
+
+
+def _exact_module(param_name: str) -> str:
+    """A skip pattern for exactly the module that holds ``param_name``."""
+    return re.escape(param_name.rpartition(".")[0]) + "$"
+
+
+def _to_initialize(
+    model: nn.Module,
+    expected: dict[str, tuple[int, ...]],
+    by_name: dict[str, str],
+    merged: dict[str, list[tuple[str, Piece]]],
+    names: _Names,
+) -> list[str]:
+    """The tensors the checkpoint lacks that ``init_missing`` names."""
+    pattern = _regex(names.init_missing)
+    if pattern is None:
+        return []
+    ties = {
+        *(getattr(model, "all_tied_weights_keys", None) or {}),
+        *shared_parameters(model),
+    }
+    return [
+        n
+        for n in expected
+        if n not in by_name and n not in merged and n not in ties and pattern.search(n)
+    ]
+
+
+def _initialize(
+    model: nn.Module, missing: list[str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Make the tensors ``missing`` (names of parameters and persistent buffers) on
+    ``device``, as their modules initialize them, and return them (full precision).
+
+    Each is made by the outermost module around it whose tensors are all missing and
+    that has ``reset_parameters`` (so a module's own initialization of its children,
+    such as a LoRA-like ``up`` projection set to zero, applies), or by the owner's; in
+    a transformers model, by ``_init_weights`` on each module of that subtree. The
+    subtree's tensors are made real on ``device`` for the call."""
+    if not missing:
+        return {}
+    from transformers import PreTrainedModel
+
+    wanted = set(missing)
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    def tensors(module_name: str) -> list[str]:
+        module = modules[module_name]
+        prefix = f"{module_name}." if module_name else ""
+        found = [prefix + n for n, _ in module.named_parameters(remove_duplicate=False)]
+        found += [
+            f"{prefix}{sub}{'.' if sub else ''}{attr}"
+            for sub, m in module.named_modules(remove_duplicate=False)
+            for attr, b in m._buffers.items()
+            if b is not None and attr not in m._non_persistent_buffers_set
+        ]
+        return found
+
+    transformers_model = isinstance(model, PreTrainedModel)
+    roots: dict[str, None] = {}
+    for name in missing:
+        owner = name.rpartition(".")[0]
+        chosen = None
+        parts = owner.split(".") if owner else []
+        for depth in range(len(parts), -1, -1):
+            candidate = ".".join(parts[:depth])
+            if depth < len(parts) and not set(tensors(candidate)) <= wanted:
+                break  # the owner itself may hold loaded tensors too (overwritten later)
+            if transformers_model or callable(
+                getattr(modules[candidate], "reset_parameters", None)
+            ):
+                chosen = candidate
+        if chosen is None:
+            raise ConfigError(
+                f"init_missing names {name!r}, but neither its module "
+                f"({type(modules[owner]).__name__}) nor a module around it made only of "
+                "missing tensors has reset_parameters() to initialize it"
+            )
+        if not any(chosen == r or chosen.startswith(f"{r}.") or not r for r in roots):
+            roots[chosen] = None
+    made: dict[str, torch.Tensor] = {}
+    for root in roots:
+        subtree = modules[root]
+        for sub in subtree.modules():
+            for attr, param in list(sub._parameters.items()):
+                if param is not None:
+                    real = torch.empty_like(param, device=device)
+                    sub._parameters[attr] = nn.Parameter(real, requires_grad=False)
+            for attr, buf in list(sub._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    sub._buffers[attr] = torch.empty_like(buf, device=device)
+        with torch.no_grad():
+            if transformers_model:
+                for sub in subtree.modules():
+                    model._init_weights(sub)  # type: ignore[operator]
+            else:
+                subtree.reset_parameters()  # type: ignore[operator]
+        prefix = f"{root}." if root else ""
+        for n, param in subtree.named_parameters(remove_duplicate=False):
+            if prefix + n in wanted:
+                made[prefix + n] = param.detach()
+        for n, buf in subtree.named_buffers(remove_duplicate=False):
+            if prefix + n in wanted:
+                made[prefix + n] = buf
+    return made
 
 
 @dataclass(frozen=True)
@@ -667,35 +1102,22 @@ def _check_skip_modules(model: nn.Module, skip_modules: list[str] | None) -> Non
         )
 
 
-def _mark_quantized(model: Any, skip: list[str], pre_quantized: bool) -> None:
-    """What transformers' bitsandbytes quantizer leaves on the model it loads:
-    ``hf_quantizer`` (the quantizer itself, built from the model's
-    ``quantization_config``), ``is_quantized``, ``quantization_method``,
-    ``config._is_quantized``, and ``is_loaded_in_4bit`` or ``is_loaded_in_8bit``
-    (only the one that is true, as transformers). transformers' guards read them:
-    ``Trainer`` refuses a purely quantized model, ``.half()`` / ``.to(dtype)`` refuse
-    to cast it."""
-    from transformers.quantizers.auto import AutoHfQuantizer
-
-    quantizer = AutoHfQuantizer.from_config(
-        model.config.quantization_config, pre_quantized=pre_quantized
-    )
-    quantizer.modules_to_not_convert = skip
-    model.is_quantized = True  # as HfQuantizer.preprocess_model
-    model.quantization_method = quantizer.quantization_config.quant_method
-    model.hf_quantizer = quantizer
-    quantizer.postprocess_model(model)
-
-
-def _set_requires_grad(model: nn.Module) -> None:
-    """``requires_grad`` as transformers leaves it: True for every floating-point
+def _set_requires_grad(model: nn.Module, kind: str) -> None:
+    """``requires_grad`` as the model's library leaves it: True for every floating-point
     parameter (norms, embeddings, biases, and all of a 16-bit model), False for the
-    quantized weights (bitsandbytes' parameters)."""
+    quantized weights (bitsandbytes' parameters); diffusers also freezes the biases of
+    the layers it quantizes (its ``replace_with_bnb_linear``)."""
     import bitsandbytes as bnb
 
+    frozen = set()
+    if kind == "diffusers":
+        layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        frozen = {id(p) for m in model.modules() if isinstance(m, layers) for p in m.parameters()}
     for param in model.parameters():
         quantized = isinstance(param, bnb.nn.Params4bit | bnb.nn.Int8Params)
-        param.requires_grad_(param.is_floating_point() and not quantized)
+        param.requires_grad_(
+            param.is_floating_point() and not quantized and id(param) not in frozen
+        )
 
 
 def _place_buffers(model: nn.Module, device: torch.device) -> None:
@@ -734,7 +1156,10 @@ def _plan(
     expected: dict[str, tuple[int, ...]],
     replaced: dict[str, bool],
     model_dtype: torch.dtype,
-    fp32_modules: list[str],
+    keep_fp32: Callable[[str, str], bool],
+    renamed: tuple[dict[str, str], dict[str, list[tuple[str, Piece]]]],
+    initialized: set[str],
+    names: _Names,
     prequantized: Prequantized | None = None,
 ) -> tuple[list[_Target], dict[str, str]]:
     """Decide, before reading a byte, which checkpoint tensor fills which model
@@ -742,13 +1167,16 @@ def _plan(
     unexpected or mis-shaped tensors. Returns the targets and the ties to make
     afterwards (``{tied_name: loaded_name}``). With ``prequantized``, a replaced
     layer's weight, and a quantized experts weight, also claims its statistics tensors
-    (and its shape is the stored one)."""
-    from .quantize import matches_any
-
-    by_name, merged = _rename_keys(model, ckpt, folder, expected)
+    (and its shape is the stored one). ``initialized``: tensors made by
+    ``init_missing``, not expected from the checkpoint."""
+    by_name, merged = renamed
     experts = prequantized.experts_shapes(model, expected) if prequantized is not None else {}
     ties: dict[str, str] = {}
-    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+    tied = {
+        **(getattr(model, "all_tied_weights_keys", None) or {}),
+        **({} if family(model) == "transformers" else shared_parameters(model)),
+    }
+    for target, source in tied.items():
         if source in by_name and target in by_name:
             continue  # both stored: load both, like transformers does when they differ
         if target in by_name and source not in by_name:
@@ -762,7 +1190,6 @@ def _plan(
     missing_stats: list[str] = []
     for module_name, module in model.named_modules(remove_duplicate=False):
         prefix = f"{module_name}." if module_name else ""
-        dtype = torch.float32 if matches_any(module_name, fp32_modules) else model_dtype
         entries = [(a, False) for a, p in module._parameters.items() if p is not None]
         entries += [
             (a, True)
@@ -771,9 +1198,10 @@ def _plan(
         ]
         for attr, is_buffer in entries:
             name = prefix + attr
-            if name in seen or name in ties:
+            if name in seen or name in ties or name in initialized:
                 continue
             seen.add(name)
+            dtype = torch.float32 if keep_fp32(module_name, attr) else model_dtype
             if name in merged and name in experts:
                 # listed as stored quantized, but stored as one tensor per expert
                 _, absent = prequantized.experts_stats(name, by_name)  # type: ignore[union-attr]
@@ -832,6 +1260,7 @@ def _plan(
         if n not in by_name
         and n not in merged
         and n not in ties
+        and n not in initialized
         and not (ignore_missing and ignore_missing.search(n))
     ]
     missing += [
@@ -845,18 +1274,21 @@ def _plan(
     # transformers' own additions: old checkpoints stored these buffers
     unexpected_patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
     ignore_unexpected = _regex(unexpected_patterns)
+    asked = _regex(names.ignore_unexpected)  # the caller's, searched in checkpoint names too
     unexpected = [
         key
         for name, key in by_name.items()
         if name not in expected
         and name not in claimed
         and not (ignore_unexpected and ignore_unexpected.search(name))
+        and not (asked and (asked.search(key) or asked.search(name)))
     ]
     unexpected += [
         key
         for name, found in merged.items()
         if name not in expected or name in experts
         for key, _ in found
+        if not (asked and asked.search(key))
     ]
     if missing or unexpected or mismatched:
         raise MismatchError(
@@ -871,21 +1303,32 @@ def _regex(patterns: Any) -> re.Pattern[str] | None:
 
 
 def _rename_keys(
-    model: Any, ckpt: _core.Checkpoint, folder: Path, expected: dict[str, tuple[int, ...]]
+    model: Any,
+    ckpt: _core.Checkpoint,
+    folder: Path,
+    expected: dict[str, tuple[int, ...]],
+    names: _Names | None = None,
 ) -> tuple[dict[str, str], dict[str, list[tuple[str, Piece]]]]:
-    """Map model names to checkpoint keys with transformers' own renaming rules
-    (legacy ``gamma``/``beta``, per-model conversion mappings, adding or removing
-    ``base_model_prefix``). Returns ``{name: key}`` and, for the 3-D experts
-    parameters transformers merges from one tensor per expert (its
-    ``MergeModulelist(dim=0)`` / ``Concatenate(dim=1)`` converters),
-    ``{name: [(key, piece), ...]}``: each piece is streamed and quantized into its
-    place, the merged tensor never exists. Other conversions that merge or split
-    tensors cannot be streamed tensor by tensor and are refused."""
+    """Map model names to checkpoint keys: ``load_into``'s ``key_map`` first, then, for
+    a transformers model, transformers' own renaming rules (legacy ``gamma``/``beta``,
+    per-model conversion mappings, adding or removing ``base_model_prefix``). Returns
+    ``{name: key}`` and, for the 3-D experts parameters transformers merges from one
+    tensor per expert (its ``MergeModulelist(dim=0)`` / ``Concatenate(dim=1)``
+    converters), ``{name: [(key, piece), ...]}``: each piece is streamed and quantized
+    into its place, the merged tensor never exists. Other conversions that merge or
+    split tensors cannot be streamed tensor by tensor and are refused."""
+    names = names or _Names()
     keys = ckpt.keys()
-    if all(key in expected for key in keys):
+    mapped = {key: names.map(key) for key in keys}
+    if family(model) != "transformers" or all(mapped[key] in expected for key in keys):
         # already the model's own names (what save_pretrained writes): nothing to
         # rename, and no need for transformers' conversion tables (0.15 s to build)
-        return {key: key for key in keys}, {}
+        by_name: dict[str, str] = {}
+        for key in keys:
+            if mapped[key] in by_name:
+                raise MismatchError(str(folder), unexpected=[key], file=ckpt[key].file)
+            by_name[mapped[key]] = key
+        return by_name, {}
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
         WeightConverter,
@@ -898,13 +1341,13 @@ def _rename_keys(
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     prefix = getattr(model, "base_model_prefix", None) or None
     present = dict.fromkeys(expected, True)
-    by_name: dict[str, str] = {}
+    by_name = {}
     merged: dict[str, list[tuple[str, Piece]]] = {}
     for key in keys:
-        name, pattern = rename_source_key(key, renamings, converters, prefix, present)
+        name, pattern = rename_source_key(mapped[key], renamings, converters, prefix, present)
         if pattern is not None:
             converter = next(c for c in converters if pattern in c.source_patterns)
-            piece = _merge_piece(apply_renamings(key, renamings), pattern, converter)
+            piece = _merge_piece(apply_renamings(mapped[key], renamings), pattern, converter)
             if piece is None:
                 raise checkpoint_error(
                     UnsupportedCheckpointError,
@@ -981,10 +1424,16 @@ def _model_dtype(dtype: torch.dtype | str, config: Any, ckpt: _core.Checkpoint) 
     if configured is not None:
         return _as_dtype(configured, "config.json dtype")
     for key in ckpt.keys():
+        if _STATISTICS.search(key):
+            continue  # bitsandbytes' float32 statistics are not the model's dtype
         stored = DTYPES.get(ckpt[key].dtype)
         if stored is not None and stored.is_floating_point:
             return stored
     return torch.float32
+
+
+#: names of bitsandbytes' serialized statistics (pre-quantized checkpoints)
+_STATISTICS = re.compile(r"(^|\.)(SCB|weight_format|absmax|quant_map|nested_\w+|quant_state\.\S+)$")
 
 
 def _as_dtype(value: torch.dtype | str, what: str) -> torch.dtype:
@@ -1016,6 +1465,73 @@ def _as_device(device: str | torch.device | None) -> torch.device:
     return result
 
 
+def _refuse_pipeline_folder(folder: Path) -> None:
+    """A diffusers pipeline folder (``model_index.json``, one folder per component) is
+    not one model: name its model components and ``subfolder``."""
+    index = folder / "model_index.json"
+    if (folder / "config.json").exists() or not index.is_file():
+        return
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{index}: unreadable: {err}") from err
+    components = sorted(
+        name
+        for name, value in (entries.items() if isinstance(entries, dict) else [])
+        if isinstance(value, list) and (folder / name / "config.json").is_file()
+    )
+    example = components[0] if components else "transformer"
+    raise ConfigError(
+        f"{folder} is a diffusers pipeline (model_index.json), "
+        f"not one model: pass subfolder='{example}' to load one of its components "
+        f"({', '.join(components) or 'none found here'})"
+    )
+
+
+def _diffusers_class(folder: Path, config: dict[str, Any]) -> type | None:
+    """The diffusers model class a diffusers ``config.json`` names, or None for a
+    transformers config."""
+    name = config.get("_class_name")
+    if "model_type" in config or not isinstance(name, str):
+        return None
+    try:
+        import diffusers
+    except ImportError as err:
+        raise ConfigError(
+            f"{folder / 'config.json'} is a diffusers config ({name}): loading it needs "
+            "diffusers (pip install 'leanstream[diffusers]')"
+        ) from err
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ConfigError(
+            f"{folder / 'config.json'}: _class_name {name!r} is not a diffusers model class "
+            f"(diffusers {diffusers.__version__}); a pipeline folder holds one folder per "
+            "component: pass subfolder='transformer' (or 'unet', ...)"
+        )
+    return cls
+
+
+class _DiffusersConfig(SimpleNamespace):
+    """What the loader reads of a diffusers ``config.json``: its ``quantization_config``
+    (a pre-quantized checkpoint) and no ``dtype`` (the checkpoint's is used)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(quantization_config=config.get("quantization_config"), dtype=None)
+
+
+def _saved_quantization(folder: Path, weights: Path | list[Path]) -> Any:
+    """For ``load_into``: the ``quantization_config`` of the ``config.json`` beside the
+    weights (a pre-quantized checkpoint), as an object with that attribute, or None."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = read_config_dict(folder)
+    except ConfigError:
+        return None  # not a transformers or diffusers config: not this checkpoint's
+    return SimpleNamespace(quantization_config=config.get("quantization_config"), dtype=None)
+
+
 def _load_generation_config(model: Any, folder: Path) -> None:
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig
@@ -1023,4 +1539,4 @@ def _load_generation_config(model: Any, folder: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
-__all__ = ["likely_order", "load"]
+__all__ = ["KeyMap", "likely_order", "load", "load_into"]

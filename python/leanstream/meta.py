@@ -71,33 +71,43 @@ def empty_parameters() -> Iterator[None]:
 
 
 def build_empty_model(
-    config: Any, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+    config: Any,
+    *,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    model_class: Any = None,
 ) -> Any:
-    """Instantiate the causal LM class of ``config`` with empty parameters.
+    """Instantiate ``model_class`` (a transformers model class or ``Auto*`` class;
+    default: the causal LM class of ``config``, else the first class its
+    ``architectures`` names) for ``config``, with empty parameters.
 
     Buffers (persistent or not) are real, on the CPU, with the values the model's
     ``__init__`` computes. ``attn_implementation`` is passed on, as ``from_pretrained``
-    does. Raises :class:`ConfigError` when transformers has no causal LM class for
-    this config, or refuses the attention implementation.
+    does. Raises :class:`ConfigError` when transformers has no such class for this
+    config, or refuses the attention implementation.
     """
-    from transformers import AutoModelForCausalLM
-
+    cls = model_class if model_class is not None else _default_class(config, trust_remote_code)
     # dtype=None: from_config would otherwise call torch.set_default_dtype(config.dtype),
     # a process-wide switch that races with every other thread. Parameters are on
     # meta (their dtype is chosen when they are loaded); buffers whose dtype matters
     # (rotary inv_freq) are created with an explicit float32 by the models.
     dtype = getattr(config, "dtype", None)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if _is_auto(cls):
+        extra["trust_remote_code"] = trust_remote_code
+    construct = getattr(cls, "from_config", None) if _is_auto(cls) else None
+    if construct is None:
+        construct = getattr(cls, "_from_config", None)
+    if construct is None:
+        raise ConfigError(f"model_class={cls!r} is not a transformers model or Auto* class")
     try:
         with empty_parameters():
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=None, trust_remote_code=trust_remote_code, **extra
-            )
+            model = construct(config, dtype=None, **extra)
     except ValueError as err:
         if attn_implementation and attn_implementation in str(err):
             raise ConfigError(f"attn_implementation={attn_implementation!r}: {err}") from err
         raise ConfigError(
-            f"transformers has no causal LM class for model_type "
+            f"{getattr(cls, '__name__', cls)} cannot be built for model_type "
             f"{getattr(config, 'model_type', None)!r}: {err}"
         ) from err
     except Exception as err:  # a hostile config value (0 heads, negative sizes, ...)
@@ -114,6 +124,56 @@ def build_empty_model(
     return model
 
 
+def _is_auto(cls: Any) -> bool:
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    return isinstance(cls, type) and issubclass(cls, _BaseAutoModelClass)
+
+
+def _default_class(config: Any, trust_remote_code: bool) -> Any:
+    """``AutoModelForCausalLM`` when it knows ``config`` (or the checkpoint's own code
+    names one), else the transformers class ``config.architectures`` names first."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or (
+        trust_remote_code and "AutoModelForCausalLM" in auto_map
+    ):
+        return AutoModelForCausalLM
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    raise ConfigError(
+        f"transformers has no causal LM class for model_type "
+        f"{getattr(config, 'model_type', None)!r}, and its config names no transformers "
+        f"class in architectures ({getattr(config, 'architectures', None)!r}): pass "
+        "model_class= (AutoModel, AutoModelForSeq2SeqLM, a model class, ...)"
+    )
+
+
+def build_diffusers_model(cls: Any, folder: Any) -> Any:
+    """Instantiate the diffusers model class ``cls`` from ``folder``'s ``config.json``
+    (as ``from_pretrained`` does, with ``from_config``), with empty parameters and
+    real buffers, in eval mode."""
+    config = dict(cls.load_config(folder))
+    config.pop("quantization_config", None)  # read by the loader, not an __init__ argument
+    try:
+        with empty_parameters():
+            model = cls.from_config(config)
+    except Exception as err:  # a hostile config value
+        raise ConfigError(
+            f"{folder}/config.json: diffusers cannot build {cls.__name__} from it: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    model.register_to_config(_name_or_path=str(folder))  # as from_pretrained does
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def meta_tensors(model: nn.Module) -> list[str]:
     """Names of parameters and buffers of ``model`` still on ``meta``."""
     names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
@@ -121,4 +181,4 @@ def meta_tensors(model: nn.Module) -> list[str]:
     return names
 
 
-__all__ = ["build_empty_model", "empty_parameters", "meta_tensors"]
+__all__ = ["build_diffusers_model", "build_empty_model", "empty_parameters", "meta_tensors"]

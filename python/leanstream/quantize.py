@@ -88,9 +88,14 @@ class QuantSpec:
         """The ``BitsAndBytesConfig`` that describes this spec (for ``model.config``)."""
         from transformers import BitsAndBytesConfig
 
+        if self.bits == 8:  # the 4-bit fields keep their defaults, as in transformers'
+            return BitsAndBytesConfig(
+                load_in_8bit=True,
+                llm_int8_threshold=self.threshold,
+                llm_int8_skip_modules=sorted(skip_modules),
+            )
         return BitsAndBytesConfig(
-            load_in_4bit=self.bits == 4,
-            load_in_8bit=self.bits == 8,
+            load_in_4bit=True,
             llm_int8_threshold=self.threshold,
             llm_int8_skip_modules=sorted(skip_modules),
             bnb_4bit_compute_dtype=compute_dtype,

@@ -461,7 +461,7 @@ def test_model_whose_config_does_not_describe_its_layers(
     plain.config.quantization_config = quantization_config
     with pytest.raises(leanstream.ConfigError, match="no bitsandbytes layers"):
         _save(plain, tmp_path / "out")
-    with pytest.raises(leanstream.ConfigError, match="transformers model"):
+    with pytest.raises(leanstream.ConfigError, match="transformers or diffusers model"):
         _save(torch.nn.Linear(2, 2), tmp_path / "out")
 
 

@@ -55,8 +55,6 @@ TOKENIZER_PATTERNS = (
     "chat_template.*",
 )
 
-_INDEX = "model.safetensors.index.json"
-
 
 def save(
     model: Any,
@@ -129,23 +127,33 @@ def save(
     target = Path(folder).expanduser().absolute()
     parse_size(max_shard_size)
     _check_target(target, model)
-    config = _config_to_save(model)
-    state = _state_dict(model)
-    split = _split(state, max_shard_size)
-    tokenizer_source = _tokenizer_source(model, tokenizer_from)
+    diffusers = _is_diffusers(model)
+    if diffusers:
+        _check_described(model, getattr(model.config, "quantization_config", None))
+        names = _DIFFUSERS
+        state = _module_state_dict(model)
+        write_config = model.save_config  # config.json with its quantization_config
+        tokenizer_source = None
+    else:
+        names = _TRANSFORMERS
+        config = _config_to_save(model)
+        state = _state_dict(model)
+        write_config = config.save_pretrained
+        tokenizer_source = _tokenizer_source(model, tokenizer_from)
+    split = _split(state, max_shard_size, names)
 
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     tmp = target / f".leanstream-tmp-{uuid.uuid4().hex[:12]}"
     try:
         tmp.mkdir()
-        _write_shards(state, split, tmp, model, progress, target.name)
-        config.save_pretrained(tmp)
+        _write_shards(state, split, tmp, model, progress, target.name, names)
+        write_config(tmp)
         if getattr(model, "generation_config", None) is not None and _can_generate(model):
             model.generation_config.save_pretrained(tmp)
         if tokenizer_source is not None:
             _copy_tokenizer(tokenizer_source, tmp)
-        _commit(tmp, target, set(split.filename_to_tensors))
+        _commit(tmp, target, set(split.filename_to_tensors), names)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # only this save's files (and undone backups)
         if created:
@@ -191,7 +199,9 @@ def _check_target(target: Path, model: Any) -> None:
 
 def _source_folder(model: Any) -> Path | None:
     """The local folder the model was loaded from, if it still exists."""
-    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    config = getattr(model, "config", None)
+    # transformers' name_or_path; diffusers' _name_or_path
+    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
     if not name:
         return None
     path = Path(name).expanduser()
@@ -251,26 +261,11 @@ def _config_to_save(model: Any) -> Any:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ConfigError(
-            f"save() needs a transformers model with a config, got {type(model).__name__}"
+            "save() needs a transformers or diffusers model with a config, got "
+            f"{type(model).__name__}"
         )
-    four, eight = _bnb_layers(model)
     quant = getattr(config, "quantization_config", None)
-    if four or eight:
-        described = _quant_field(quant, "quant_method") == "bitsandbytes" and bool(
-            _quant_field(quant, "load_in_4bit") if four else _quant_field(quant, "load_in_8bit")
-        )
-        if not described or (four and eight):
-            kind = "4-bit" if four else "8-bit"
-            raise ConfigError(
-                f"the model has bitsandbytes {kind} layers but model.config.quantization_config "
-                f"({quant!r}) does not describe them; set it to the BitsAndBytesConfig the model "
-                "was quantized with (leanstream.load does)"
-            )
-    elif quant is not None:
-        raise ConfigError(
-            "model.config.quantization_config is set but the model has no bitsandbytes layers; "
-            "save() writes bitsandbytes or unquantized models only"
-        )
+    _check_described(model, quant)
     config = copy.deepcopy(config)
     config.architectures = [type(model).__name__]
     extra = {
@@ -296,6 +291,45 @@ def _config_to_save(model: Any) -> Any:
     if getattr(config, "dtype", None) is None:
         config.dtype = getattr(model, "dtype", None)
     return config
+
+
+def _check_described(model: Any, quant: Any) -> None:
+    """The model's ``quantization_config`` must describe its bitsandbytes layers."""
+    four, eight = _bnb_layers(model)
+    if four or eight:
+        described = _quant_field(quant, "quant_method") == "bitsandbytes" and bool(
+            _quant_field(quant, "load_in_4bit") if four else _quant_field(quant, "load_in_8bit")
+        )
+        if not described or (four and eight):
+            kind = "4-bit" if four else "8-bit"
+            raise ConfigError(
+                f"the model has bitsandbytes {kind} layers but model.config.quantization_config "
+                f"({quant!r}) does not describe them; set it to the BitsAndBytesConfig the model "
+                "was quantized with (leanstream.load does)"
+            )
+    elif quant is not None:
+        raise ConfigError(
+            "model.config.quantization_config is set but the model has no bitsandbytes layers; "
+            "save() writes bitsandbytes or unquantized models only"
+        )
+
+
+def _is_diffusers(model: Any) -> bool:
+    import sys
+
+    diffusers = sys.modules.get("diffusers")
+    return diffusers is not None and isinstance(model, diffusers.ModelMixin)
+
+
+def _module_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """bitsandbytes' serialization of a diffusers model, as its ``save_pretrained``
+    writes it (the module's own ``state_dict``, no renaming)."""
+    _fix_cpu_packed_absmax(model)
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    meta = [name for name, t in state.items() if t.is_meta]
+    if meta:
+        raise ConfigError(f"the model has tensors on 'meta' (not loaded): {', '.join(meta[:5])}")
+    return state
 
 
 #: ``quant_method`` of a folder whose embeddings, lm_head or mixture-of-experts weights
@@ -455,25 +489,45 @@ def parse_size(value: int | str) -> int:
     return size
 
 
-def _split(state: dict[str, torch.Tensor], max_shard_size: int | str) -> Any:
+class _Names:
+    """The weight file names of a library's checkpoint folder."""
+
+    def __init__(self, stem: str) -> None:
+        self.pattern = stem + "{suffix}.safetensors"
+        self.single = f"{stem}.safetensors"
+        self.index = f"{stem}.safetensors.index.json"
+        self.shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+
+
+_TRANSFORMERS = _Names("model")
+_DIFFUSERS = _Names("diffusion_pytorch_model")
+
+
+def _split(state: dict[str, torch.Tensor], max_shard_size: int | str, names: _Names) -> Any:
     from huggingface_hub import split_torch_state_dict_into_shards
 
     return split_torch_state_dict_into_shards(
         state,
-        filename_pattern="model{suffix}.safetensors",
+        filename_pattern=names.pattern,
         max_shard_size=parse_size(max_shard_size),
     )
 
 
 def _write_shards(
-    state: dict[str, torch.Tensor], split: Any, tmp: Path, model: Any, progress: bool, label: str
+    state: dict[str, torch.Tensor],
+    split: Any,
+    tmp: Path,
+    model: Any,
+    progress: bool,
+    label: str,
+    names: _Names,
 ) -> None:
     """Write each shard in turn; only one shard's CPU copies exist at a time."""
     with byte_progress(
         split.metadata["total_size"], f"leanstream save {label}", enabled=progress
     ) as bar:
-        for filename, names in split.filename_to_tensors.items():
-            shard = {name: _to_cpu(state.pop(name)) for name in names}
+        for filename, keys in split.filename_to_tensors.items():
+            shard = {key: _to_cpu(state.pop(key)) for key in keys}
             nbytes = sum(t.numel() * t.element_size() for t in shard.values())
             _write_shard(shard, tmp / filename)
             del shard
@@ -484,7 +538,7 @@ def _write_shards(
             "metadata": {"total_parameters": total, **split.metadata},
             "weight_map": split.tensor_to_filename,
         }
-        (tmp / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / names.index).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -533,12 +587,7 @@ def _copy_tokenizer(source: Path, tmp: Path) -> None:
             shutil.copyfile(path, tmp / path.name)  # follows hub-cache symlinks
 
 
-#: Weight file names a save writes (besides the index), hence may remove when stale.
-_SINGLE = "model.safetensors"
-_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
-def _commit(tmp: Path, target: Path, shards: set[str]) -> None:
+def _commit(tmp: Path, target: Path, shards: set[str], names: _Names = _TRANSFORMERS) -> None:
     """Rename the complete files of ``tmp`` into ``target`` and move its stale weight
     files aside into ``tmp`` (see :func:`save`, *Order*); undo every step on failure."""
     written = sorted(p.name for p in tmp.iterdir())
@@ -548,12 +597,12 @@ def _commit(tmp: Path, target: Path, shards: set[str]) -> None:
         name
         for name in sorted(p.name for p in target.iterdir())
         if name not in written
-        and (name in (_SINGLE, _INDEX) or _SHARD.fullmatch(name))
+        and (name in (names.single, names.index) or names.shard.fullmatch(name))
         and not (target / name).is_dir()
     ]
     aside = tmp / ".previous"  # replaced and stale files, until the end (or an undo)
     aside.mkdir()
-    weights = [n for n in written if n in shards] + [n for n in written if n == _INDEX]
+    weights = [n for n in written if n in shards] + [n for n in written if n == names.index]
     steps = [
         *((tmp / n, target / n) for n in weights),
         *((target / n, aside / n) for n in stale),

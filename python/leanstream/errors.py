@@ -83,6 +83,7 @@ class MismatchError(CheckpointError):
         unexpected: Sequence[str] = (),
         mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
         file: str | None = None,
+        hint: str | None = None,
     ) -> None:
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
@@ -100,6 +101,8 @@ class MismatchError(CheckpointError):
             more = len(self.mismatched) - 10
             parts.append(f"shape mismatch: {shown}" + (f" and {more} more" if more > 0 else ""))
         first = (self.missing or self.unexpected or [m[0] for m in self.mismatched] or [None])[0]
+        if hint:
+            parts.append(hint)
         _checkpoint_error_init(
             self,
             f"{folder}: the checkpoint does not match the model; " + "; ".join(parts),

@@ -47,16 +47,27 @@ def family(model: nn.Module) -> Family:
 
 def fp32_patterns(model: nn.Module) -> list[str]:
     """The class's ``_keep_in_fp32_modules`` (and transformers' ``_strict`` ones)."""
-    found: list[str] = []
-    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
-        value = getattr(model, attr, None) or []
-        found += [value] if isinstance(value, str) else list(value)
-    return found
+    return _listed(model, "_keep_in_fp32_modules") + _listed(model, "_keep_in_fp32_modules_strict")
 
 
-def fp32_rule(model: nn.Module, kind: Family) -> Callable[[str, str], bool]:
-    """``keep(module_name, attr)``: whether this parameter is loaded in float32."""
-    patterns = fp32_patterns(model)
+def _listed(model: nn.Module, attr: str) -> list[str]:
+    value = getattr(model, attr, None) or []
+    return [value] if isinstance(value, str) else sorted(value)
+
+
+def fp32_rule(model: nn.Module, kind: Family, dtype: torch.dtype) -> Callable[[str, str], bool]:
+    """``keep(module_name, attr)``: whether this parameter is loaded in float32 when the
+    model's dtype is ``dtype``. transformers upcasts ``_keep_in_fp32_modules`` only in
+    a float16 model (against bf16 -> fp16 overflow), ``_keep_in_fp32_modules_strict`` in
+    float16 and bfloat16 ones; diffusers always upcasts its ``_keep_in_fp32_modules``."""
+    if kind == "transformers":
+        patterns = []
+        if dtype == torch.float16:
+            patterns += _listed(model, "_keep_in_fp32_modules")
+        if dtype in (torch.float16, torch.bfloat16):
+            patterns += _listed(model, "_keep_in_fp32_modules_strict")
+    else:
+        patterns = fp32_patterns(model)
     if not patterns:
         return lambda module_name, attr: False
     if kind == "diffusers":

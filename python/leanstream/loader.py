@@ -601,7 +601,7 @@ def _fill(
     names = names or _Names()
     kind = family(model)
     expected = _expected_shapes(model)
-    keep_fp32 = fp32_rule(model, kind)
+    keep_fp32 = fp32_rule(model, kind, model_dtype)
     fp32_modules = fp32_patterns(model)
     if prequantized is None:
         _check_skip_modules(model, skip_modules)
@@ -1291,8 +1291,15 @@ def _plan(
         if not (asked and asked.search(key))
     ]
     if missing or unexpected or mismatched:
+        hint = None
+        if unexpected:
+            hint = (
+                f"the model built is a {type(model).__name__}: to leave the extra tensors out "
+                "pass ignore_unexpected=[patterns]; to build a model that has them, pass "
+                "model_class= (load) or build it (load_into)"
+            )
         raise MismatchError(
-            str(folder), missing=missing, unexpected=unexpected, mismatched=mismatched
+            str(folder), missing=missing, unexpected=unexpected, mismatched=mismatched, hint=hint
         )
     return targets, ties
 

@@ -114,7 +114,8 @@ class MismatchError(CheckpointError):
 class PlacementError(LeanstreamError):
     """After a load, parameters or buffers are not on the target device.
 
-    ``names`` lists them as ``"name (device)"``; ``device`` is the target. Raised
+    ``names`` lists them as ``"name (device)"``; ``device`` is the target (None: the
+    ones a ``device_map`` planned). Raised
     instead of returning a model whose forward would copy them at every call,
     or fail.
     """
@@ -122,9 +123,10 @@ class PlacementError(LeanstreamError):
     def __init__(self, names: Sequence[str], device: object) -> None:
         self.names = list(names)
         self.device = device
+        where = device if device is not None else "the device the device_map planned"
         super().__init__(
             f"after the load, {len(self.names)} parameter(s) or buffer(s) are not on "
-            f"{device}: {_names(self.names)}"
+            f"{where}: {_names(self.names)}"
         )
 
 

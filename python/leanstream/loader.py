@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import json
 import os
@@ -61,6 +62,8 @@ from .families import (
 )
 from .meta import build_diffusers_model, build_empty_model, empty_parameters, meta_tensors
 from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
+from .placement import device_for, tensor_sizes, torch_device
+from .placement import plan as plan_device_map
 from .prequantized import Prequantized
 from .progress import byte_progress
 from .quantize import (
@@ -139,6 +142,7 @@ def load(
     load_in_8bit: bool | None = None,
     low_cpu_mem_usage: bool | None = None,
     device_map: Any = None,
+    max_memory: dict[Any, int | str] | None = None,
     subfolder: str | None = None,
     variant: str | None = None,
     model_class: Any = None,
@@ -208,8 +212,16 @@ def load(
             an explicit option that contradicts it is a :class:`ConfigError`.
         load_in_4bit, load_in_8bit: ``bits=4`` / ``bits=8``.
         low_cpu_mem_usage: accepted and ignored: leanstream always streams.
-        device_map: one device (``"cuda:0"``, ``0``, ``{"": "cpu"}``); placing modules
-            on several devices is a :class:`ConfigError` for now.
+        device_map: one device (``"cuda:0"``, ``0``, ``{"": "cpu"}``), or modules across
+            devices: ``"auto"`` / ``"balanced"`` / ``"balanced_low_0"`` /
+            ``"sequential"`` (planned by accelerate on the quantized model, with each
+            tensor's real size; :mod:`leanstream.placement`) or a dict of module names
+            to devices (``"cpu"``, ``0``, ``"cuda:1"``). CPU modules stay quantized and
+            run on the CPU; accelerate's hooks move activations between devices. Plans
+            that need ``"disk"`` are a :class:`ConfigError` before a byte is read.
+            A plan over several devices is ``model.hf_device_map``, as in transformers.
+        max_memory: the most each device may hold (``{0: "22GiB", "cpu": "48GiB"}``),
+            as in transformers; default: what accelerate finds free.
         subfolder: the component folder inside ``source`` (a diffusers pipeline's
             ``"transformer"``, ``"unet"``); from the hub, only its files are fetched.
         variant: the weights variant to load (``"fp16"``: ``*.fp16.safetensors`` and
@@ -305,6 +317,7 @@ def load(
         progress=progress,
         source=_source(chosen, pipeline, window, threads, ring_bytes),
         ignore_unexpected=ignore_unexpected,
+        placing=_placing(chosen, device_map, max_memory),
     )
     if family(model) == "transformers":
         _load_generation_config(model, folder)
@@ -342,6 +355,8 @@ def load_into(
     threads: int | None = None,
     ring_bytes: int = DEFAULT_SLOTS * DEFAULT_SLOT_BYTES,
     quantization_config: Any = None,
+    device_map: Any = None,
+    max_memory: dict[Any, int | str] | None = None,
 ) -> Any:
     """Stream a safetensors checkpoint into a model you built, quantizing its linears.
 
@@ -399,6 +414,7 @@ def load_into(
             device=device,
         ),
         quantization_config=quantization_config,
+        device_map=device_map,
         native_quantizer=native_quantizer,
         quantize_embeddings=quantize_embeddings,
         quantize_lm_head=False,
@@ -452,7 +468,25 @@ def load_into(
         key_map=key_map,
         init_missing=init_missing,
         ignore_unexpected=ignore_unexpected,
+        placing=_placing(chosen, device_map, max_memory),
     )
+
+
+def _placing(
+    chosen: dict[str, Any], device_map: Any, max_memory: dict[Any, int | str] | None
+) -> _Placing | None:
+    """What ``device_map`` / ``max_memory`` ask (None: ``device`` only)."""
+    if chosen["device_map"] is None:
+        if max_memory is not None:
+            raise ConfigError("max_memory applies with device_map='auto' (or another plan)")
+        return None
+    if chosen["device_map"] is not device_map:
+        raise AssertionError("options.resolve keeps device_map as given")
+    if options.single_device(device_map):
+        if max_memory is not None:
+            raise ConfigError(f"max_memory has nothing to plan with device_map={device_map!r}")
+        return _Placing({"": _entry(chosen["device"])}, None)
+    return _Placing(device_map, max_memory)
 
 
 #: ``load_into``'s ``key_map``
@@ -505,6 +539,7 @@ def _run(
     key_map: KeyMap = None,
     init_missing: list[str] | None = None,
     ignore_unexpected: list[str] | None = None,
+    placing: _Placing | None = None,
 ) -> Any:
     """Validate the shards, build the model (``build`` returns the model's factory and
     the config whose ``quantization_config`` says whether the checkpoint is
@@ -546,6 +581,7 @@ def _run(
                 prequantized,
                 warm,
                 _Names(key_map, init_missing, ignore_unexpected),
+                placing,
             )
         except BaseException as err:
             # the traceback keeps this frame and those below alive (pytest.raises, a
@@ -597,7 +633,11 @@ def _fill(
     prequantized: Prequantized | None = None,
     warm: _core.Warmup | None = None,
     names: _Names | None = None,
+    placing: _Placing | None = None,
 ) -> None:
+    """Replace the layers of the meta ``model``, plan where each tensor goes (``device``,
+    or ``placing``'s device_map), stream the checkpoint into it, and leave on it what its
+    library's bitsandbytes loading leaves."""
     names = names or _Names()
     kind = family(model)
     expected = _expected_shapes(model)
@@ -625,12 +665,28 @@ def _fill(
     # tensors the checkpoint lacks that the caller asked to initialize: made now, by the
     # modules as built (before their linears are replaced), quantized below like the rest
     initialized = _initialize(
-        model, _to_initialize(model, expected, by_name, merged, names), device
+        model,
+        _to_initialize(model, expected, by_name, merged, names),
+        device if placing is None else torch.device("cpu"),  # moved where planned below
     )
     replaced = replace_linears(model, spec, skip) if spec.quantized else {}
     if embeddings:
         replace_embeddings(model, spec, embeddings, model_dtype)
         replaced.update(dict.fromkeys(embeddings, False))
+    # 3-D experts weights: quantized piece by piece into place (or assembled unquantized),
+    # or stored quantized (leanstream format)
+    if kind != "transformers":
+        experts = {}
+    elif prequantized is not None:
+        experts = prequantized.experts_shapes(model, expected)
+    else:
+        experts = expert_params(model, skip) if spec.quantized else {}
+    where = _Where(device)
+    if placing is not None:
+        where = placing.plan(model, spec, experts, keep_fp32, model_dtype)
+        device = where.main
+        if where.several:
+            source = dataclasses.replace(source, pipeline=False)  # see _Placing
     targets, ties = _plan(
         model,
         ckpt,
@@ -647,24 +703,16 @@ def _fill(
     keys = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
     # pre-quantized statistics are parsed and packed on the host (Prequantized.materialize)
     host = {key for t in targets for _, key in t.stats or ()}
-    # 3-D experts weights: quantized piece by piece into place (or assembled unquantized),
-    # or stored quantized (leanstream format)
-    if kind != "transformers":
-        experts = {}
-    elif prequantized is not None:
-        experts = prequantized.experts_shapes(model, expected)
-    else:
-        experts = expert_params(model, skip) if spec.quantized else {}
     merging: dict[str, Any] = {}  # name -> ExpertsQuantizer or _Merged, while pieces arrive
 
     if warm is not None:
         warm.stop()  # the ordered reads start now: the warm-up would compete
     with (
-        kernel_stream(device),
+        where.kernel_streams(),
         source.open(ckpt, keys, device, host) as tensors,
         byte_progress(tensors.total_bytes, f"leanstream {folder.name}", enabled=progress) as bar,
     ):
-        trim = _MallocTrim() if device.type == "cpu" else None
+        trim = _MallocTrim() if "cpu" in {d.type for d in where.devices} else None
         owned = source.pipeline
         for target in targets:
             stats, nbytes = {}, 0
@@ -683,21 +731,26 @@ def _fill(
                         stats,
                         shape=experts[target.name],
                         dtype=target.dtype,  # type: ignore[arg-type]
-                        device=device,
+                        device=where(target.name),
                         owned=owned,
                     )
                 else:
                     prequantized.materialize(
-                        target.name, target.module, tensor, stats, device=device, owned=owned
+                        target.name,
+                        target.module,
+                        tensor,
+                        stats,
+                        device=where(target.name),
+                        owned=owned,
                     )
             elif target.name in experts or target.piece is not None:
-                _merge(merging, experts, target, tensor, spec, device, owned)
+                _merge(merging, experts, target, tensor, spec, where(target.name), owned)
             else:
                 materialize(
                     target.module,
                     target.attr,
                     tensor,
-                    device=device,
+                    device=where(target.name),
                     dtype=target.dtype if tensor.is_floating_point() else None,
                     spec=spec,
                     transpose=target.transpose,
@@ -718,7 +771,7 @@ def _fill(
             module,
             attr,
             tensor,
-            device=device,
+            device=where(name),
             dtype=(torch.float32 if keep_fp32(module_name, attr) else model_dtype)
             if tensor.is_floating_point()
             else None,
@@ -733,10 +786,10 @@ def _fill(
     left = meta_tensors(model)
     if left:
         raise MismatchError(str(folder), missing=left)
-    _place_buffers(model, device)
-    misplaced = _misplaced(model, device)
+    _place_buffers(model, where)
+    misplaced = _misplaced(model, where)
     if misplaced:
-        raise PlacementError(misplaced, device)
+        raise PlacementError(misplaced, device if not where.several else None)
     if spec.quantized:
         compute = spec.compute_dtype or model_dtype
         for module in model.modules():
@@ -761,6 +814,8 @@ def _fill(
     _set_requires_grad(model, kind)
     if kind == "transformers":
         model.config.dtype = model_dtype
+    if placing is not None:
+        where.dispatch(model)
     # the bitsandbytes layers were created after the model's eval(): LLM.int8 takes
     # another code path in training mode
     model.eval()
@@ -1120,23 +1175,109 @@ def _set_requires_grad(model: nn.Module, kind: str) -> None:
         )
 
 
-def _place_buffers(model: nn.Module, device: torch.device) -> None:
+def _place_buffers(model: nn.Module, where: _Where) -> None:
     """Move the buffers not loaded from the checkpoint (non-persistent ones such as
-    rotary ``inv_freq``, computed on the CPU by the model's ``__init__``) to ``device``,
-    as transformers does after loading: a forward pass would otherwise copy them
-    at every call, or fail (``torch.equal`` with a CPU tensor, CUDA-graph capture)."""
-    for module in model.modules():
+    rotary ``inv_freq``, computed on the CPU by the model's ``__init__``) to their
+    device, as transformers does after loading: a forward pass would otherwise copy
+    them at every call, or fail (``torch.equal`` with a CPU tensor, CUDA-graph capture)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         for attr, buf in module._buffers.items():
-            if buf is not None and buf.device != device:
-                module._buffers[attr] = buf.to(device)
+            if buf is not None and buf.device != where(prefix + attr):
+                module._buffers[attr] = buf.to(where(prefix + attr))
 
 
-def _misplaced(model: nn.Module, device: torch.device) -> list[str]:
-    """Names of parameters and buffers of ``model`` that are not on ``device``, with
+def _misplaced(model: nn.Module, where: _Where) -> list[str]:
+    """Names of parameters and buffers of ``model`` that are not where planned, with
     where they are."""
     tensors = [*model.named_parameters(remove_duplicate=False)]
     tensors += model.named_buffers(remove_duplicate=False)
-    return [f"{name} ({t.device})" for name, t in tensors if t.device != device]
+    return [f"{name} ({t.device})" for name, t in tensors if t.device != where(name)]
+
+
+class _Where:
+    """The device of each tensor: one for all (``load(device=...)``), or a device_map's."""
+
+    def __init__(self, main: torch.device, device_map: dict[str, Any] | None = None) -> None:
+        self.main = main
+        self.device_map = device_map
+        entries = set((device_map or {"": main}).values())
+        self.devices = sorted({_as_device(torch_device(e)) for e in entries}, key=str)
+        self.several = len(self.devices) > 1
+
+    def __call__(self, name: str) -> torch.device:
+        if self.device_map is None:
+            return self.main
+        return _as_device(torch_device(device_for(self.device_map, name)))
+
+    def kernel_streams(self) -> contextlib.ExitStack:
+        """:func:`kernel_stream` for every device of the plan."""
+        stack = contextlib.ExitStack()
+        for device in self.devices:
+            stack.enter_context(kernel_stream(device))
+        return stack
+
+    def dispatch(self, model: Any) -> None:
+        """Across devices, as transformers (its ``accelerate_dispatch``, only then),
+        attach accelerate's hooks that move each block's inputs to its device and
+        record the plan as ``hf_device_map``. Unlike ``dispatch_model``, which runs CPU
+        modules on the GPU (their weights copied over at every call), CPU modules run
+        on the CPU, quantized."""
+        from accelerate.hooks import attach_align_device_hook_on_blocks
+
+        if not self.several:
+            return
+        model.hf_device_map = dict(self.device_map)  # type: ignore[arg-type]
+        execution = {name: torch_device(e) for name, e in self.device_map.items()}  # type: ignore[union-attr]
+        execution.setdefault("", self.main)
+        attach_align_device_hook_on_blocks(
+            model,
+            execution_device=execution,
+            offload=dict.fromkeys(execution, False),
+            offload_buffers=False,
+            weights_map=None,
+        )
+
+
+def _entry(device: torch.device) -> str | int:
+    return device.index if device.type == "cuda" else device.type
+
+
+@dataclass(frozen=True)
+class _Placing:
+    """``load(device_map=..., max_memory=...)`` across devices: planned by accelerate on
+    the quantized meta model (:mod:`leanstream.placement`). Such a load streams the
+    mapped checkpoint into each tensor's device (the pipeline runs for one device)."""
+
+    device_map: str | dict[str, Any]
+    max_memory: dict[Any, int | str] | None
+
+    def plan(
+        self,
+        model: nn.Module,
+        spec: QuantSpec,
+        experts: dict[str, tuple[int, ...]],
+        keep_fp32: Callable[[str, str], bool],
+        model_dtype: torch.dtype,
+    ) -> _Where:
+        def dtype_of(module_name: str, attr: str, tensor: torch.Tensor) -> torch.dtype:
+            if not tensor.is_floating_point():
+                return tensor.dtype
+            return torch.float32 if keep_fp32(module_name, attr) else model_dtype
+
+        sizes = tensor_sizes(model, spec, dtype_of, experts)
+        device_map = plan_device_map(model, sizes, self.device_map, self.max_memory)
+        where = _Where(_as_device(torch_device(_main_entry(device_map))), device_map)
+        return where
+
+
+def _main_entry(device_map: dict[str, Any]) -> Any:
+    """The device of the model's first planned module on an accelerator (else the CPU):
+    where its inputs go, as accelerate's ``dispatch_model`` chooses."""
+    for entry in device_map.values():
+        if entry not in ("cpu", "disk"):
+            return entry
+    return "cpu"
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -3,7 +3,7 @@
 ``from_pretrained`` habits carry over: ``torch_dtype`` (the old name of
 ``dtype``), ``quantization_config`` (a ``BitsAndBytesConfig`` as the source of the
 quantization options), ``load_in_4bit`` / ``load_in_8bit``, ``device_map`` (one
-device, until multi-device placement exists), ``low_cpu_mem_usage`` (accepted:
+device, or a plan across devices: :mod:`leanstream.placement`), ``low_cpu_mem_usage`` (accepted:
 leanstream always streams). An option that contradicts another, or that would
 do nothing, is a :class:`ConfigError`, never silently dropped.
 """
@@ -69,8 +69,16 @@ def resolve(
         merge("bits", 4, "load_in_4bit=True")
     if load_in_8bit:
         merge("bits", 8, "load_in_8bit=True")
+    options["device_map"] = None
     if device_map is not None:
-        merge("device", _one_device(device_map), f"device_map={device_map!r}")
+        one = _one_device(device_map)
+        if one is not None:
+            merge("device", one, f"device_map={device_map!r}")
+        elif options["device"] is not None:
+            raise ConfigError(
+                f"device={options['device']!r} and device_map={device_map!r}: pass one of them"
+            )
+        options["device_map"] = device_map  # recorded as hf_device_map; planned if several
     return options
 
 
@@ -151,20 +159,31 @@ def _from_bnb_config(config: Any) -> dict[str, Any]:
 
 
 def _one_device(device_map: Any) -> Any:
-    """The one device a ``device_map`` names, or a :class:`ConfigError`."""
+    """The one device a ``device_map`` names, or None when it places modules on several
+    devices or names a strategy (``"auto"``, ...): that plan is made by
+    :mod:`leanstream.placement`."""
+    from .placement import STRATEGIES
+
     if isinstance(device_map, dict):
         devices = set(device_map.values())
-        if set(device_map) == {""} or len(devices) == 1:
+        if len(devices) == 1:
             (device,) = devices
             return torch.device(device) if isinstance(device, int) else device
-    elif isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential"):
+        if not devices:
+            raise ConfigError("device_map={}: places nothing")
+        return None
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        return None
+    if isinstance(device_map, str):
         return device_map
-    elif isinstance(device_map, int | torch.device):
+    if isinstance(device_map, int | torch.device):
         return torch.device(device_map) if isinstance(device_map, int) else device_map
-    raise ConfigError(
-        f"device_map={device_map!r}: leanstream places a model on one device for now; "
-        "pass device=... (or device_map={'': device})"
-    )
+    raise ConfigError(f"device_map={device_map!r}: not a device, a strategy or a dict")
 
 
-__all__ = ["DEFAULTS", "check", "resolve"]
+def single_device(device_map: Any) -> bool:
+    """Whether ``device_map`` names one device (not a plan across devices)."""
+    return _one_device(device_map) is not None
+
+
+__all__ = ["DEFAULTS", "check", "resolve", "single_device"]

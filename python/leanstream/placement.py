@@ -1,0 +1,265 @@
+"""Where each module goes: ``device_map`` planned by accelerate on the quantized model.
+
+transformers plans a bitsandbytes model with accelerate's ``infer_auto_device_map``
+fed approximate sizes (a 4-bit weight counted as half a byte per element, statistics
+left out, a 10 % margin) and must then keep every CPU module unquantized in float32
+(``llm_int8_enable_fp32_cpu_offload``). leanstream plans after its layers are replaced
+on ``meta``, with each tensor's real size (packed bytes and statistics, what
+:func:`leanstream.footprint` will report), by the same planner: for the planner each
+tensor of the meta model is briefly swapped for a ``meta`` byte tensor of that size.
+CPU modules stay quantized: bitsandbytes runs 4-bit and 8-bit layers on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .progress import format_bytes
+
+#: ``device_map`` strategies, as transformers names them
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def weight_bytes(out_features: int, in_features: int, spec: Any) -> dict[str, int]:
+    """Bytes of one ``[out, in]`` weight quantized with ``spec``, by footprint kind."""
+    n = out_features * in_features
+    if spec.bits == 8:
+        return {"int8": n, "quant_state": out_features * 4}  # SCB, float32
+    blocks = -(-n // spec.blocksize)
+    stats = 16 * 4  # quant_map: 16 float32
+    if spec.double_quant:  # uint8 absmax, float32 nested absmax/map, offset
+        stats += blocks + -(-blocks // 256) * 4 + 256 * 4 + 4
+    else:
+        stats += blocks * 4
+    return {spec.quant_type: (n + 1) // 2, "quant_state": stats}
+
+
+def tensor_sizes(
+    model: nn.Module,
+    spec: Any,
+    dtype_of: Callable[[str, str, torch.Tensor], torch.dtype],
+    experts: Mapping[str, tuple[int, ...]] = (),  # type: ignore[assignment]
+) -> dict[str, int]:
+    """Bytes each parameter and buffer of ``model`` (layers replaced, on ``meta``) will
+    take once loaded: quantized weights (bitsandbytes layers, experts weights) with
+    their statistics, others in the dtype ``dtype_of(module_name, attr, tensor)``. A
+    tensor registered under several names (tied weights) is listed under the first."""
+    import bitsandbytes as bnb
+
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, bnb.nn.Embedding4bit)
+    quantized += (bnb.nn.Embedding8bit,)
+    sizes: dict[str, int] = {}
+    seen: set[int] = set()  # a tied tensor is counted once, under its first name
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in module._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = prefix + attr
+            if attr == "weight" and isinstance(module, quantized) and spec.quantized:
+                out, inp = _matrix(module)
+                sizes[name] = sum(weight_bytes(out, inp, spec).values())
+            elif name in experts:
+                count, rows, cols = experts[name]
+                sizes[name] = sum(weight_bytes(count * rows, cols, spec).values())
+            else:
+                sizes[name] = param.numel() * dtype_of(module_name, attr, param).itemsize
+        for attr, buf in module._buffers.items():
+            if buf is not None and id(buf) not in seen:
+                seen.add(id(buf))
+                sizes[prefix + attr] = buf.numel() * buf.element_size()
+    return sizes
+
+
+def _matrix(module: nn.Module) -> tuple[int, int]:
+    if hasattr(module, "out_features"):
+        return int(module.out_features), int(module.in_features)
+    return int(module.num_embeddings), int(module.embedding_dim)
+
+
+@contextlib.contextmanager
+def _sized(model: nn.Module, sizes: Mapping[str, int]) -> Iterator[None]:
+    """Within the block every parameter and buffer of ``model`` is a ``meta`` uint8
+    tensor of its loaded size (shared ones stay shared), as accelerate's planner needs."""
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    proxies: dict[int, Any] = {}
+    try:
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            prefix = f"{module_name}." if module_name else ""
+            for table, wrap in ((module._parameters, True), (module._buffers, False)):
+                for attr, tensor in list(table.items()):
+                    if tensor is None:
+                        continue
+                    proxy = proxies.get(id(tensor))
+                    if proxy is None:
+                        empty = torch.empty(sizes[prefix + attr], dtype=torch.uint8, device="meta")
+                        proxy = nn.Parameter(empty, requires_grad=False) if wrap else empty
+                        proxies[id(tensor)] = proxy
+                    saved.append((table, attr, tensor))
+                    table[attr] = proxy
+        yield
+    finally:
+        for table, attr, tensor in reversed(saved):
+            table[attr] = tensor
+
+
+def plan(
+    model: nn.Module,
+    sizes: Mapping[str, int],
+    device_map: str | Mapping[str, Any],
+    max_memory: Mapping[Any, int | str] | None,
+) -> dict[str, str | int]:
+    """The ``device_map`` (module name -> ``"cpu"`` or a CUDA index) for ``model``.
+
+    A strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) is
+    planned by accelerate as transformers does (``get_balanced_memory`` then
+    ``infer_auto_device_map``, with the model's ``_no_split_modules`` and tied
+    parameters kept together), on ``sizes``. A dict is checked: it must place every
+    tensor. Entries on ``"disk"``, and plans that do not fit ``max_memory``, are a
+    :class:`ConfigError` saying how much is missing where.
+    """
+    from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    if isinstance(device_map, Mapping):
+        result = {str(k): _device_entry(v) for k, v in device_map.items()}
+        _check_covers(model, result)
+        _refuse_disk(result, sizes, None)
+        return result
+    if device_map not in STRATEGIES:
+        raise ConfigError(
+            f"device_map={device_map!r}: expected one of {', '.join(STRATEGIES)}, a device, "
+            "or a dict of module names to devices"
+        )
+    budget = _max_memory(max_memory)
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    with _sized(model, sizes):
+        if device_map != "sequential":
+            budget = get_balanced_memory(
+                model,
+                max_memory=budget,
+                no_split_module_classes=no_split,
+                low_zero=device_map == "balanced_low_0",
+            )
+        budget = get_max_memory(budget)
+        result = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
+    result = {name: _device_entry(device) for name, device in result.items()}
+    _refuse_disk(result, sizes, _max_memory(max_memory))
+    return result
+
+
+def _max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[Any, int | str] | None:
+    """``max_memory`` with CUDA devices as indices (``"cuda:1"`` -> 1), or None for
+    what accelerate finds free."""
+    if max_memory is None:
+        return None
+    budget: dict[Any, int | str] = {}
+    for key, value in max_memory.items():
+        entry = _device_entry(key)
+        if entry == "disk":
+            raise ConfigError("max_memory: 'disk' offload is not supported by leanstream")
+        budget[entry] = value
+    return budget
+
+
+def _device_entry(device: Any) -> str | int:
+    """A device_map value as accelerate writes them: ``"cpu"``, ``"disk"`` or a CUDA index."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    if isinstance(device, str) and device.isdigit():
+        return int(device)
+    if device == "disk":
+        return "disk"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device_map: {device!r} is not a device ({err})") from err
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type == "cuda":
+        return parsed.index if parsed.index is not None else 0
+    raise ConfigError(f"device_map: {device!r}: leanstream places modules on cpu and cuda only")
+
+
+def _check_covers(model: nn.Module, device_map: Mapping[str, Any]) -> None:
+    """Every parameter and buffer is under exactly one entry of ``device_map``."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    unplaced = [n for n in names if device_for(device_map, n) is None]
+    if unplaced:
+        raise ConfigError(
+            f"device_map places no device for {', '.join(unplaced[:5])}"
+            + (f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else "")
+            + ' (add their modules, or "" for everything else)'
+        )
+
+
+def device_for(device_map: Mapping[str, Any], name: str) -> Any:
+    """The device of tensor (or module) ``name``: its longest module prefix's entry."""
+    parts = name.split(".")
+    for depth in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:depth])
+        if prefix in device_map:
+            return device_map[prefix]
+    return None
+
+
+def _refuse_disk(
+    device_map: Mapping[str, Any], sizes: Mapping[str, int], budget: Mapping[Any, Any] | None
+) -> None:
+    """A plan with ``"disk"`` entries does not fit: say how much is missing per device."""
+    disk = [name for name, device in device_map.items() if device == "disk"]
+    if not disk:
+        return
+    on_disk = sum(s for n, s in sizes.items() if device_for(device_map, n) == "disk")
+    used = per_device(device_map, sizes)
+    shown = ", ".join(
+        f"{_label(d)} {format_bytes(used.get(d, 0))}"
+        + (f" of {_budget(budget[d])}" if budget and d in budget else "")
+        for d in sorted({*used, *(budget or {})} - {"disk"}, key=str)
+    )
+    raise ConfigError(
+        f"the model does not fit: {format_bytes(on_disk)} of it ({', '.join(disk[:3])}"
+        + (f" and {len(disk) - 3} more" if len(disk) > 3 else "")
+        + f") would go to disk, which leanstream does not do; planned: {shown}. Raise "
+        "max_memory (or load with fewer bits)"
+    )
+
+
+def _budget(value: int | str) -> str:
+    return format_bytes(value) if isinstance(value, int) else str(value)
+
+
+def _label(device: Any) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def per_device(device_map: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[Any, int]:
+    """Planned bytes on each device of ``device_map``."""
+    used: dict[Any, int] = {}
+    for name, size in sizes.items():
+        device = device_for(device_map, name)
+        used[device] = used.get(device, 0) + size
+    return used
+
+
+def torch_device(entry: str | int) -> torch.device:
+    """The ``torch.device`` of a device_map entry."""
+    return torch.device("cuda", entry) if isinstance(entry, int) else torch.device(entry)
+
+
+__all__ = [
+    "STRATEGIES",
+    "device_for",
+    "per_device",
+    "plan",
+    "tensor_sizes",
+    "torch_device",
+    "weight_bytes",
+]

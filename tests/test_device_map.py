@@ -1,0 +1,250 @@
+"""``device_map`` / ``max_memory``: plans made by accelerate on the quantized meta model,
+loads that follow them, and plans that cannot work refused before a byte is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_load import SETTINGS, assert_same_weights, logits
+
+import leanstream
+from leanstream import ConfigError, placement
+from leanstream.footprint import footprint
+from leanstream.meta import build_empty_model
+from leanstream.quantize import QuantSpec, default_skip_modules, replace_linears
+from models import make_config, write_model
+
+
+def load(folder: Path, setting: str = "nf4", **kwargs: Any) -> Any:
+    settings = SETTINGS[setting]
+    extra = {"compute_dtype": torch.bfloat16} if settings["bits"] == 4 else {}
+    return leanstream.load(folder, progress=False, **settings, **extra, **kwargs)
+
+
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+@pytest.mark.parametrize(
+    "device_map",
+    [
+        "auto",
+        "balanced",
+        "sequential",
+        {"": "cpu"},
+        {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "": "cpu"},
+    ],
+    ids=["auto", "balanced", "sequential", "root", "modules"],
+)
+def test_cpu_plans_load_as_device_cpu(
+    sources: dict[str, Path], device_map: Any, setting: str
+) -> None:
+    ref = load(sources["llama"], setting, device="cpu")
+    got = load(sources["llama"], setting, device_map=device_map)
+    assert assert_same_weights(ref, got) > 0
+    assert torch.equal(logits(ref), logits(got))
+    assert not hasattr(got, "hf_device_map")  # one device: as transformers, no dispatch
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.equal(
+        got.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+        ref.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+    )
+
+
+def test_max_memory_on_the_cpu(sources: dict[str, Path]) -> None:
+    got = load(sources["llama"], device_map="auto", max_memory={"cpu": "1GiB"})
+    assert {p.device.type for p in got.parameters()} == {"cpu"}
+
+
+def test_load_into_follows_a_device_map(sources: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = make_config("llama")
+    got = leanstream.load_into(
+        lambda: AutoModelForCausalLM.from_config(config),
+        sources["llama"],
+        bits=4,
+        device_map="auto",
+        progress=False,
+    )
+    assert {p.device.type for p in got.parameters()} == {"cpu"} and got.is_loaded_in_4bit
+
+
+def quantized_meta(arch: str, spec: QuantSpec) -> Any:
+    model = build_empty_model(make_config(arch))
+    replace_linears(model, spec, default_skip_modules(model))
+    return model
+
+
+def sizes_of(model: Any, spec: QuantSpec) -> dict[str, int]:
+    return placement.tensor_sizes(model, spec, lambda module, attr, t: torch.bfloat16)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_planned_sizes_are_what_the_load_allocates(sources: dict[str, Path], setting: str) -> None:
+    """The planner sees each tensor's real size (packed bytes + statistics), module by
+    module, where transformers feeds accelerate half a byte per 4-bit element."""
+    settings = SETTINGS[setting]
+    spec = QuantSpec(
+        bits=settings["bits"],
+        quant_type=settings.get("quant_type", "nf4"),
+        double_quant=settings.get("double_quant", False),
+    )
+    sizes = sizes_of(quantized_meta("llama", spec), spec)
+    got = load(sources["llama"], setting, device="cpu")
+    assert sum(sizes.values()) == footprint(got).total_bytes
+    for name in ("model.layers.0", "model.layers.1.mlp", "model.embed_tokens", "lm_head"):
+        planned = sum(v for k, v in sizes.items() if k.startswith(name + "."))
+        assert planned == footprint(got.get_submodule(name)).total_bytes, name
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+@pytest.mark.parametrize("arch", ["llama", "llama-tied"])
+def test_plans_across_simulated_gpus(arch: str, gpus: int) -> None:
+    """Plans for GPUs of given sizes (planning needs no GPU): within every budget,
+    decoder layers never split (``_no_split_modules``), tied weights together."""
+    spec = QuantSpec(bits=4)
+    model = quantized_meta(arch, spec)
+    sizes = sizes_of(model, spec)
+    layer = sum(v for k, v in sizes.items() if k.startswith("model.layers.0."))
+    budget = {i: layer * 2 + layer // 2 for i in range(gpus)} | {"cpu": 10 * sum(sizes.values())}
+    for strategy in ("auto", "sequential", "balanced_low_0"):
+        plan = placement.plan(model, sizes, strategy, budget)
+        used = placement.per_device(plan, sizes)
+        assert set(used) <= set(budget), plan
+        for device, nbytes in used.items():
+            assert nbytes <= budget[device], (strategy, plan, used)
+        for name in plan:  # a decoder layer is placed whole
+            assert not name.startswith("model.layers.0."), plan
+        assert sum(used.values()) == sum(sizes.values())
+        if arch == "llama-tied":
+            embed = placement.device_for(plan, "model.embed_tokens.weight")
+            assert placement.device_for(plan, "lm_head.weight") == embed, plan
+
+
+def test_a_plan_equals_accelerates_on_the_same_sizes() -> None:
+    """The planner is accelerate's: fed a model whose tensors have the quantized sizes,
+    ``infer_auto_device_map`` gives the same plan."""
+    from accelerate.utils import infer_auto_device_map
+    from torch import nn
+
+    spec = QuantSpec(bits=4)
+    model = quantized_meta("llama", spec)
+    sizes = sizes_of(model, spec)
+    budget = {0: "60KB", 1: "60KB", "cpu": "10MB"}
+    plan = placement.plan(model, sizes, "sequential", budget)
+    # the same tree, each tensor a uint8 meta tensor of its planned size, built by hand
+    twin = build_empty_model(make_config("llama"))
+    replace_linears(twin, spec, default_skip_modules(twin))
+    for module_name, module in twin.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr in [a for a, p in module._parameters.items() if p is not None]:
+            if prefix + attr not in sizes:  # tied: the first name's tensor
+                continue
+            empty = torch.empty(sizes[prefix + attr], dtype=torch.uint8, device="meta")
+            module._parameters[attr] = nn.Parameter(empty, requires_grad=False)
+        for attr in [a for a, b in module._buffers.items() if b is not None]:
+            module._buffers[attr] = torch.empty(sizes[prefix + attr], dtype=torch.uint8)
+    theirs = infer_auto_device_map(
+        twin, max_memory=budget, no_split_module_classes=twin._no_split_modules
+    )
+    assert plan == dict(theirs)
+    assert "cpu" in plan.values() and set(plan.values()) & {0, 1}  # split GPU / CPU
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_reading(
+    sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the checkpoint was read")
+
+    monkeypatch.setattr(leanstream._core.Checkpoint, "stream", no_read)
+    with pytest.raises(ConfigError, match=r"does not fit.*disk.*cpu .* of 40KB"):
+        load(sources["llama"], device_map="sequential", max_memory={"cpu": "40KB"})
+
+
+def test_disk_and_unavailable_devices_are_refused(sources: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="disk"):
+        load(sources["llama"], device_map={"model": "cpu", "lm_head": "disk"})
+    with pytest.raises(ConfigError, match="disk"):
+        load(sources["llama"], device_map="auto", max_memory={"cpu": "1GiB", "disk": "1TiB"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load(sources["llama"], device_map={"model": 0, "lm_head": "cpu"})
+    with pytest.raises(ConfigError, match=r"places no device for lm_head\.weight"):
+        load(sources["llama"], device_map={"model": "cpu", "lm_head.bias": 0})
+    with pytest.raises(ConfigError, match="pass one of them"):
+        load(sources["llama"], device="cpu", device_map="auto")
+    with pytest.raises(ConfigError, match="max_memory applies"):
+        load(sources["llama"], device="cpu", max_memory={"cpu": "1GiB"})
+    with pytest.raises(ConfigError, match="everywhere"):
+        load(sources["llama"], device_map="everywhere")
+
+
+def test_prequantized_and_quantized_embeddings_follow_the_plan(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    model = load(sources["llama"], device="cpu", quantize_embeddings=True)
+    saved = leanstream.save(model, tmp_path / "nf4", progress=False)
+    got = leanstream.load(saved, device_map="auto", progress=False)
+    assert assert_same_weights(model, got) > 0
+
+
+def test_moe_experts_follow_the_plan(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "qwen3_moe", "qwen3_moe")
+    ref = leanstream.load(folder, bits=4, device="cpu", progress=False)
+    got = leanstream.load(folder, bits=4, device_map="auto", progress=False)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=ids).logits, got(input_ids=ids).logits)
+    assert got.config.quantization_config.leanstream_quantized_experts
+
+
+def test_hooks_across_devices_run_forward_and_generate(sources: dict[str, Path]) -> None:
+    """The dispatch a plan over several devices gets (accelerate's hooks, each block run
+    on its device, CPU blocks quantized on the CPU), exercised here with every block on
+    the CPU: outputs equal to the undispatched model's."""
+    from leanstream.loader import _Where
+
+    ref = load(sources["llama"], device="cpu")
+    got = load(sources["llama"], device="cpu")
+    plan = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "": "cpu"}
+    where = _Where(torch.device("cpu"), plan)
+    where.several = True  # as on a GPU + CPU plan
+    where.dispatch(got)
+    assert got.hf_device_map == plan
+    assert hasattr(got.model.layers, "_hf_hook")  # accelerate's hooks are attached
+    assert torch.equal(logits(ref), logits(got))
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.equal(
+        got.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+        ref.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+def test_a_gpu_cpu_split_runs_as_the_gpu_model(sources: dict[str, Path], setting: str) -> None:
+    """Half the layers on the CPU (quantized), half on the GPU: logits as the one-GPU
+    model's (CPU and GPU kernels round differently), each device within its plan."""
+    spec = QuantSpec(bits=SETTINGS[setting]["bits"])
+    sizes = sizes_of(quantized_meta("llama", spec), spec)
+    gpu_share = sum(v for k, v in sizes.items() if not k.startswith("model.layers.1"))
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = load(
+        sources["llama"],
+        setting,
+        device_map="sequential",
+        max_memory={0: gpu_share + 4096, "cpu": "1GiB"},
+    )
+    assert set(got.hf_device_map.values()) == {0, "cpu"}, got.hf_device_map
+    planned_gpu = placement.per_device(got.hf_device_map, sizes)[0]
+    largest = max(sizes.values()) * 4  # a full-precision tensor in flight (fp32 at most)
+    assert torch.cuda.max_memory_allocated() - base <= planned_gpu + largest
+    one = load(sources["llama"], setting, device="cuda")
+    ids = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]], device="cuda")
+    with torch.no_grad():
+        a = one(input_ids=ids).logits.float().cpu()
+        b = got(input_ids=ids).logits.float().cpu()
+    assert (a - b).norm() / a.norm() < 2e-2

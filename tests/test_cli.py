@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_load import logits
+import transformers
+from test_load import assert_same_weights, logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import leanstream
@@ -76,6 +77,8 @@ def test_help_of_each_command(capsys: pytest.CaptureFixture[str], command: str) 
     code, out, _ = call(capsys, command, "--help")
     assert code == 0
     assert f"usage: leanstream {command}" in out and "SOURCE" in out
+    for option in ("--subfolder DIR", "--variant VARIANT", "--model-class NAME"):
+        assert option in out
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -506,3 +509,288 @@ def test_inspect_table_is_aligned(
     columns = {(row.start(2), row.end(3), row.start(4)) for row in rows}  # type: ignore[union-attr]
     assert len(columns) == 1, "\n".join(table)  # setting left-, total right-aligned
     assert " kB" not in out and "KiB" in out
+
+
+# --- issue 17: diffusers components, --subfolder, --variant, --model-class ----------------
+
+#: inspect's settings without the embeddings flags -> load()'s options
+PLAIN_SETTINGS: dict[str, dict[str, Any]] = {
+    "16-bit": dict(bits=None),
+    "8-bit (LLM.int8)": dict(bits=8),
+    "4-bit nf4": dict(bits=4),
+    "4-bit nf4 + double": dict(bits=4, double_quant=True),
+}
+
+
+@pytest.fixture(scope="module")
+def dm() -> Any:
+    """tests/diffusers_models.py (skipped without diffusers)."""
+    pytest.importorskip("diffusers")
+    import diffusers_models
+
+    return diffusers_models
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BertModel checkpoint: a base model, whose config's default class
+    (BertLMHeadModel) does not match it."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    config = BertConfig(
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
+    BertModel(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def loaded(source: Path, **options: Any) -> Any:
+    return leanstream.load(source, device="cpu", progress=False, **options)
+
+
+def error_of(call: Any) -> str:
+    """The message of the LeanstreamError ``call()`` raises."""
+    with pytest.raises(leanstream.LeanstreamError) as err:
+        call()
+    return str(err.value)
+
+
+def assert_predicts(report: dict[str, Any], source: Path, **options: Any) -> None:
+    """Every row of inspect's report is footprint() after load with that setting."""
+    assert [row["setting"] for row in report["memory"]] == list(PLAIN_SETTINGS)
+    for row in report["memory"]:
+        actual = leanstream.footprint(loaded(source, **PLAIN_SETTINGS[row["setting"]], **options))
+        assert (row["total_bytes"], row["by_kind"]) == (actual.total_bytes, actual.by_kind), row
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3", "unet"])
+def test_inspect_a_diffusers_component(
+    dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    folder = dm.write_model(tmp_path / kind, kind, max_shard_size="40KB")
+    code, out, err = call(capsys, "inspect", folder, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    class_name = dm.TINY[kind][0]
+    assert (report["architecture"], report["class_name"]) == (class_name, class_name)
+    assert report["model_type"] is None
+    with leanstream.Checkpoint(folder / "diffusion_pytorch_model.safetensors.index.json") as ckpt:
+        assert len(report["shards"]) == len(ckpt.files) > 1
+        assert (report["tensors"], report["tensor_bytes"]) == (len(ckpt), ckpt.total_bytes)
+    reference = dm.reference(folder, bits=4)
+    assert report["parameters"] == sum(p.numel() for p in dm.make_model(kind).parameters())
+    # every linear quantized (diffusers' rule, with no _keep_in_fp32_modules: none kept)
+    assert report["kept_in_full_precision"] == []
+    linears = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+    assert report["quantizable_layers"] == len(linears)
+    assert_predicts(report, folder)
+    # and what diffusers' own bitsandbytes quantization of it takes
+    memory = {row["setting"]: row for row in report["memory"]}
+    for setting, bits in (("4-bit nf4", 4), ("8-bit (LLM.int8)", 8)):
+        theirs = leanstream.footprint(reference if bits == 4 else dm.reference(folder, bits=8))
+        row = memory[setting]
+        assert (row["total_bytes"], row["by_kind"]) == (theirs.total_bytes, theirs.by_kind)
+    code, out, _ = call(capsys, "inspect", folder)
+    assert code == 0
+    assert f"model        {class_name} (diffusers), dtype bfloat16" in out
+    assert "quantized at 8/4 bits; kept: none" in out
+
+
+def test_inspect_keeps_the_fp32_modules_of_a_diffusers_component(
+    dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_keep_in_fp32_modules`` (a FLUX given some): kept in full precision, float32."""
+    import diffusers
+
+    folder = dm.write_flux(tmp_path / "flux")
+    fp32 = ["time_text_embed", "norm_out"]
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "_keep_in_fp32_modules", fp32)
+    code, out, err = call(capsys, "inspect", folder, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    kept = report["kept_in_full_precision"]
+    assert kept and all(name.startswith(tuple(fp32)) for name in kept)
+    assert all(row["by_kind"]["float32"] > 0 for row in report["memory"])
+    assert_predicts(report, folder)
+    memory = {row["setting"]: row for row in report["memory"]}
+    for setting, bits in (("4-bit nf4", 4), ("8-bit (LLM.int8)", 8)):
+        theirs = leanstream.footprint(dm.reference(folder, bits=bits))
+        assert (memory[setting]["total_bytes"], memory[setting]["by_kind"]) == (
+            theirs.total_bytes,
+            theirs.by_kind,
+        )
+
+
+def test_subfolder_of_a_pipeline(
+    dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = dm.write_pipeline_repo(tmp_path / "repo", "flux")
+    refused = error_of(lambda: loaded(root, bits=4))
+    assert "subfolder='transformer'" in refused
+    for args in (("inspect", root), ("quantize", root, tmp_path / "out", "--no-progress")):
+        code, out, err = call(capsys, *args)
+        assert (code, out) == (1, "")
+        assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+    assert not (tmp_path / "out").exists()
+
+    code, out, err = call(capsys, "inspect", root, "--subfolder", "transformer", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["folder"] == str((root / "transformer").resolve())
+    assert report["class_name"] == "FluxTransformer2DModel"
+    assert_predicts(report, root, subfolder="transformer")
+
+    out_folder = tmp_path / "nf4"
+    code, out, err = call(
+        capsys, "quantize", root, out_folder, "--subfolder", "transformer", "--no-progress",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith(f"wrote {out_folder}: ")
+    config = json.loads((out_folder / "config.json").read_text())
+    assert config["_class_name"] == "FluxTransformer2DModel"
+    again = loaded(out_folder)
+    expected = loaded(root, subfolder="transformer", bits=4)
+    assert assert_same_weights(expected, again) > 0
+    assert torch.equal(dm.forward(again), dm.forward(expected))
+    # the pre-quantized component it wrote: inspect predicts what load makes of it
+    code, out, err = call(capsys, "inspect", out_folder, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["quantization"] == "bitsandbytes 4-bit nf4"
+    (row,) = report["memory"]
+    actual = leanstream.footprint(again)
+    assert (row["setting"], row["total_bytes"], row["by_kind"]) == (
+        "4-bit nf4",
+        actual.total_bytes,
+        actual.by_kind,
+    )
+
+
+def test_variant(dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = dm.write_flux(tmp_path / "flux", seed=1)
+    dm.write_flux(folder, variant="fp16", dtype=torch.float16, seed=2)
+    refused = error_of(lambda: loaded(folder, bits=4))
+    assert "several variants" in refused
+    for args in (("inspect", folder), ("quantize", folder, tmp_path / "out", "--no-progress")):
+        code, _, err = call(capsys, *args)
+        assert code == 1
+        assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+
+    code, out, err = call(capsys, "inspect", folder, "--variant", "fp16", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["shards"] == ["diffusion_pytorch_model.fp16.safetensors"]
+    assert list(report["dtypes"]) == ["F16"] and report["dtype"] == "float16"
+    assert_predicts(report, folder, variant="fp16")
+    code, _, err = call(capsys, "inspect", folder, "--variant", "bf16")
+    assert code == 1 and "no weights of the variant 'bf16'" in one_error_line(err)
+
+    out_folder = tmp_path / "int8"
+    code, _, err = call(
+        capsys, "quantize", folder, out_folder, "--variant", "fp16", "--bits", "8",
+        "--no-progress", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    again = loaded(out_folder)
+    expected = loaded(folder, variant="fp16", bits=8)
+    assert assert_same_weights(expected, again) > 0
+    assert torch.equal(
+        dm.forward(again, dtype=torch.float16), dm.forward(expected, dtype=torch.float16)
+    )
+
+
+def test_model_class(bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModel, BertModel
+
+    # the config's default class (BertLMHeadModel) does not fit: refused, as load refuses it
+    refused = error_of(lambda: loaded(bert, bits=4))
+    assert "cls.predictions" in refused
+    code, _, err = call(capsys, "inspect", bert)
+    assert code == 1
+    assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+
+    code, out, err = call(capsys, "inspect", bert, "--model-class", "AutoModel", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["architecture"], report["model_type"]) == ("BertModel", "bert")
+    assert report["parameters"] == BertModel.from_pretrained(bert).num_parameters()
+    settings = {
+        **PLAIN_SETTINGS,
+        "8-bit + emb/head": dict(bits=8, quantize_embeddings=True),
+        "4-bit nf4 + emb/head": dict(bits=4, quantize_embeddings=True),
+        "4-bit nf4 + double + emb/head": dict(bits=4, double_quant=True, quantize_embeddings=True),
+    }
+    assert [row["setting"] for row in report["memory"]] == list(settings)
+    for row in report["memory"]:
+        actual = leanstream.footprint(
+            loaded(bert, model_class=AutoModel, **settings[row["setting"]])
+        )
+        assert (row["total_bytes"], row["by_kind"]) == (actual.total_bytes, actual.by_kind), row
+    code, out, _ = call(capsys, "inspect", bert, "--model-class", "BertModel", "--json")
+    assert code == 0 and json.loads(out) == report
+
+    out_folder = tmp_path / "nf4"
+    code, _, err = call(
+        capsys, "quantize", bert, out_folder, "--model-class", "AutoModel", "--no-progress",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    again = loaded(out_folder, model_class=AutoModel)
+    expected = loaded(bert, bits=4, model_class=AutoModel)
+    assert type(again) is BertModel
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert torch.equal(again(ids).last_hidden_state, expected(ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("command", ["inspect", "quantize", "generate"])
+def test_model_class_errors_are_one_line(
+    sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    args = {
+        "inspect": ["inspect", sources["llama"]],
+        "quantize": ["quantize", sources["llama"], tmp_path / "out", "--no-progress"],
+        "generate": ["generate", sources["llama"], "--prompt", "the", "--no-progress"],
+    }[command]
+    code, out, err = call(capsys, *args, "--model-class", "NoSuchModel")
+    assert (code, out) == (1, "")
+    assert one_error_line(err) == (
+        "leanstream: error: --model-class NoSuchModel: transformers "
+        f"{transformers.__version__} has no such class (a model class such as BertModel, "
+        "or an Auto class such as AutoModel, AutoModelForSeq2SeqLM)"
+    )
+    # a class that exists but cannot be built for this config: load's own error
+    code, out, err = call(capsys, *args, "--model-class", "AutoModelForSeq2SeqLM")
+    assert (code, out) == (1, "")
+    line = one_error_line(err)
+    assert "AutoModelForSeq2SeqLM cannot be built for model_type 'llama'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_class_with_a_diffusers_component(
+    dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModel
+
+    folder = dm.write_flux(tmp_path / "flux")
+    refused = error_of(lambda: loaded(folder, model_class=AutoModel))
+    assert "diffusers config" in refused
+    code, _, err = call(capsys, "inspect", folder, "--model-class", "AutoModel")
+    assert code == 1
+    assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+
+
+def test_generate_refuses_a_diffusers_component(
+    dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = dm.write_pipeline_repo(tmp_path / "repo", "flux")
+    code, out, err = call(capsys, "generate", root, "--subfolder", "transformer", "--prompt", "a")
+    assert (code, out) == (1, "")
+    line = one_error_line(err)
+    assert "diffusers FluxTransformer2DModel, not a transformers language model" in line
+    assert str((root / "transformer").resolve()) in line

@@ -6,8 +6,10 @@
     leanstream quantize SOURCE OUT --bits 4      # stream-quantize and save a pre-quantized folder
     leanstream generate SOURCE --prompt "..."    # load (quantized) and generate greedily
 
-``SOURCE`` is a local folder or a Hugging Face hub repo id. Errors print one line,
-``leanstream: error: ...``, to stderr and exit with 2 (usage) or 1 (a
+``SOURCE`` is a local folder or a Hugging Face hub repo id: a transformers model, or a
+diffusers component (``--subfolder transformer`` of a pipeline); every command takes
+:func:`leanstream.load`'s ``--subfolder``, ``--variant`` and ``--model-class``. Errors
+print one line, ``leanstream: error: ...``, to stderr and exit with 2 (usage) or 1 (a
 :class:`~leanstream.LeanstreamError`, an operating-system error such as a full disk, or
 any other exception, named with its type and the package it came from); ``--verbose``
 prints the traceback above that line. Ctrl-C prints ``leanstream: interrupted`` and exits
@@ -138,7 +140,8 @@ def _quiet_libraries(*, enabled: bool) -> Iterator[None]:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Stream safetensors LLM checkpoints into bitsandbytes-quantized models.",
+        description="Stream safetensors checkpoints (transformers models, diffusers "
+        "components) into bitsandbytes-quantized models.",
     )
     from . import __version__
 
@@ -151,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
         help="describe a checkpoint and predict its memory at 16/8/4 bits (loads no weights)",
         description="Shards, tensor count, dtypes, parameter count, and the memory the "
         "model would take at 16, 8 and 4 bits (nf4, with and without double quantization), "
-        "computed from the checkpoint index and the model built on 'meta': no weights loaded.",
+        "computed from the checkpoint index and the model built on 'meta': no weights loaded. "
+        "A diffusers component is predicted by diffusers' rules (every linear layer "
+        "quantized but _keep_in_fp32_modules).",
     )
     _source_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print a JSON object instead")
@@ -161,8 +166,8 @@ def _parser() -> argparse.ArgumentParser:
         "quantize",
         help="stream-quantize a checkpoint and save it pre-quantized",
         description="Load SOURCE quantized, tensor by tensor, and save it to OUT as a "
-        "pre-quantized bitsandbytes checkpoint that transformers and leanstream load. "
-        "OUT is replaced atomically.",
+        "pre-quantized bitsandbytes checkpoint that transformers (diffusers, for a diffusers "
+        "component) and leanstream load. OUT is replaced atomically.",
     )
     _source_arguments(quantize)
     quantize.add_argument("out", metavar="OUT", help="folder to write")
@@ -180,8 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="load a model (quantized) and generate text from a prompt",
-        description="Load SOURCE and generate greedily from PROMPT with the tokenizer "
-        "stored in the checkpoint folder.",
+        description="Load SOURCE (a transformers model) and generate greedily from PROMPT "
+        "with the tokenizer stored in the checkpoint folder.",
     )
     _source_arguments(generate)
     generate.add_argument("--prompt", required=True, help="the text to continue")
@@ -213,6 +218,22 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
     # before or after the command; a command's default must not undo 'leanstream -v CMD'
     _verbose_argument(parser, default=argparse.SUPPRESS)
     parser.add_argument("source", metavar="SOURCE", help="local folder or hub repo id")
+    parser.add_argument(
+        "--subfolder",
+        metavar="DIR",
+        help="the model's folder inside SOURCE, e.g. a diffusers pipeline's transformer or unet",
+    )
+    parser.add_argument(
+        "--variant",
+        help="weights variant, e.g. fp16 (*.fp16.safetensors); needed when there are several",
+    )
+    parser.add_argument(
+        "--model-class",
+        metavar="NAME",
+        help="transformers class to build: AutoModel, AutoModelForSeq2SeqLM, BertModel... "
+        "(default: the config's causal LM class, else its architectures[0]; a diffusers "
+        "component is the class its config names)",
+    )
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom modeling code"
@@ -282,14 +303,16 @@ def _inspect(args: argparse.Namespace) -> int:
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         dtype=args.dtype,
+        subfolder=args.subfolder,
+        variant=args.variant,
+        model_class=_model_class(args.model_class),
     )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"source       {report['folder']}")
-    print(
-        f"model        {report['architecture']} ({report['model_type']}), dtype {report['dtype']}"
-    )
+    library = report["model_type"] or "diffusers"
+    print(f"model        {report['architecture']} ({library}), dtype {report['dtype']}")
     if report["quantization"]:
         print(f"quantized    {report['quantization']} (pre-quantized checkpoint)")
     print(f"shards       {len(report['shards'])} file(s), {format_bytes(report['tensor_bytes'])}")
@@ -300,7 +323,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"parameters   {report['parameters']:,}")
     layers = report["quantizable_layers"]
     kept = report["kept_in_full_precision"]
-    print(f"layers       {layers} linear layer(s) quantized at 8/4 bits; kept: {', '.join(kept)}")
+    print(
+        f"layers       {layers} linear layer(s) quantized at 8/4 bits; "
+        f"kept: {', '.join(kept) or 'none'}"
+    )
     rows = [("setting", "total", "by kind")] + [
         (
             row["setting"],
@@ -322,24 +348,31 @@ def inspect_checkpoint(
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: str = "auto",
+    subfolder: str | None = None,
+    variant: str | None = None,
+    model_class: Any = None,
 ) -> dict[str, Any]:
     """What ``leanstream inspect`` prints, as a dict (JSON-serializable).
 
     Reads the checkpoint index (headers only) and builds the model on ``meta``; the
     predicted memory is exactly what :func:`leanstream.footprint` reports after
     :func:`leanstream.load` with those settings (blocksize 64 for 4 bits).
+    ``subfolder``, ``variant`` and ``model_class`` are :func:`leanstream.load`'s: the
+    same weights are opened, the same model is built (a diffusers component as the
+    class its ``config.json`` names, predicted by diffusers' rules), and what ``load``
+    refuses is refused.
     """
     from . import _core
-    from .checkpoint import check_weights_format, load_config, resolve
-    from .loader import _expected_shapes, _model_dtype, _rename_keys
-    from .meta import build_empty_model
-    from .prequantized import Prequantized, describe, quantization_dict
+    from .families import family, fp32_rule
+    from .loader import _expected_shapes, _model_dtype, _Names, _plan, _rename_keys
+    from .meta import build_diffusers_model, build_empty_model
+    from .prequantized import describe, quantization_dict
 
-    folder = resolve(source, revision=revision)
-    check_weights_format(folder)
-    config = load_config(folder, trust_remote_code=trust_remote_code)
+    folder, weights, config, diffusers_class = _open_as_load(
+        source, subfolder, variant, revision, trust_remote_code, model_class
+    )
     quant = quantization_dict(config)
-    with _core.Checkpoint(folder) as ckpt:
+    with _core.Checkpoint(weights) as ckpt:
         model_dtype = _model_dtype(dtype, config, ckpt)
         dtypes: dict[str, dict[str, int]] = {}
         for key in ckpt.keys():
@@ -349,13 +382,128 @@ def inspect_checkpoint(
             entry["bytes"] += info.nbytes
         shards = [Path(f).name for f in ckpt.files]
         tensors, tensor_bytes = len(ckpt), ckpt.total_bytes
-        model = build_empty_model(config, trust_remote_code=trust_remote_code)
+        if diffusers_class is not None:
+            model = build_diffusers_model(diffusers_class, folder)
+        else:
+            model = build_empty_model(
+                config, trust_remote_code=trust_remote_code, model_class=model_class
+            )
+        parameters = sum(p.numel() for p in model.parameters())
+        linears = sorted(name for name, module in model.named_modules() if _is_linear(module))
+        expected = _expected_shapes(model)
         # what load() refuses (conversions that cannot be streamed), inspect refuses too
-        _rename_keys(model, ckpt, folder, _expected_shapes(model))
-    parameters = sum(p.numel() for p in model.parameters())
-    if quant is not None:
-        from .quantize import QuantSpec
+        renamed = _rename_keys(model, ckpt, folder, expected)
+        keep_fp32 = fp32_rule(model, family(model), model_dtype)
+        settings, layers, pre = _choose_layers(
+            model, config, folder, expected, set(renamed[0]), keep_fp32
+        )
+        # and missing, unexpected or mis-shaped tensors
+        stored = dict.fromkeys(layers.embeddings if pre is not None else (), False)
+        replaced = {**layers.replaced, **stored}
+        _plan(
+            model,
+            ckpt,
+            folder,
+            expected,
+            replaced,
+            model_dtype,
+            keep_fp32,
+            renamed,
+            set(),
+            _Names(),
+            pre,
+        )
+    predictions, quantized = _predict(model, model_dtype, settings, layers)
+    return {
+        "folder": str(folder),
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "class_name": diffusers_class.__name__ if diffusers_class is not None else None,
+        "dtype": str(model_dtype).removeprefix("torch."),
+        "quantization": describe(quant) if quant is not None else None,
+        "shards": shards,
+        "tensors": tensors,
+        "tensor_bytes": tensor_bytes,
+        "dtypes": dtypes,
+        "parameters": parameters,
+        "quantizable_layers": quantized,
+        "kept_in_full_precision": [name for name in linears if name not in layers.replaced],
+        "memory": [asdict(p) for p in predictions],
+    }
 
+
+def _open_as_load(
+    source: str | os.PathLike[str],
+    subfolder: str | None,
+    variant: str | None,
+    revision: str | None,
+    trust_remote_code: bool,
+    model_class: Any,
+) -> tuple[Path, Path | list[Path], Any, type | None]:
+    """:func:`leanstream.load`'s first steps, in its order, with its errors: the folder,
+    the weights to open, the config (transformers', or the loader's view of a diffusers
+    one) and the diffusers class (None for a transformers model)."""
+    from .checkpoint import (
+        check_weights_format,
+        load_config,
+        read_config_dict,
+        resolve,
+        weight_files,
+    )
+    from .loader import _diffusers_class, _DiffusersConfig, _refuse_pipeline_folder
+
+    folder = resolve(source, subfolder=subfolder, revision=revision)
+    _refuse_pipeline_folder(folder)
+    check_weights_format(folder)
+    config_dict = read_config_dict(folder)
+    weights = weight_files(folder, variant)
+    diffusers_class = _diffusers_class(folder, config_dict)
+    if diffusers_class is None:
+        return folder, weights, load_config(folder, trust_remote_code=trust_remote_code), None
+    if model_class is not None:
+        raise ConfigError(
+            f"model_class={model_class!r}: {folder / 'config.json'} is a diffusers "
+            f"config, built as the class it names ({diffusers_class.__name__})"
+        )
+    return folder, weights, _DiffusersConfig(config_dict), diffusers_class
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """What a load does to each tensor of the model, as the loader decides it: the
+    linears it quantizes (``{name: transpose}``), the embeddings and output embeddings
+    it quantizes with the flags (or that a pre-quantized checkpoint stores quantized),
+    ``{name: (E, R, C)}`` of the 3-D experts weights it quantizes, the tensors it reads
+    from the checkpoint and ``keep_fp32(module_name, attr)``, its float32 rule."""
+
+    replaced: dict[str, bool]
+    embeddings: set[str]
+    output: set[str]
+    experts: dict[str, tuple[int, ...]]
+    loaded: set[str]
+    keep_fp32: Any
+
+
+def _choose_layers(
+    model: Any,
+    config: Any,
+    folder: Path,
+    expected: dict[str, tuple[int, ...]],
+    loaded: set[str],
+    keep_fp32: Any,
+) -> tuple[dict[str, Any], _Layers, Any]:
+    """The settings to predict, what each does to the layers (by the rules of the
+    model's library, as the loader applies them; ``model``'s linears are replaced, on
+    meta) and the :class:`~leanstream.prequantized.Prequantized` of a pre-quantized
+    checkpoint (None otherwise)."""
+    from .families import default_skip, family, fp32_patterns, resolve_skip
+    from .prequantized import Prequantized
+    from .quantize import QuantSpec, expert_params, extra_modules, replace_linears
+
+    kind = family(model)
+    fp32_modules = fp32_patterns(model)
+    pre = None
+    if getattr(config, "quantization_config", None) is not None:
         pre = Prequantized.from_config(
             config,
             folder,
@@ -367,46 +515,44 @@ def inspect_checkpoint(
         embeddings, output = pre.extra_modules(model)
         spec = dataclasses.replace(pre.spec, embeddings=bool(embeddings), lm_head=bool(output))
         settings = {_setting_name(pre.spec.bits, spec): spec}
-        skip = pre.skip(model) - output
-        experts = pre.experts_shapes(model, _expected_shapes(model))
-        pre_extra = (embeddings, output, experts)
+        if kind == "transformers":
+            skip = pre.skip(model) - output
+        else:  # as the loader: the checkpoint's list matched the library's way
+            skip = resolve_skip(model, kind, [*(pre.skip_modules or []), *fp32_modules])
     else:
-        settings = _standard_settings()
-        skip = None
-        pre_extra = None
-    predictions, quantized, kept = _predict(model, model_dtype, settings, skip, pre_extra)
-    return {
-        "folder": str(folder),
-        "architecture": type(model).__name__,
-        "model_type": config.model_type,
-        "dtype": str(model_dtype).removeprefix("torch."),
-        "quantization": describe(quant) if quant is not None else None,
-        "shards": shards,
-        "tensors": tensors,
-        "tensor_bytes": tensor_bytes,
-        "dtypes": dtypes,
-        "parameters": parameters,
-        "quantizable_layers": quantized,
-        "kept_in_full_precision": kept,
-        "memory": [asdict(p) for p in predictions],
-    }
+        embeddings, output = extra_modules(
+            model, QuantSpec(bits=4, embeddings=True, lm_head=True), fp32_modules
+        )
+        settings = _standard_settings(extra=bool(embeddings or output))
+        skip = default_skip(model, kind)
+    replaced = replace_linears(model, pre.spec if pre is not None else QuantSpec(bits=4), skip)
+    if kind != "transformers":
+        experts = {}
+    elif pre is not None:
+        experts = pre.experts_shapes(model, expected)
+    else:  # 3-D experts weights [E, R, C], quantized as E * R rows
+        experts = expert_params(model, skip)
+    return settings, _Layers(replaced, embeddings, output, experts, loaded, keep_fp32), pre
 
 
-def _standard_settings() -> dict[str, Any]:
+def _standard_settings(*, extra: bool = True) -> dict[str, Any]:
+    """The settings inspect predicts; ``extra``: with those that quantize embeddings
+    and the output embeddings too (left out for a model that has neither)."""
     from .quantize import QuantSpec
 
-    return {
+    settings = {
         "16-bit": QuantSpec(bits=16),
         "8-bit (LLM.int8)": QuantSpec(bits=8),
         "4-bit nf4": QuantSpec(bits=4),
         "4-bit nf4 + double": QuantSpec(bits=4, double_quant=True),
-        # quantize_embeddings=True, quantize_lm_head=True
-        "8-bit + emb/head": QuantSpec(bits=8, embeddings=True, lm_head=True),
-        "4-bit nf4 + emb/head": QuantSpec(bits=4, embeddings=True, lm_head=True),
-        "4-bit nf4 + double + emb/head": QuantSpec(
-            bits=4, double_quant=True, embeddings=True, lm_head=True
-        ),
     }
+    if extra:  # quantize_embeddings=True, quantize_lm_head=True
+        settings["8-bit + emb/head"] = QuantSpec(bits=8, embeddings=True, lm_head=True)
+        settings["4-bit nf4 + emb/head"] = QuantSpec(bits=4, embeddings=True, lm_head=True)
+        settings["4-bit nf4 + double + emb/head"] = QuantSpec(
+            bits=4, double_quant=True, embeddings=True, lm_head=True
+        )
+    return settings
 
 
 def _setting_name(bits: int, spec: Any) -> str:
@@ -417,69 +563,44 @@ def _setting_name(bits: int, spec: Any) -> str:
 
 
 def _predict(
-    model: Any,
-    model_dtype: Any,
-    settings: dict[str, Any],
-    skip: set[str] | None,
-    pre_extra: tuple[set[str], set[str], dict[str, tuple[int, ...]]] | None = None,
-) -> tuple[list[Prediction], int, list[str]]:
+    model: Any, model_dtype: Any, settings: dict[str, Any], layers: _Layers
+) -> tuple[list[Prediction], int]:
     """Bytes of parameters and buffers after loading with each setting, by
-    :func:`leanstream.footprint`'s kinds; layers are chosen by :func:`replace_linears`
-    itself (run on the meta model: it allocates nothing). ``pre_extra``: what a
-    pre-quantized checkpoint stores quantized besides its linears (embeddings, output
-    embeddings, ``{name: (E, R, C)}`` of experts weights)."""
-    import torch
-
-    from .quantize import (
-        QuantSpec,
-        default_skip_modules,
-        expert_params,
-        extra_modules,
-        matches_any,
-        replace_linears,
-    )
-
-    fp32_modules = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    fp32_modules += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    if pre_extra is not None:  # a pre-quantized checkpoint: what it stores
-        embeddings, output, experts = pre_extra
-    else:
-        embeddings, output = extra_modules(
-            model, QuantSpec(bits=4, embeddings=True, lm_head=True), fp32_modules
-        )
-    skip = default_skip_modules(model) if skip is None else skip
-    kept = sorted(name for name, module in model.named_modules() if _is_linear(module))
-    replaced = replace_linears(model, QuantSpec(bits=4), skip)
-    kept = [name for name in kept if name not in replaced]
-    if pre_extra is None:
-        # 3-D experts weights [E, R, C], quantized as E * R rows
-        experts = expert_params(model, skip)
+    :func:`leanstream.footprint`'s kinds (``model``: on meta, its linears replaced),
+    and the number of weights quantized at 8/4 bits (a shared one counted once)."""
     shapes = []  # (out_features, in_features) of every weight that gets quantized
     extra = []  # the same for embeddings / lm_head, quantized only with the flags
     plain: dict[str, int] = {}  # bytes of the tensors no setting changes, by kind
     extra_plain: dict[str, int] = {}  # bytes of those embeddings / lm_head unquantized
+    flagged = layers.embeddings | layers.output
+    buffers: set[int] = set()
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         for name, param in module.named_parameters(recurse=False):
-            if _is_shared(model, f"{module_name}.{name}".lstrip(".")):
+            if _is_shared(model, prefix + name):
                 continue
-            if name == "weight" and module_name in replaced:
+            if name == "weight" and module_name in layers.replaced:
                 shapes.append((int(module.out_features), int(module.in_features)))
                 continue
-            full = f"{module_name}.{name}" if module_name else name
-            if full in experts:
-                count, rows, cols = experts[full]
+            if prefix + name in layers.experts:
+                count, rows, cols = layers.experts[prefix + name]
                 shapes.append((count * rows, cols))
                 continue
-            dtype = torch.float32 if matches_any(module_name, fp32_modules) else model_dtype
-            if not param.is_floating_point():
-                dtype = param.dtype
-            if name == "weight" and module_name in embeddings | output:
+            dtype = _loaded_dtype(param, module_name, name, model_dtype, layers)
+            if name == "weight" and module_name in flagged:
                 extra.append(tuple(int(d) for d in param.shape))
                 _add(extra_plain, _kind(dtype), param.numel() * dtype.itemsize)
                 continue
             _add(plain, _kind(dtype), param.numel() * dtype.itemsize)
-    for buf in model.buffers():
-        _add(plain, _kind(buf.dtype), buf.numel() * buf.element_size())
+        for name, buf in module.named_buffers(recurse=False):
+            if id(buf) in buffers:
+                continue
+            buffers.add(id(buf))
+            # loaded from the checkpoint: in the dtype load gives; else as built
+            dtype = buf.dtype
+            if prefix + name in layers.loaded:
+                dtype = _loaded_dtype(buf, module_name, name, model_dtype, layers)
+            _add(plain, _kind(dtype), buf.numel() * dtype.itemsize)
     predictions = []
     for label, spec in settings.items():
         by_kind = dict(plain)
@@ -506,7 +627,19 @@ def _predict(
                     stats += blocks * 4
                 _add(by_kind, "quant_state", stats)
         predictions.append(Prediction(label, sum(by_kind.values()), by_kind))
-    return predictions, len(shapes), kept
+    return predictions, len(shapes)
+
+
+def _loaded_dtype(
+    tensor: Any, module_name: str, attr: str, model_dtype: Any, layers: _Layers
+) -> Any:
+    """The dtype a full-precision tensor has after load: float32 by the library's
+    float32 rule, else the model's dtype; integer tensors as they are."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if layers.keep_fp32(module_name, attr) else model_dtype
 
 
 def _is_linear(module: Any) -> bool:
@@ -546,7 +679,26 @@ def _load_options(args: argparse.Namespace, bits: int | str | None) -> dict[str,
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress,
+        subfolder=args.subfolder,
+        variant=args.variant,
+        model_class=_model_class(args.model_class),
     )
+
+
+def _model_class(name: str | None) -> Any:
+    """``--model-class NAME``: the transformers class of that name."""
+    if name is None:
+        return None
+    import transformers
+
+    found = getattr(transformers, name, None) if name.isidentifier() else None
+    if not isinstance(found, type):
+        raise ConfigError(
+            f"--model-class {name}: transformers {transformers.__version__} has no such class "
+            "(a model class such as BertModel, or an Auto class such as AutoModel, "
+            "AutoModelForSeq2SeqLM)"
+        )
+    return found
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -568,11 +720,17 @@ def _quantize(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import resolve
+    from .checkpoint import read_config_dict, resolve
     from .loader import load
     from .save import tokenizer_files
 
-    folder = resolve(args.source, revision=args.revision)
+    folder = resolve(args.source, subfolder=args.subfolder, revision=args.revision)
+    config = read_config_dict(folder)
+    if "model_type" not in config:  # a diffusers component
+        raise ConfigError(
+            f"{folder / 'config.json'}: a diffusers {config['_class_name']}, not a transformers "
+            "language model: generate needs one (quantize and inspect take diffusers components)"
+        )
     if not tokenizer_files(folder):
         raise ConfigError(
             f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json, "
@@ -586,7 +744,7 @@ def _generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{folder}: the tokenizer cannot be loaded: {err}") from err
     bits = None if args.bits == "16" else args.bits if args.bits == "auto" else int(args.bits)
-    model = load(folder, **_load_options(args, bits))
+    model = load(folder, **{**_load_options(args, bits), "subfolder": None})  # resolved
     device = next(model.parameters()).device
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     if inputs["input_ids"].shape[1] == 0:

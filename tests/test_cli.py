@@ -626,13 +626,6 @@ def test_inspect_keeps_the_fp32_modules_of_a_diffusers_component(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="families.default_skip gives a diffusers model its _keep_in_fp32_modules as "
-    "transformers-rule patterns: 'norm' does not keep single_transformer_blocks.0.norm.linear "
-    "out of quantization, which diffusers keeps (in float32); load quantizes it, and inspect "
-    "predicts what load does",
-)
 def test_inspect_matches_diffusers_on_an_fp32_pattern_inside_a_name(
     dm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

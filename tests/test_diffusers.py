@@ -202,3 +202,20 @@ def test_a_diffusers_model_through_load_into(components: dict[str, Path]) -> Non
     ref = reference(components["flux"], SETTINGS["nf4"])
     assert assert_same_weights(ref, got) > 0
     assert got.is_loaded_in_4bit
+
+
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+def test_keep_in_fp32_modules_as_diffusers_matches_them(
+    components: dict[str, Path], monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """``"norm"`` keeps ``single_transformer_blocks.0.norm.linear`` out of quantization
+    and in float32 (diffusers matches a pattern anywhere in the name, as ``norm.``)."""
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "_keep_in_fp32_modules", ["norm"])
+    ref = reference(components["flux"], SETTINGS[setting])
+    got = ours(components["flux"], SETTINGS[setting])
+    kept = got.get_submodule("single_transformer_blocks.0.norm.linear")
+    assert type(kept) is nn.Linear and kept.weight.dtype == torch.float32
+    assert assert_same_weights(ref, got) > 0
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

@@ -82,10 +82,9 @@ def default_skip(model: nn.Module, kind: Family) -> set[str]:
     """Modules the library keeps out of quantization by default (as patterns)."""
     if kind == "transformers":
         return default_skip_modules(model)
-    skip = set(fp32_patterns(model))
-    if kind == "module":
-        skip |= {_exact(name) for name in _shared_weights(model)}
-    return skip
+    if kind == "diffusers":  # its _keep_in_fp32_modules, matched as diffusers does
+        return resolve_skip(model, kind, fp32_patterns(model))
+    return set(fp32_patterns(model)) | {_exact(name) for name in _shared_weights(model)}
 
 
 def resolve_skip(model: nn.Module, kind: Family, patterns: Iterable[str]) -> set[str]:

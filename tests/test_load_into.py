@@ -13,7 +13,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_load import SETTINGS
+from test_load import SETTINGS, assert_same_weights
 from torch import nn
 
 import leanstream
@@ -104,25 +104,6 @@ def bnb_reference(state: dict[str, torch.Tensor], settings: dict[str, Any]) -> N
     return model.eval()
 
 
-def assert_same_quantized(ref: nn.Module, got: nn.Module) -> int:
-    got_modules = dict(got.named_modules())
-    count = 0
-    for name, module in ref.named_modules():
-        twin = got_modules[name]
-        assert type(twin) is type(module), name
-        if isinstance(module, bnb.nn.Linear4bit):
-            count += 1
-            assert torch.equal(module.weight.data, twin.weight.data), name
-            a, b = module.weight.quant_state, twin.weight.quant_state
-            assert torch.equal(a.absmax, b.absmax), name
-            assert (a.state2 is None) == (b.state2 is None), name
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            count += 1
-            assert torch.equal(module.weight.data, twin.weight.data), name
-            assert torch.equal(module.weight.SCB, twin.weight.SCB), name
-    return count
-
-
 def ids() -> torch.Tensor:
     return torch.tensor([[1, 5, 9, 42, 7, 90, 11, 2]])
 
@@ -135,7 +116,7 @@ def test_plain_module_bit_identical_to_bitsandbytes(net_file: Path, setting: str
     extra = {"compute_dtype": torch.bfloat16} if settings["bits"] == 4 else {}
     got = leanstream.load_into(Net, net_file, device="cpu", progress=False, **settings, **extra)
     ref = bnb_reference(load_file(net_file), settings)
-    assert assert_same_quantized(ref, got) == 4
+    assert assert_same_weights(ref, got) == 4
     # the tied head shares the embedding's (unquantized) weight, as in the model built
     assert type(got.head) is nn.Linear and got.head.weight is got.embed.weight
     assert got.embed.weight.dtype == torch.bfloat16 and not got.embed.weight.is_meta
@@ -224,7 +205,7 @@ def test_key_map(tmp_path: Path, form: str) -> None:
     }[form]
     got = leanstream.load_into(Wrapped, path, key_map=key_map, bits=4, device="cpu", progress=False)
     ref = bnb_reference(state, SETTINGS["nf4"])
-    assert assert_same_quantized(ref, got.inner) == 4
+    assert assert_same_weights(ref, got.inner) == 4
 
 
 def test_without_key_map_the_names_are_a_mismatch(tmp_path: Path) -> None:
@@ -379,7 +360,7 @@ def test_ignore_unexpected(net_file: Path, tmp_path: Path) -> None:
     got = leanstream.load_into(
         Net, path, ignore_unexpected=[r"^vision\."], bits=4, device="cpu", progress=False
     )
-    assert assert_same_quantized(bnb_reference(state, SETTINGS["nf4"]), got) == 4
+    assert assert_same_weights(bnb_reference(state, SETTINGS["nf4"]), got) == 4
 
 
 def test_two_loads_in_two_threads(net_file: Path, tmp_path: Path) -> None:
@@ -405,7 +386,7 @@ def test_two_loads_in_two_threads(net_file: Path, tmp_path: Path) -> None:
     for name, got in results.items():
         assert isinstance(got, Net), got
         if name in ("0", "2"):
-            assert assert_same_quantized(single, got) == 4
+            assert assert_same_weights(single, got) == 4
     # a module built outside any load in this thread is a normal one
     assert not nn.Linear(2, 2).weight.is_meta
 

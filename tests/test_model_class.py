@@ -34,11 +34,17 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
     return model.to(torch.bfloat16)
 
 
+def write_tiny(folder: Path, cls: Any, config: Any, max_shard_size: str = "60KB") -> Path:
+    """A randomized ``cls(config)`` saved in bf16 shards, as the hub holds it."""
+    torch.manual_seed(0)
+    randomized(cls(config)).save_pretrained(folder, max_shard_size=max_shard_size)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
     config = BertConfig(
         vocab_size=320,
         hidden_size=64,
@@ -47,16 +53,13 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         intermediate_size=128,
         max_position_embeddings=64,
     )
-    folder = tmp_path_factory.mktemp("bert")
-    randomized(BertModel(config)).save_pretrained(folder, max_shard_size="60KB")
-    return folder
+    return write_tiny(tmp_path_factory.mktemp("bert"), BertModel, config)
 
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    torch.manual_seed(0)
     config = T5Config(
         vocab_size=320,
         d_model=64,
@@ -66,9 +69,7 @@ def t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_heads=2,
         decoder_start_token_id=0,
     )
-    folder = tmp_path_factory.mktemp("t5")
-    randomized(T5ForConditionalGeneration(config)).save_pretrained(folder, max_shard_size="60KB")
-    return folder
+    return write_tiny(tmp_path_factory.mktemp("t5"), T5ForConditionalGeneration, config)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,6 @@ def mllama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama-3.2-Vision-like checkpoint: text model, vision tower, projector."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-    torch.manual_seed(0)
     config = MllamaConfig(
         text_config=dict(
             vocab_size=320,
@@ -106,9 +106,7 @@ def mllama(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
     )
     folder = tmp_path_factory.mktemp("mllama")
-    model = randomized(MllamaForConditionalGeneration(config))
-    model.save_pretrained(folder, max_shard_size="100KB")
-    return folder
+    return write_tiny(folder, MllamaForConditionalGeneration, config, max_shard_size="100KB")
 
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]])

@@ -248,3 +248,26 @@ def test_a_gpu_cpu_split_runs_as_the_gpu_model(sources: dict[str, Path], setting
         a = one(input_ids=ids).logits.float().cpu()
         b = got(input_ids=ids).logits.float().cpu()
     assert (a - b).norm() / a.norm() < 2e-2
+
+
+def test_a_load_across_devices_streams_one_run_per_device() -> None:
+    """Consecutive tensors on one device form one run (its own pipeline on a GPU), in
+    the plan's order, every tensor in exactly one run."""
+    from leanstream.loader import _runs, _Target
+
+    names = ["embed.weight", "layers.0.w", "layers.0.b", "layers.1.w", "norm.weight", "head.w"]
+    plan = {"embed": 0, "layers.0": 0, "layers.1": "cpu", "norm": 1, "head": 1}
+
+    def where(name: str) -> torch.device:
+        return placement.torch_device(placement.device_for(plan, name))
+
+    targets = [
+        _Target(key=n, name=n, module=None, attr="w", dtype=None, transpose=False, buffer=False)  # type: ignore[arg-type]
+        for n in names
+    ]
+    runs = [(str(device), [t.name for t in run]) for device, run in _runs(targets, where)]  # type: ignore[arg-type]
+    assert runs == [
+        ("cuda:0", ["embed.weight", "layers.0.w", "layers.0.b"]),
+        ("cpu", ["layers.1.w"]),
+        ("cuda:1", ["norm.weight", "head.w"]),
+    ]

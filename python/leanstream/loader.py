@@ -685,8 +685,6 @@ def _fill(
     if placing is not None:
         where = placing.plan(model, spec, experts, keep_fp32, model_dtype)
         device = where.main
-        if where.several:
-            source = dataclasses.replace(source, pipeline=False)  # see _Placing
     targets, ties = _plan(
         model,
         ckpt,
@@ -709,60 +707,44 @@ def _fill(
         warm.stop()  # the ordered reads start now: the warm-up would compete
     with (
         where.kernel_streams(),
-        source.open(ckpt, keys, device, host) as tensors,
-        byte_progress(tensors.total_bytes, f"leanstream {folder.name}", enabled=progress) as bar,
+        byte_progress(
+            sum(ckpt[key].nbytes for key in keys), f"leanstream {folder.name}", enabled=progress
+        ) as bar,
     ):
         trim = _MallocTrim() if "cpu" in {d.type for d in where.devices} else None
-        owned = source.pipeline
-        for target in targets:
-            stats, nbytes = {}, 0
-            for stat, stat_key in target.stats or ():
-                stats[stat] = tensors.take(stat_key)
-                nbytes += stats[stat].nbytes
-            tensor = tensors.take(target.key)
-            nbytes += tensor.nbytes
-            if target.stats is not None and prequantized is not None:
-                if target.name in experts:
-                    prequantized.materialize_experts(
-                        target.name,
-                        target.module,
-                        target.attr,
+        # one stream of tensors per run of consecutive tensors on one device (a single run
+        # on one device): a CUDA run through the pipeline when it is on, a CPU run mapped
+        for run_device, run in _runs(targets, where):
+            run_source = source
+            if where.several and run_device.type != "cuda":
+                run_source = dataclasses.replace(source, pipeline=False)
+            run_keys = [k for t in run for k in (*(key for _, key in t.stats or ()), t.key)]
+            with run_source.open(ckpt, run_keys, run_device, host & set(run_keys)) as tensors:
+                owned = run_source.pipeline
+                for target in run:
+                    stats, nbytes = {}, 0
+                    for stat, stat_key in target.stats or ():
+                        stats[stat] = tensors.take(stat_key)
+                        nbytes += stats[stat].nbytes
+                    tensor = tensors.take(target.key)
+                    nbytes += tensor.nbytes
+                    _put(
+                        target,
                         tensor,
                         stats,
-                        shape=experts[target.name],
-                        dtype=target.dtype,  # type: ignore[arg-type]
-                        device=where(target.name),
-                        owned=owned,
+                        run_device,
+                        owned,
+                        spec,
+                        prequantized,
+                        experts,
+                        merging,
                     )
-                else:
-                    prequantized.materialize(
-                        target.name,
-                        target.module,
-                        tensor,
-                        stats,
-                        device=where(target.name),
-                        owned=owned,
-                    )
-            elif target.name in experts or target.piece is not None:
-                _merge(merging, experts, target, tensor, spec, where(target.name), owned)
-            else:
-                materialize(
-                    target.module,
-                    target.attr,
-                    tensor,
-                    device=where(target.name),
-                    dtype=target.dtype if tensor.is_floating_point() else None,
-                    spec=spec,
-                    transpose=target.transpose,
-                    buffer=target.buffer,
-                    owned=owned,
-                )
-            tensors.used()
-            del tensor, stats
-            bar.update(nbytes)
-            if trim is not None:
-                trim.freed(nbytes)
-        tensors.finish()
+                    tensors.used()
+                    del tensor, stats
+                    bar.update(nbytes)
+                    if trim is not None:
+                        trim.freed(nbytes)
+                tensors.finish()
     assert not merging, sorted(merging)
     for name, tensor in initialized.items():
         module_name, _, attr = name.rpartition(".")
@@ -819,6 +801,67 @@ def _fill(
     # the bitsandbytes layers were created after the model's eval(): LLM.int8 takes
     # another code path in training mode
     model.eval()
+
+
+def _runs(targets: list[_Target], where: _Where) -> Iterator[tuple[torch.device, list[_Target]]]:
+    """``targets`` cut into runs of consecutive ones on one device, in order."""
+    run: list[_Target] = []
+    device = None
+    for target in targets:
+        here = where(target.name)
+        if run and here != device:
+            yield device, run  # type: ignore[misc]
+            run = []
+        device = here
+        run.append(target)
+    if run:
+        yield device, run  # type: ignore[misc]
+
+
+def _put(
+    target: _Target,
+    tensor: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+    device: torch.device,
+    owned: bool,
+    spec: QuantSpec,
+    prequantized: Prequantized | None,
+    experts: dict[str, Any],
+    merging: dict[str, Any],
+) -> None:
+    """Make one streamed checkpoint tensor (with its statistics, pre-quantized) its model
+    tensor on ``device``: loaded as stored, quantized, or a piece of a merged weight."""
+    if target.stats is not None and prequantized is not None:
+        if target.name in experts:
+            prequantized.materialize_experts(
+                target.name,
+                target.module,
+                target.attr,
+                tensor,
+                stats,
+                shape=experts[target.name],
+                dtype=target.dtype,  # type: ignore[arg-type]
+                device=device,
+                owned=owned,
+            )
+        else:
+            prequantized.materialize(
+                target.name, target.module, tensor, stats, device=device, owned=owned
+            )
+    elif target.name in experts or target.piece is not None:
+        _merge(merging, experts, target, tensor, spec, device, owned)
+    else:
+        materialize(
+            target.module,
+            target.attr,
+            tensor,
+            device=device,
+            dtype=target.dtype if tensor.is_floating_point() else None,
+            spec=spec,
+            transpose=target.transpose,
+            buffer=target.buffer,
+            owned=owned,
+        )
 
 
 def _exact_module(param_name: str) -> str:
@@ -1246,8 +1289,10 @@ def _entry(device: torch.device) -> str | int:
 @dataclass(frozen=True)
 class _Placing:
     """``load(device_map=..., max_memory=...)`` across devices: planned by accelerate on
-    the quantized meta model (:mod:`leanstream.placement`). Such a load streams the
-    mapped checkpoint into each tensor's device (the pipeline runs for one device)."""
+    the quantized meta model (:mod:`leanstream.placement`). The load streams each run of
+    consecutive tensors on one device through its own source: a CUDA device's through
+    the pipeline (its side stream and device budget; one ring at a time), the CPU's from
+    the mapped file."""
 
     device_map: str | dict[str, Any]
     max_memory: dict[Any, int | str] | None

@@ -225,7 +225,8 @@ def _refuse_disk(
         for d in sorted({*used, *(budget or {})} - {"disk"}, key=str)
     )
     raise ConfigError(
-        f"the model does not fit: {format_bytes(on_disk)} of it ({', '.join(disk[:3])}"
+        f"the model does not fit: {format_bytes(on_disk)} of it "
+        f"({', '.join(name or 'the whole model' for name in disk[:3])}"
         + (f" and {len(disk) - 3} more" if len(disk) > 3 else "")
         + f") would go to disk, which leanstream does not do; planned: {shown}. Raise "
         "max_memory (or load with fewer bits)"

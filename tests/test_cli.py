@@ -811,3 +811,272 @@ def test_generate_refuses_a_diffusers_component(
     line = one_error_line(err)
     assert "diffusers FluxTransformer2DModel, not a transformers language model" in line
     assert str((root / "transformer").resolve()) in line
+
+
+# --- issue 18: inspect --device-map / --max-memory: the plan load makes, printed ---------
+
+
+class Planned(Exception):
+    """Raised by :func:`plan_of_load`'s planner once ``load`` has made its plan."""
+
+
+def plan_of_load(
+    monkeypatch: pytest.MonkeyPatch, source: Path, **options: Any
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The device_map ``leanstream.load(source, **options)`` plans, and the tensor sizes it
+    plans with: its own call of ``placement.plan``, recorded, and the load stopped there
+    (the GPUs planned for need not exist)."""
+    from leanstream import loader, placement
+
+    seen: dict[str, Any] = {}
+
+    def record(model: Any, sizes: Any, device_map: Any, max_memory: Any) -> Any:
+        seen["plan"] = placement.plan(model, sizes, device_map, max_memory)
+        seen["sizes"] = dict(sizes)
+        raise Planned
+
+    monkeypatch.setattr(loader, "plan_device_map", record)
+    with pytest.raises(Planned):
+        leanstream.load(source, progress=False, **options)
+    monkeypatch.undo()
+    return seen["plan"], seen["sizes"]
+
+
+def planned(capsys: pytest.CaptureFixture[str], source: Path, *args: str) -> dict[str, Any]:
+    code, out, err = call(capsys, "inspect", source, "--json", *args)
+    assert code == 0 and err == "", err  # no "Device 0 is not available" from accelerate
+    return json.loads(out)
+
+
+def budgets(total: int, gpu: float) -> tuple[str, dict[int | str, int]]:
+    """``--max-memory`` for two GPUs of ``gpu`` times the model (and room on the CPU), in
+    bytes, and the same as load's ``max_memory``."""
+    budget: dict[int | str, int] = {0: int(total * gpu), 1: int(total * gpu), "cpu": 2 * total}
+    return ",".join(f"{k}={v}" for k, v in budget.items()), budget
+
+
+#: inspect's --bits / --quant-type / --double-quant -> load's options
+PLANNED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "4-bit nf4": ((), dict(bits=4)),
+    "4-bit fp4 + double": (
+        ("--quant-type", "fp4", "--double-quant"),
+        dict(bits=4, quant_type="fp4", double_quant=True),
+    ),
+    "8-bit (LLM.int8)": (("--bits", "8"), dict(bits=8)),
+    "16-bit": (("--bits", "16"), dict(bits=None)),
+}
+
+
+@pytest.mark.parametrize("setting", list(PLANNED))
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "gpt2"])
+def test_inspect_plans_what_load_plans(
+    sources: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    arch: str,
+    setting: str,
+) -> None:
+    """Two simulated GPUs of given sizes and the CPU: inspect's plan is the one ``load``
+    makes with those options (accelerate's, on the same quantized meta model, with the
+    same sizes), and its bytes per device add up to the memory predicted for the setting."""
+    args, options = PLANNED[setting]
+    total = planned(capsys, sources[arch])["memory"][0]["total_bytes"]  # 16-bit
+    for strategy, gpu in (("auto", 0.45), ("sequential", 0.3), ("balanced_low_0", 0.7)):
+        text, budget = budgets(total, gpu)
+        report = planned(
+            capsys, sources[arch], "--device-map", strategy, "--max-memory", text, *args
+        )
+        plan, sizes = plan_of_load(
+            monkeypatch, sources[arch], device_map=strategy, max_memory=budget, **options
+        )
+        assert report["device_map"] == plan, (strategy, report["device_map"])
+        assert {0, 1} & set(plan.values()), plan  # the GPUs are planned, though absent
+        used = leanstream.placement.per_device(plan, sizes)
+        assert report["per_device"] == {str(d): n for d, n in used.items()}
+        (row,) = [row for row in report["memory"] if row["setting"] == setting]
+        assert report["planned_setting"] == setting
+        assert sum(report["per_device"].values()) == row["total_bytes"]
+        assert report["max_memory"] == {str(k): v for k, v in budget.items()}
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "flux"])
+def test_inspect_plans_moe_experts_and_a_diffusers_component(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """Quantized 3-D experts weights, and a diffusers component's float32 modules, are
+    planned at the sizes load plans them."""
+    if kind == "flux":
+        dm = request.getfixturevalue("dm")
+        folder = dm.write_model(tmp_path / kind, kind, max_shard_size="40KB")
+    else:
+        from models import write_model
+
+        folder = write_model(tmp_path / kind, kind)
+    capsys.readouterr()
+    memory = {row["setting"]: row["total_bytes"] for row in planned(capsys, folder)["memory"]}
+    text, budget = budgets(memory["4-bit nf4"], 0.45)
+    report = planned(capsys, folder, "--device-map", "sequential", "--max-memory", text)
+    plan, sizes = plan_of_load(
+        monkeypatch, folder, bits=4, device_map="sequential", max_memory=budget
+    )
+    assert report["device_map"] == plan and {0, 1} & set(plan.values())
+    assert sum(report["per_device"].values()) == sum(sizes.values()) == memory["4-bit nf4"]
+
+
+def test_inspect_plans_a_prequantized_checkpoint(
+    sources: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Embeddings and lm_head stored quantized are planned at their quantized size."""
+    model = leanstream.load(
+        sources["llama"], bits=4, quantize_embeddings=True, quantize_lm_head=True, progress=False
+    )
+    folder = leanstream.save(model, tmp_path / "nf4", progress=False)
+    total = leanstream.footprint(model).total_bytes
+    text, budget = budgets(total, 0.45)
+    report = planned(capsys, folder, "--device-map", "auto", "--max-memory", text)
+    plan, sizes = plan_of_load(monkeypatch, folder, device_map="auto", max_memory=budget)
+    assert report["device_map"] == plan
+    assert sum(report["per_device"].values()) == sum(sizes.values()) == total
+    assert report["planned_setting"] == "4-bit nf4 + emb/head"
+    code, _, err = call(capsys, "inspect", folder, "--device-map", "auto", "--bits", "8")
+    assert code == 1 and "pre-quantized" in one_error_line(err)
+
+
+def test_inspect_plan_that_does_not_fit_is_loads_error(
+    sources: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    budget = {0: "20KB", 1: "20KB", "cpu": "40KB"}
+    with pytest.raises(leanstream.ConfigError) as error:
+        leanstream.load(sources["llama"], device_map="auto", max_memory=budget)
+    code, out, err = call(
+        capsys, "inspect", sources["llama"], "--device-map", "auto",
+        "--max-memory", "0=20KB,1=20KB,cpu=40KB",
+    )  # fmt: skip
+    assert code == 1 and out == ""
+    assert one_error_line(err) == f"leanstream: error: {error.value}"
+    assert "does not fit" in err and "of 20KB" in err
+
+
+@pytest.mark.parametrize(
+    ("budget", "match"),
+    [
+        ("0:22GiB", "'0:22GiB': expected DEVICE=SIZE"),
+        ("0=22XB", "invalid size '22XB'"),
+        ("=1GB", "expected DEVICE=SIZE"),
+        ("gpu0=1GB", "expected DEVICE=SIZE"),
+        ("0=", "expected DEVICE=SIZE"),
+        ("0=1GB,", "'': expected DEVICE=SIZE"),
+        ("0=1GB,cuda:0=2GB", "device cuda:0 given twice"),
+    ],
+)
+def test_inspect_bad_max_memory_is_one_line(
+    sources: dict[str, Path], capsys: pytest.CaptureFixture[str], budget: str, match: str
+) -> None:
+    code, out, err = call(
+        capsys, "inspect", sources["llama"], "--device-map", "auto", "--max-memory", budget
+    )
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert "argument --max-memory" in line and match in line, line
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("--max-memory", "cpu=1GB"), "max_memory applies with device_map"),
+        (("--bits", "8"), "choose the setting a device_map plans"),
+        (("--device-map", "auto", "--bits", "8", "--quant-type", "fp4"), "4-bit option"),
+        (("--device-map", "auto", "--max-memory", "disk=100GB"), "'disk' offload"),
+        # and no warning from accelerate's planner about buffers of offloaded layers
+        (("--device-map", "auto", "--max-memory", "0=10KB,cpu=20KB"), "(the whole model) would"),
+    ],
+)
+def test_inspect_plan_errors_are_one_line(
+    sources: dict[str, Path], capsys: pytest.CaptureFixture[str], args: Any, match: str
+) -> None:
+    code, out, err = call(capsys, "inspect", sources["llama"], *args)
+    assert code == 1 and out == ""
+    assert match in one_error_line(err)
+
+
+def test_inspect_prints_the_plan_condensed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text is load's plan: one line per run of modules on one device, numbered
+    siblings condensed (``model.layers.2-6``), then the bytes on each device."""
+    from models import write_model
+
+    folder = write_model(tmp_path / "deep", "llama", num_hidden_layers=8)
+    capsys.readouterr()
+    budget = {0: 150_000, 1: 150_000, "cpu": "1MB"}
+    args = ("--device-map", "sequential", "--max-memory", "0=150000,1=150000,cpu=1MB")
+    code, out, err = call(capsys, "inspect", folder, *args)
+    assert code == 0 and err == ""
+    plan, sizes = plan_of_load(monkeypatch, folder, device_map="sequential", max_memory=budget)
+    lines = out.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("plan ")) :]
+    assert lines[0] == "plan         4-bit nf4, device_map sequential, max_memory " + (
+        "0=150000, 1=150000, cpu=1MB"
+    )
+    printed: list[tuple[str, Any]] = []  # the plan read back from the text
+    runs = [line.strip().split(" -> ") for line in lines[1:] if " -> " in line]
+    for names, device in runs:
+        entry = int(device.removeprefix("cuda:")) if device.startswith("cuda:") else device
+        for name in names.split(", "):
+            stem, _, numbers = name.rpartition(".")
+            first, _, last = numbers.partition("-")
+            for i in range(int(first), int(last or first) + 1) if first.isdigit() else [None]:
+                printed.append((name if i is None else f"{stem}.{i}", entry))
+    assert printed == list(plan.items())
+    assert len(runs) == 3 and any(re.search(r"model\.layers\.\d+-\d+", n) for n, _ in runs)
+    used = leanstream.placement.per_device(plan, sizes)
+    shown = [line[13:].split() for line in lines[1 + len(runs) :]]
+    assert lines[1 + len(runs)].startswith("per device   ")
+    assert [(d, f"{n} {u}", b) for d, n, u, _, b in shown] == [
+        ("cuda:0", format_bytes(used[0]), "150000"),
+        ("cuda:1", format_bytes(used[1]), "150000"),
+        ("cpu", format_bytes(used["cpu"]), "1MB"),
+    ]
+
+
+def test_condense() -> None:
+    from leanstream.cli import _condense
+
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2"]
+    names += ["model.layers.4", "model.layers.5.mlp", "model.layers.6", "lm_head", "0", ""]
+    assert _condense(names) == [
+        "model.embed_tokens",
+        "model.layers.0-2",
+        "model.layers.4",
+        "model.layers.5.mlp",
+        "model.layers.6",
+        "lm_head",
+        "0",
+        "(the whole model)",
+    ]
+
+
+def test_strategies_are_placements() -> None:
+    from leanstream.cli import _STRATEGIES
+
+    assert _STRATEGIES == list(leanstream.placement.STRATEGIES)
+
+
+def test_inspect_plan_loads_no_weights(
+    sources: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("inspect must not stream tensors")
+
+    monkeypatch.setattr(leanstream.Checkpoint, "stream", refuse, raising=False)
+    monkeypatch.setattr("leanstream.loader.load", refuse)
+    args = ("--device-map", "balanced", "--max-memory", "0=100KB,1=100KB,cpu=1MB")
+    code, _, err = call(capsys, "inspect", sources["llama"], *args)
+    assert code == 0, err

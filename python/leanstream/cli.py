@@ -3,6 +3,7 @@
 ::
 
     leanstream inspect SOURCE                    # shards, tensors, parameters, predicted memory
+    leanstream inspect SOURCE --device-map auto --max-memory 0=22GiB,1=22GiB  # + load's plan
     leanstream quantize SOURCE OUT --bits 4      # stream-quantize and save a pre-quantized folder
     leanstream generate SOURCE --prompt "..."    # load (quantized) and generate greedily
 
@@ -25,8 +26,10 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,14 +41,26 @@ from .progress import format_bytes
 PROG = "leanstream"
 _DTYPES = ["bfloat16", "float16", "float32"]
 
-#: library messages only ``--verbose`` shows: logger -> how the message starts. Both are
-#: logging warnings of bitsandbytes 0.50: the first comes with every 8-bit matmul whose input
-#: is not float16 (hundreds in one generate), the second from its import on a CPU with
-#: AVX512-BF16 when the optional ``kernels`` package is missing (every command).
+#: library messages only ``--verbose`` shows: logger -> how the message starts. The first two
+#: are logging warnings of bitsandbytes 0.50: the first comes with every 8-bit matmul whose
+#: input is not float16 (hundreds in one generate), the second from its import on a CPU with
+#: AVX512-BF16 when the optional ``kernels`` package is missing (every command). The third is
+#: accelerate's, for each GPU index of a plan that this machine lacks: ``inspect --device-map``
+#: plans for GPUs that need not be there.
 QUIET_BY_DEFAULT = {
     "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "accelerate.utils.modeling": "Device ",
 }
+
+#: Python warnings only ``--verbose`` shows: module -> how the message starts. accelerate's
+#: planner warns that a plan with CPU modules leaves no GPU room for their buffers, which
+#: leanstream does not move (its CPU modules run on the CPU).
+QUIET_WARNINGS = {"accelerate.utils.modeling": "Current model requires"}
+
+#: the ``device_map`` strategies ``inspect --device-map`` plans: those of
+#: :data:`leanstream.placement.STRATEGIES`, named here so that ``--help`` imports no torch
+_STRATEGIES = ["auto", "balanced", "balanced_low_0", "sequential"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,9 +135,10 @@ class _DropMessage(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_libraries(*, enabled: bool) -> Iterator[None]:
-    """Drop :data:`QUIET_BY_DEFAULT`'s messages while a command runs (filters on those two
-    loggers, created here if bitsandbytes is not imported yet); they are removed on return,
-    so ``main()`` called from Python leaves logging as it found it."""
+    """Drop :data:`QUIET_BY_DEFAULT`'s and :data:`QUIET_WARNINGS`' messages while a command
+    runs (filters on those loggers, created here if their library is not imported yet, and
+    on warnings); they are removed on return, so ``main()`` called from Python leaves
+    logging and warnings as it found them."""
     filters = [
         (logging.getLogger(name), _DropMessage(start))
         for name, start in QUIET_BY_DEFAULT.items()
@@ -131,7 +147,10 @@ def _quiet_libraries(*, enabled: bool) -> Iterator[None]:
     for logger, drop in filters:
         logger.addFilter(drop)
     try:
-        yield
+        with warnings.catch_warnings():
+            for module, start in QUIET_WARNINGS.items() if enabled else ():
+                warnings.filterwarnings("ignore", re.escape(start), module=re.escape(module))
+            yield
     finally:
         for logger, drop in filters:
             logger.removeFilter(drop)
@@ -160,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _source_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print a JSON object instead")
+    _plan_arguments(inspect)
     inspect.set_defaults(run=_inspect)
 
     quantize = commands.add_parser(
@@ -267,6 +287,67 @@ def _quant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "device_map plan",
+        "Also print where each module would go, and the bytes planned per device: the plan "
+        "leanstream.load(SOURCE, bits=..., device_map=..., max_memory=...) makes (accelerate's "
+        "planner on the quantized meta model, each tensor at its loaded size), for one "
+        "setting. Planning needs no GPU: the devices of --max-memory need not be present.",
+    )
+    group.add_argument(
+        "--device-map", choices=_STRATEGIES, help="the strategy, as transformers names them"
+    )
+    group.add_argument(
+        "--max-memory",
+        type=_max_memory_argument,
+        metavar="DEVICE=SIZE,...",
+        help="budget per device, e.g. 0=22GiB,1=22GiB,cpu=48GiB (devices 0, 1, ... or cuda:N, "
+        "and cpu; sizes in bytes or as accelerate reads them: 22GiB, 500MiB, 22GB); "
+        "default: what accelerate finds free on this machine",
+    )
+    group.add_argument(
+        "--bits",
+        choices=["4", "8", "16"],
+        help="the setting planned (default: 4, or what a pre-quantized checkpoint stores)",
+    )
+    group.add_argument("--quant-type", choices=["nf4", "fp4"], help="4-bit type (default: nf4)")
+    group.add_argument("--double-quant", action="store_true", help="quantize 4-bit absmax too")
+
+
+#: a device of ``--max-memory``: a CUDA index (``0``, ``cuda:0``), ``cpu``, or ``disk``,
+#: which the planner refuses with the error ``load`` gives
+_BUDGET_DEVICE = re.compile(r"(?:cuda:)?(\d+)|cpu|disk")
+
+
+def _max_memory_argument(text: str) -> dict[int | str, int | str]:
+    """``--max-memory 0=22GiB,1=22GiB,cpu=48GiB``: ``load``'s ``max_memory`` (sizes as
+    given, which accelerate reads; plain digits are bytes)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    budget: dict[int | str, int | str] = {}
+    for item in text.split(","):
+        device, equals, size = (part.strip() for part in item.partition("="))
+        match = _BUDGET_DEVICE.fullmatch(device)
+        if not equals or match is None or not size:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected DEVICE=SIZE, DEVICE being 0, 1, ... (or cuda:N), cpu, "
+                "e.g. 0=22GiB,1=22GiB,cpu=48GiB"
+            )
+        value: int | str = int(size) if size.isdigit() else size
+        try:
+            convert_file_size_to_int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: invalid size {size!r} (bytes, or e.g. 22GiB, 500MiB, 22GB)"
+            ) from None
+        key: int | str = int(match.group(1)) if match.group(1) is not None else device
+        if key in budget:
+            raise argparse.ArgumentTypeError(f"{item!r}: device {device} given twice")
+        budget[key] = value
+    return budget
+
+
 def _size_argument(text: str) -> int:
     from .save import parse_size
 
@@ -306,6 +387,11 @@ def _inspect(args: argparse.Namespace) -> int:
         subfolder=args.subfolder,
         variant=args.variant,
         model_class=_model_class(args.model_class),
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        bits=int(args.bits) if args.bits is not None else None,
+        quant_type=args.quant_type,
+        double_quant=args.double_quant,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -339,7 +425,63 @@ def _inspect(args: argparse.Namespace) -> int:
     total_width = max(len(total) for _, total, _ in rows)
     for i, (setting, total, kinds) in enumerate(rows):
         print(f"{'' if i else 'memory':<13}{setting:<{width}}  {total:>{total_width}}  {kinds}")
+    if report["device_map"] is not None:
+        _print_plan(report)
     return 0
+
+
+def _print_plan(report: dict[str, Any]) -> None:
+    """The plan, one line per run of modules on one device (numbered siblings condensed:
+    ``model.layers.0-39``), then the bytes planned on each device against its budget."""
+    budget = report["max_memory"]
+    asked = ", ".join(f"{k}={v}" for k, v in budget.items()) if budget else "(what is free)"
+    print(
+        f"plan         {report['planned_setting']}, device_map {report['strategy']}, "
+        f"max_memory {asked}"
+    )
+    runs: list[tuple[Any, list[str]]] = []
+    for name, device in report["device_map"].items():
+        if runs and runs[-1][0] == device:
+            runs[-1][1].append(name)
+        else:
+            runs.append((device, [name]))
+    for device, names in runs:
+        print(f"{'':<13}{', '.join(_condense(names))} -> {_device_label(device)}")
+    used = report["per_device"]  # keys as max_memory's: "0", "1", "cpu"
+    labels = {d: _device_label(int(d) if d.isdigit() else d) for d in used}
+    sizes = {d: format_bytes(n) for d, n in used.items()}
+    width = max(map(len, labels.values()))
+    size_width = max(map(len, sizes.values()))
+    for i, device in enumerate(used):
+        of = f" of {budget[device]}" if budget and device in budget else ""
+        head = "" if i else "per device"
+        print(f"{head:<13}{labels[device]:<{width}}  {sizes[device]:>{size_width}}{of}")
+
+
+def _device_label(device: Any) -> str:
+    """A device_map entry as torch names the device: 0 -> cuda:0."""
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def _condense(names: list[str]) -> list[str]:
+    """``names`` with each run of consecutive numbered siblings written as one:
+    ``model.layers.0``, ..., ``model.layers.39`` -> ``model.layers.0-39``."""
+    runs: list[list[Any]] = []  # [name], or [parent, first, last]
+    for name in names:
+        parent, _, last = name.rpartition(".")
+        run = runs[-1] if runs else []
+        if last.isdigit() and len(run) == 3 and run[0] == parent and run[2] + 1 == int(last):
+            run[2] += 1
+        elif last.isdigit() and parent:
+            runs.append([parent, int(last), int(last)])
+        else:
+            runs.append([name or "(the whole model)"])
+    return [
+        run[0]
+        if len(run) == 1
+        else f"{run[0]}.{run[1]}" + (f"-{run[2]}" if run[2] > run[1] else "")
+        for run in runs
+    ]
 
 
 def inspect_checkpoint(
@@ -351,6 +493,11 @@ def inspect_checkpoint(
     subfolder: str | None = None,
     variant: str | None = None,
     model_class: Any = None,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    bits: int | None = None,
+    quant_type: str | None = None,
+    double_quant: bool = False,
 ) -> dict[str, Any]:
     """What ``leanstream inspect`` prints, as a dict (JSON-serializable).
 
@@ -361,6 +508,16 @@ def inspect_checkpoint(
     same weights are opened, the same model is built (a diffusers component as the
     class its ``config.json`` names, predicted by diffusers' rules), and what ``load``
     refuses is refused.
+
+    With ``device_map`` (a strategy: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+    ``"sequential"``) and ``max_memory``, also the plan :func:`leanstream.load` makes
+    with those and ``bits`` / ``quant_type`` / ``double_quant`` (default: 4-bit nf4, or
+    what a pre-quantized checkpoint stores): ``"device_map"`` (module name -> CUDA index
+    or ``"cpu"``), ``"per_device"`` (planned bytes by device, ``"0"``, ``"1"``, ...,
+    ``"cpu"``; they add up to the memory predicted for ``"planned_setting"``),
+    ``"strategy"`` and ``"max_memory"`` as asked (all None without ``device_map``). A plan
+    that does not fit is ``load``'s ConfigError. The GPUs of ``max_memory`` need not be
+    present: planning needs none.
     """
     from . import _core
     from .families import family, fp32_rule
@@ -368,6 +525,13 @@ def inspect_checkpoint(
     from .meta import build_diffusers_model, build_empty_model
     from .prequantized import describe, quantization_dict
 
+    if device_map is None and max_memory is not None:
+        raise ConfigError("max_memory applies with device_map='auto' (or another plan)")
+    if device_map is None and (bits is not None or quant_type is not None or double_quant):
+        raise ConfigError(
+            "bits, quant_type and double_quant choose the setting a device_map plans: without "
+            "device_map inspect predicts every setting"
+        )
     folder, weights, config, diffusers_class = _open_as_load(
         source, subfolder, variant, revision, trust_remote_code, model_class
     )
@@ -397,6 +561,12 @@ def inspect_checkpoint(
         settings, layers, pre = _choose_layers(
             model, config, folder, expected, set(renamed[0]), keep_fp32
         )
+        planned = None
+        if device_map is not None:  # the setting to plan, refused as load refuses it
+            planned = _planned_setting(
+                config, folder, settings, pre, bits, quant_type, double_quant
+            )
+            settings.setdefault(*planned)  # predicted too (4-bit fp4 is not by default)
         # and missing, unexpected or mis-shaped tensors
         stored = dict.fromkeys(layers.embeddings if pre is not None else (), False)
         replaced = {**layers.replaced, **stored}
@@ -414,6 +584,25 @@ def inspect_checkpoint(
             pre,
         )
     predictions, quantized = _predict(model, model_dtype, settings, layers)
+    plan: dict[str, Any] = dict.fromkeys(
+        ("planned_setting", "strategy", "max_memory", "device_map", "per_device")
+    )
+    if planned is not None and device_map is not None:
+        from . import placement
+
+        label, spec = planned
+        sizes = _planned_sizes(model, spec, layers, pre, model_dtype)
+        chosen = placement.plan(model, sizes, device_map, max_memory)
+        used = placement.per_device(chosen, sizes)
+        order = sorted(used, key=lambda d: (not isinstance(d, int), str(d)))  # GPUs, then cpu
+        budget = {str(k).removeprefix("cuda:"): v for k, v in (max_memory or {}).items()}
+        plan = {
+            "planned_setting": label,
+            "strategy": device_map,
+            "max_memory": budget or None,  # keyed as per_device: "0", "1", "cpu"
+            "device_map": chosen,
+            "per_device": {str(d): used[d] for d in order},
+        }
     return {
         "folder": str(folder),
         "architecture": type(model).__name__,
@@ -429,7 +618,64 @@ def inspect_checkpoint(
         "quantizable_layers": quantized,
         "kept_in_full_precision": [name for name in linears if name not in layers.replaced],
         "memory": [asdict(p) for p in predictions],
+        **plan,
     }
+
+
+def _planned_setting(
+    config: Any,
+    folder: Path,
+    settings: dict[str, Any],
+    pre: Any,
+    bits: int | None,
+    quant_type: str | None,
+    double_quant: bool,
+) -> tuple[str, Any]:
+    """The (name, :class:`~leanstream.quantize.QuantSpec`) a device_map is planned for:
+    ``bits`` / ``quant_type`` / ``double_quant`` as :func:`leanstream.load` takes them
+    (``bits=16``: none), checked as it checks them; a pre-quantized checkpoint's own
+    setting, which they may only repeat."""
+    from .options import DEFAULTS, check
+    from .prequantized import Prequantized
+    from .quantize import QuantSpec
+
+    asked = {**DEFAULTS, "quant_type": quant_type or DEFAULTS["quant_type"]}
+    asked["double_quant"] = double_quant
+    spec = QuantSpec(bits=bits or 4, quant_type=asked["quant_type"], double_quant=double_quant)
+    if pre is None:
+        check(asked, spec.bits)
+        label = "16-bit" if spec.bits == 16 else _setting_name(spec.bits, spec)
+        return label, spec
+    Prequantized.from_config(  # refuses bits / quant_type / double_quant the checkpoint lacks
+        config,
+        folder,
+        bits="auto" if bits is None else None if bits == 16 else bits,
+        requested=spec,
+        skip_modules=None,
+        compute_dtype_given=False,
+    )
+    ((label, spec),) = settings.items()  # its only setting
+    return label, spec
+
+
+def _planned_sizes(
+    model: Any, spec: Any, layers: _Layers, pre: Any, model_dtype: Any
+) -> dict[str, int]:
+    """:func:`leanstream.placement.tensor_sizes` of ``model`` as :func:`leanstream.load`
+    plans it for ``spec``: its linears as :func:`_choose_layers` replaced them (the
+    loader's skip rules; the sizes follow ``spec``, not the layer class), and the
+    embeddings a pre-quantized checkpoint stores quantized replaced as the loader does
+    (after :func:`_predict`, which reads them as built)."""
+    from .placement import tensor_sizes
+    from .quantize import replace_embeddings
+
+    if pre is not None and layers.embeddings:
+        replace_embeddings(model, spec, layers.embeddings, model_dtype)
+
+    def dtype_of(module_name: str, attr: str, tensor: Any) -> Any:
+        return _loaded_dtype(tensor, module_name, attr, model_dtype, layers)
+
+    return tensor_sizes(model, spec, dtype_of, layers.experts if spec.quantized else {})
 
 
 def _open_as_load(

@@ -74,7 +74,10 @@ def tensor_sizes(
         for attr, buf in module._buffers.items():
             if buf is not None and id(buf) not in seen:
                 seen.add(id(buf))
-                sizes[prefix + attr] = buf.numel() * buf.element_size()
+                if attr in module._non_persistent_buffers_set:  # kept as built
+                    sizes[prefix + attr] = buf.numel() * buf.element_size()
+                else:  # loaded like a parameter
+                    sizes[prefix + attr] = buf.numel() * dtype_of(module_name, attr, buf).itemsize
     return sizes
 
 

@@ -826,16 +826,17 @@ def plan_of_load(
     """The device_map ``leanstream.load(source, **options)`` plans, and the tensor sizes it
     plans with: its own call of ``placement.plan``, recorded, and the load stopped there
     (the GPUs planned for need not exist)."""
-    from leanstream import loader, placement
+    from leanstream import placement
 
     seen: dict[str, Any] = {}
+    plan = placement.plan
 
     def record(model: Any, sizes: Any, device_map: Any, max_memory: Any) -> Any:
-        seen["plan"] = placement.plan(model, sizes, device_map, max_memory)
+        seen["plan"] = plan(model, sizes, device_map, max_memory)
         seen["sizes"] = dict(sizes)
         raise Planned
 
-    monkeypatch.setattr(loader, "plan_device_map", record)
+    monkeypatch.setattr(placement, "plan", record)
     with pytest.raises(Planned):
         leanstream.load(source, progress=False, **options)
     monkeypatch.undo()

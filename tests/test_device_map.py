@@ -204,12 +204,12 @@ def test_hooks_across_devices_run_forward_and_generate(sources: dict[str, Path])
     """The dispatch a plan over several devices gets (accelerate's hooks, each block run
     on its device, CPU blocks quantized on the CPU), exercised here with every block on
     the CPU: outputs equal to the undispatched model's."""
-    from leanstream.loader import _Where
+    from leanstream.placement import Where
 
     ref = load(sources["llama"], device="cpu")
     got = load(sources["llama"], device="cpu")
     plan = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "": "cpu"}
-    where = _Where(torch.device("cpu"), plan)
+    where = Where(torch.device("cpu"), plan)
     where.several = True  # as on a GPU + CPU plan
     where.dispatch(got)
     assert got.hf_device_map == plan
@@ -253,7 +253,8 @@ def test_a_gpu_cpu_split_runs_as_the_gpu_model(sources: dict[str, Path], setting
 def test_a_load_across_devices_streams_one_run_per_device() -> None:
     """Consecutive tensors on one device form one run (its own pipeline on a GPU), in
     the plan's order, every tensor in exactly one run."""
-    from leanstream.loader import _runs, _Target
+    from leanstream.matching import Target
+    from leanstream.placement import runs
 
     names = ["embed.weight", "layers.0.w", "layers.0.b", "layers.1.w", "norm.weight", "head.w"]
     plan = {"embed": 0, "layers.0": 0, "layers.1": "cpu", "norm": 1, "head": 1}
@@ -262,10 +263,10 @@ def test_a_load_across_devices_streams_one_run_per_device() -> None:
         return placement.torch_device(placement.device_for(plan, name))
 
     targets = [
-        _Target(key=n, name=n, module=None, attr="w", dtype=None, transpose=False, buffer=False)  # type: ignore[arg-type]
+        Target(key=n, name=n, module=None, attr="w", dtype=None, transpose=False, buffer=False)  # type: ignore[arg-type]
         for n in names
     ]
-    runs = [(str(device), [t.name for t in run]) for device, run in _runs(targets, where)]  # type: ignore[arg-type]
+    runs = [(str(device), [t.name for t in run]) for device, run in runs(targets, where)]  # type: ignore[arg-type]
     assert runs == [
         ("cuda:0", ["embed.weight", "layers.0.w", "layers.0.b"]),
         ("cpu", ["layers.1.w"]),

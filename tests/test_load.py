@@ -239,7 +239,7 @@ def test_a_tensor_left_off_the_target_device_is_refused(
     import leanstream.loader
 
     _buffers_elsewhere(monkeypatch)
-    monkeypatch.setattr(leanstream.loader, "_place_buffers", lambda model, device: None)
+    monkeypatch.setattr(leanstream.loader, "place_buffers", lambda model, device: None)
     with pytest.raises(leanstream.PlacementError) as err:
         ours(checkpoints["llama"], SETTINGS["nf4"])
     assert err.value.device == torch.device("cpu")

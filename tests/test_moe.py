@@ -19,6 +19,7 @@ from test_load import SETTINGS, reference
 from transformers import AutoModelForCausalLM
 
 import leanstream
+import leanstream.matching
 from leanstream.experts import QuantizedExperts
 from leanstream.quantize import accept_any_rank
 from models import MOE_ARCHS, edit_tensor, make_config
@@ -217,7 +218,7 @@ def test_inspect_refuses_what_load_refuses(
     import leanstream.loader
     from leanstream.cli import inspect_checkpoint
 
-    monkeypatch.setattr(leanstream.loader, "_merge_piece", lambda *args: None)
+    monkeypatch.setattr(leanstream.matching, "_merge_piece", lambda *args: None)
     with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"w1\.weight"):
         load(folders["mixtral"], bits=4)
     with pytest.raises(leanstream.UnsupportedCheckpointError, match=r"w1\.weight"):

@@ -521,7 +521,8 @@ def inspect_checkpoint(
     """
     from . import _core
     from .families import family, fp32_rule
-    from .loader import _expected_shapes, _model_dtype, _Names, _plan, _rename_keys
+    from .loader import _model_dtype
+    from .matching import Names, expected_shapes, plan_targets, rename_keys
     from .meta import build_diffusers_model, build_empty_model
     from .prequantized import describe, quantization_dict
 
@@ -554,9 +555,9 @@ def inspect_checkpoint(
             )
         parameters = sum(p.numel() for p in model.parameters())
         linears = sorted(name for name, module in model.named_modules() if _is_linear(module))
-        expected = _expected_shapes(model)
+        expected = expected_shapes(model)
         # what load() refuses (conversions that cannot be streamed), inspect refuses too
-        renamed = _rename_keys(model, ckpt, folder, expected)
+        renamed = rename_keys(model, ckpt, folder, expected)
         keep_fp32 = fp32_rule(model, family(model), model_dtype)
         settings, layers, pre = _choose_layers(
             model, config, folder, expected, set(renamed[0]), keep_fp32
@@ -570,7 +571,7 @@ def inspect_checkpoint(
         # and missing, unexpected or mis-shaped tensors
         stored = dict.fromkeys(layers.embeddings if pre is not None else (), False)
         replaced = {**layers.replaced, **stored}
-        _plan(
+        plan_targets(
             model,
             ckpt,
             folder,
@@ -580,7 +581,7 @@ def inspect_checkpoint(
             keep_fp32,
             renamed,
             set(),
-            _Names(),
+            Names(),
             pre,
         )
     predictions, quantized = _predict(model, model_dtype, settings, layers)

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 from .progress import format_bytes
+from .quantize import QuantSpec, kernel_stream
+
+if TYPE_CHECKING:
+    from .matching import Target
 
 #: ``device_map`` strategies, as transformers names them
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -258,11 +263,160 @@ def torch_device(entry: str | int) -> torch.device:
     return torch.device("cuda", entry) if isinstance(entry, int) else torch.device(entry)
 
 
+def runs(targets: list[Target], where: Where) -> Iterator[tuple[torch.device, list[Target]]]:
+    """``targets`` cut into runs of consecutive ones on one device, in order."""
+    run: list[Target] = []
+    device = None
+    for target in targets:
+        here = where(target.name)
+        if run and here != device:
+            yield device, run  # type: ignore[misc]
+            run = []
+        device = here
+        run.append(target)
+    if run:
+        yield device, run  # type: ignore[misc]
+
+
+def place_buffers(model: nn.Module, where: Where) -> None:
+    """Move the buffers not loaded from the checkpoint (non-persistent ones such as
+    rotary ``inv_freq``, computed on the CPU by the model's ``__init__``) to their
+    device, as transformers does after loading: a forward pass would otherwise copy
+    them at every call, or fail (``torch.equal`` with a CPU tensor, CUDA-graph capture)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr, buf in module._buffers.items():
+            if buf is not None and buf.device != where(prefix + attr):
+                module._buffers[attr] = buf.to(where(prefix + attr))
+
+
+def misplaced(model: nn.Module, where: Where) -> list[str]:
+    """Names of parameters and buffers of ``model`` that are not where planned, with
+    where they are."""
+    tensors = [*model.named_parameters(remove_duplicate=False)]
+    tensors += model.named_buffers(remove_duplicate=False)
+    return [f"{name} ({t.device})" for name, t in tensors if t.device != where(name)]
+
+
+class Where:
+    """The device of each tensor: one for all (``load(device=...)``), or a device_map's."""
+
+    def __init__(self, main: torch.device, device_map: dict[str, Any] | None = None) -> None:
+        self.main = main
+        self.device_map = device_map
+        entries = set((device_map or {"": main}).values())
+        self.devices = sorted({as_device(torch_device(e)) for e in entries}, key=str)
+        self.several = len(self.devices) > 1
+
+    def __call__(self, name: str) -> torch.device:
+        if self.device_map is None:
+            return self.main
+        return as_device(torch_device(device_for(self.device_map, name)))
+
+    def kernel_streams(self) -> contextlib.ExitStack:
+        """:func:`kernel_stream` for every device of the plan."""
+        stack = contextlib.ExitStack()
+        for device in self.devices:
+            stack.enter_context(kernel_stream(device))
+        return stack
+
+    def dispatch(self, model: Any) -> None:
+        """Across devices, as transformers (its ``accelerate_dispatch``, only then),
+        attach accelerate's hooks that move each block's inputs to its device and
+        record the plan as ``hf_device_map``. Unlike ``dispatch_model``, which runs CPU
+        modules on the GPU (their weights copied over at every call), CPU modules run
+        on the CPU, quantized."""
+        from accelerate.hooks import attach_align_device_hook_on_blocks
+
+        if not self.several:
+            return
+        model.hf_device_map = dict(self.device_map)  # type: ignore[arg-type]
+        execution = {name: torch_device(e) for name, e in self.device_map.items()}  # type: ignore[union-attr]
+        execution.setdefault("", self.main)
+        attach_align_device_hook_on_blocks(
+            model,
+            execution_device=execution,
+            offload=dict.fromkeys(execution, False),
+            offload_buffers=False,
+            weights_map=None,
+        )
+
+
+def entry_of(device: torch.device) -> str | int:
+    """The device_map entry of a ``torch.device`` (``"cpu"``, or a CUDA index)."""
+    return device.index if device.type == "cuda" else device.type
+
+
+@dataclass(frozen=True)
+class Placing:
+    """``load(device_map=..., max_memory=...)`` across devices: planned by accelerate on
+    the quantized meta model (:mod:`leanstream.placement`). The load streams each run of
+    consecutive tensors on one device through its own source: a CUDA device's through
+    the pipeline (its side stream and device budget; one ring at a time), the CPU's from
+    the mapped file."""
+
+    device_map: str | dict[str, Any]
+    max_memory: dict[Any, int | str] | None
+
+    def plan(
+        self,
+        model: nn.Module,
+        spec: QuantSpec,
+        experts: dict[str, tuple[int, ...]],
+        keep_fp32: Callable[[str, str], bool],
+        model_dtype: torch.dtype,
+    ) -> Where:
+        def dtype_of(module_name: str, attr: str, tensor: torch.Tensor) -> torch.dtype:
+            if not tensor.is_floating_point():
+                return tensor.dtype
+            return torch.float32 if keep_fp32(module_name, attr) else model_dtype
+
+        sizes = tensor_sizes(model, spec, dtype_of, experts)
+        device_map = plan(model, sizes, self.device_map, self.max_memory)
+        where = Where(as_device(torch_device(_main_entry(device_map))), device_map)
+        return where
+
+
+def _main_entry(device_map: dict[str, Any]) -> Any:
+    """The device of the model's first planned module on an accelerator (else the CPU):
+    where its inputs go, as accelerate's ``dispatch_model`` chooses."""
+    for entry in device_map.values():
+        if entry not in ("cpu", "disk"):
+            return entry
+    return "cpu"
+
+
+def as_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        result = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device: {err}") from err
+    if result.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available")
+    if result.type == "meta":
+        raise ConfigError("device='meta' would load nothing")
+    # the device tensors on it report (load() checks every tensor is there)
+    if result.type == "cpu":
+        result = torch.device("cpu")  # "cpu:0" is "cpu"
+    elif result.type == "cuda" and result.index is None:
+        result = torch.device("cuda", torch.cuda.current_device())  # the current one
+    return result
+
+
 __all__ = [
     "STRATEGIES",
+    "Placing",
+    "Where",
+    "as_device",
     "device_for",
+    "entry_of",
+    "misplaced",
     "per_device",
+    "place_buffers",
     "plan",
+    "runs",
     "tensor_sizes",
     "torch_device",
     "weight_bytes",

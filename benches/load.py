@@ -29,11 +29,13 @@ machine, versions and command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import queue
+import shlex
 import shutil
 import signal
 import statistics
@@ -379,6 +381,37 @@ def run_one(
     return result
 
 
+def machine(*packages: str) -> str:
+    """The machine a record was measured on: architecture, cores, RAM, GPU, and the
+    versions of torch, ``packages`` and Python."""
+    import importlib
+
+    import torch
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    versions = "".join(f", {p} {importlib.import_module(p).__version__}" for p in packages)
+    cpu = ""
+    with contextlib.suppress(OSError):
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = f" {names[0]}" if names else ""
+    return (
+        f"{platform.machine()}{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, {gpu}; torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads){versions}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def record_run(script: str, argv: list[str] | None, table: str, *packages: str) -> None:
+    """:func:`record` ``table`` under the command line of ``benches/<script>`` as run."""
+    args = shlex.join(argv if argv is not None else sys.argv[1:])
+    record(f"python benches/{script} {args}", machine(*packages), table)
+
+
 def record(command: str, machine: str, table: str) -> None:
     """Append ``table`` to benches/RESULTS.md under a dated heading with the command and
     the machine it was measured with."""
@@ -579,19 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     shutil.rmtree(work, ignore_errors=True)
     if args.record:
-        import bitsandbytes
-        import torch
-        import transformers
-
-        record(
-            f"python benches/load.py {' '.join(argv if argv is not None else sys.argv[1:])}",
-            f"{platform.machine()}, {os.cpu_count()} cores, "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM"
-            + (f", {torch.cuda.get_device_name()}" if cuda else ", no GPU")
-            + f"; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"bitsandbytes {bitsandbytes.__version__}, Python {platform.python_version()}",
-            table,
-        )
+        record_run("load.py", argv, table, "transformers", "bitsandbytes")
     return 1 if failures or interrupted or not medians else 0
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import shutil
 import signal
 import statistics
@@ -378,19 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     shutil.rmtree(work, ignore_errors=True)
     if args.record:
-        import bitsandbytes
-        import torch
-        import transformers
-
-        load_bench.record(
-            f"python benches/moe.py {shlex.join(argv if argv is not None else sys.argv[1:])}",
-            f"{platform.machine()}, {os.cpu_count()} cores, "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, "
-            f"no GPU; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, "
-            f"Python {platform.python_version()}",
-            table,
-        )
+        load_bench.record_run("moe.py", argv, table, "transformers", "bitsandbytes")
     return 1 if failures or interrupted or not ok else 0
 
 

@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import shutil
 import signal
 import statistics
@@ -519,27 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     shutil.rmtree(work, ignore_errors=True)
     if args.record:
-        import accelerate
-        import bitsandbytes
-        import transformers
-
-        cpu_model = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "",
-        )
-        load_bench.record(
-            f"python benches/offload.py {shlex.join(argv if argv is not None else sys.argv[1:])}",
-            f"{platform.machine()} {cpu_model}, {os.cpu_count()} cores, "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, "
-            + (torch.cuda.get_device_name() if cuda else "no GPU")
-            + f"; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
-            f"bitsandbytes {bitsandbytes.__version__}, Python {platform.python_version()}",
-            table,
+        load_bench.record_run(
+            "offload.py", argv, table, "transformers", "accelerate", "bitsandbytes"
         )
     return 1 if failures or interrupted or not any(runs.values()) else 0
 

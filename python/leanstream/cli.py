@@ -743,9 +743,9 @@ def _choose_layers(
     model's library, as the loader applies them; ``model``'s linears are replaced, on
     meta) and the :class:`~leanstream.prequantized.Prequantized` of a pre-quantized
     checkpoint (None otherwise)."""
-    from .families import default_skip, family, fp32_patterns, resolve_skip
+    from .families import default_skip, family, fp32_patterns, quantized_experts, resolve_skip
     from .prequantized import Prequantized
-    from .quantize import QuantSpec, expert_params, extra_modules, replace_linears
+    from .quantize import QuantSpec, extra_modules, replace_linears
 
     kind = family(model)
     fp32_modules = fp32_patterns(model)
@@ -773,12 +773,7 @@ def _choose_layers(
         settings = _standard_settings(extra=bool(embeddings or output))
         skip = default_skip(model, kind)
     replaced = replace_linears(model, pre.spec if pre is not None else QuantSpec(bits=4), skip)
-    if kind != "transformers":
-        experts = {}
-    elif pre is not None:
-        experts = pre.experts_shapes(model, expected)
-    else:  # 3-D experts weights [E, R, C], quantized as E * R rows
-        experts = expert_params(model, skip)
+    experts = quantized_experts(model, kind, skip, pre, expected)
     return settings, _Layers(replaced, embeddings, output, experts, loaded, keep_fp32), pre
 
 
@@ -815,6 +810,8 @@ def _predict(
     """Bytes of parameters and buffers after loading with each setting, by
     :func:`leanstream.footprint`'s kinds (``model``: on meta, its linears replaced),
     and the number of weights quantized at 8/4 bits (a shared one counted once)."""
+    from .placement import weight_bytes
+
     shapes = []  # (out_features, in_features) of every weight that gets quantized
     extra = []  # the same for embeddings / lm_head, quantized only with the flags
     plain: dict[str, int] = {}  # bytes of the tensors no setting changes, by kind
@@ -858,21 +855,12 @@ def _predict(
             for kind, nbytes in extra_plain.items():
                 _add(by_kind, kind, nbytes)
         for out_features, in_features in quantized:
-            n = out_features * in_features
             if spec.bits == 16:
+                n = out_features * in_features
                 _add(by_kind, _kind(model_dtype), n * model_dtype.itemsize)
-            elif spec.bits == 8:
-                _add(by_kind, "int8", n)
-                _add(by_kind, "quant_state", out_features * 4)  # SCB, float32
-            else:
-                _add(by_kind, spec.quant_type, (n + 1) // 2)
-                blocks = -(-n // spec.blocksize)
-                stats = 16 * 4  # quant_map: 16 float32
-                if spec.double_quant:  # uint8 absmax, float32 nested absmax/map, offset
-                    stats += blocks + -(-blocks // 256) * 4 + 256 * 4 + 4
-                else:
-                    stats += blocks * 4
-                _add(by_kind, "quant_state", stats)
+                continue
+            for kind, nbytes in weight_bytes(out_features, in_features, spec).items():
+                _add(by_kind, kind, nbytes)
         predictions.append(Prediction(label, sum(by_kind.values()), by_kind))
     return predictions, len(shapes)
 

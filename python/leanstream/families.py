@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .quantize import QuantSpec, default_skip_modules, matches_any
+from .quantize import QuantSpec, default_skip_modules, expert_params, matches_any
 
 Family = Literal["transformers", "diffusers", "module"]
 
@@ -130,6 +130,23 @@ def shared_parameters(model: nn.Module) -> dict[str, str]:
     return ties
 
 
+def quantized_experts(
+    model: nn.Module,
+    kind: Family,
+    skip: Iterable[str],
+    prequantized: Any,
+    expected: Mapping[str, tuple[int, ...]],
+) -> dict[str, tuple[int, ...]]:
+    """``{name: (E, R, C)}`` of the 3-D experts weights a load quantizes, or that a
+    pre-quantized checkpoint (``prequantized``) stores quantized; transformers' experts
+    modules only."""
+    if kind != "transformers":
+        return {}
+    if prequantized is not None:
+        return prequantized.experts_shapes(model, expected)
+    return expert_params(model, skip)
+
+
 def quantization_config(
     kind: Family, spec: QuantSpec, skip: Iterable[str], compute: torch.dtype
 ) -> Any:
@@ -202,6 +219,7 @@ __all__ = [
     "fp32_patterns",
     "fp32_rule",
     "quantization_config",
+    "quantized_experts",
     "record",
     "resolve_skip",
     "shared_parameters",

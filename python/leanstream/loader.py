@@ -3,8 +3,8 @@ reader and quantizer.
 
 Before a byte is read, :mod:`leanstream.matching` decides which checkpoint tensor
 fills which model tensor and :mod:`leanstream.placement` where each goes (one device,
-or a ``device_map``). Once the shards are validated, and while ``config.json`` is parsed and the meta
-model built, a Rust thread already reads the tensors most likely needed first
+or a ``device_map``). Once the shards are validated, and while ``config.json`` is
+parsed and the meta model built, a Rust thread already reads the tensors most likely needed first
 into the page cache (:meth:`leanstream._core.Checkpoint.warm`).
 Then, in module traversal order, one of two sources delivers each tensor:
 
@@ -57,6 +57,7 @@ from .families import (
     fp32_patterns,
     fp32_rule,
     quantization_config,
+    quantized_experts,
     record,
     resolve_skip,
     shared_parameters,
@@ -80,7 +81,6 @@ from .quantize import (
     ExpertsQuantizer,
     QuantSpec,
     QuantType,
-    expert_params,
     extra_modules,
     materialize,
     replace_embeddings,
@@ -624,12 +624,9 @@ def _fill(
         replaced.update(dict.fromkeys(embeddings, False))
     # 3-D experts weights: quantized piece by piece into place (or assembled unquantized),
     # or stored quantized (leanstream format)
-    if kind != "transformers":
-        experts = {}
-    elif prequantized is not None:
-        experts = prequantized.experts_shapes(model, expected)
-    else:
-        experts = expert_params(model, skip) if spec.quantized else {}
+    experts = {}
+    if spec.quantized or prequantized is not None:
+        experts = quantized_experts(model, kind, skip, prequantized, expected)
     where = Where(device)
     if placing is not None:
         where = placing.plan(model, spec, experts, keep_fp32, model_dtype)

@@ -215,7 +215,9 @@ if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
 start = time.perf_counter()
 if kind == "leanstream":
-    model = leanstream.load(folder, device=device, progress=False, compute_dtype=dtype, **s)
+    # compute_dtype is a 4-bit option: load() refuses it with bits=8
+    extra = {"compute_dtype": dtype} if s["bits"] == 4 else {}
+    model = leanstream.load(folder, device=device, progress=False, **extra, **s)
 elif kind == "transformers":
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config(),
                                                  device_map=device)

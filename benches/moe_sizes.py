@@ -143,16 +143,39 @@ def predict(model_type: str, fields: dict[str, Any]) -> dict[str, int]:
         "leanstream 4-bit dq": QuantSpec(bits=4, double_quant=True),
         "leanstream 8-bit": QuantSpec(bits=8),
     }
-    model = build(model_type, fields)  # _predict replaces the linears of the meta model
+    model = build(model_type, fields)
     experts = expert_params(model, ())
-    out = {p.setting: p.total_bytes for p in _predict(model, dtype, settings, None)[0]}
+    skip = default_skip_modules(model)
+    out = {
+        p.setting: p.total_bytes for p in _predict(model, dtype, settings, layers(model, skip))[0]
+    }
     out["experts bf16"] = sum(e * r * c * dtype.itemsize for e, r, c in experts.values())
     # transformers + bitsandbytes: the same, with every experts module kept as it is
     model = build(model_type, fields)
     keep = default_skip_modules(model) | {name.rpartition(".")[0] for name in experts}
     settings = {"transformers 4-bit": QuantSpec(bits=4), "transformers 8-bit": QuantSpec(bits=8)}
-    out.update((p.setting, p.total_bytes) for p in _predict(model, dtype, settings, keep)[0])
+    out.update(
+        (p.setting, p.total_bytes) for p in _predict(model, dtype, settings, layers(model, keep))[0]
+    )
     return out
+
+
+def layers(model: Any, skip: set[str]) -> Any:
+    """What a load of the transformers meta ``model`` does to its tensors when ``skip``
+    stays in full precision (``leanstream.cli``'s ``_Layers``, for ``_predict``); its
+    linears are replaced on meta."""
+    import torch
+
+    from leanstream.cli import _Layers
+    from leanstream.families import fp32_rule, quantized_experts
+    from leanstream.matching import expected_shapes
+    from leanstream.quantize import QuantSpec, replace_linears
+
+    expected = expected_shapes(model)
+    replaced = replace_linears(model, QuantSpec(bits=4), skip)
+    experts = quantized_experts(model, "transformers", skip, None, expected)
+    keep_fp32 = fp32_rule(model, "transformers", torch.bfloat16)
+    return _Layers(replaced, set(), set(), experts, set(expected), keep_fp32)
 
 
 def row(name: str, model_type: str, fields: dict[str, Any]) -> str:

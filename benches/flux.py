@@ -241,14 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:  # interleaved, so drift hits every loader alike
                 kind, settings = LOADERS[name]
                 path = work / f"{name.replace(' ', '_')}-{rep}.pt"
-                try:
-                    result = load_bench.run_one(
-                        kind, settings, folder, "cpu", path, args.run_timeout
-                    )
-                except load_bench.RunFailed as e:
-                    tail = "".join(f"\n    {line}" for line in e.tail)
-                    failures.append(f"- rep {rep} {name}: {e}: `{e.tail[-1] if e.tail else ''}`")
-                    print(f"rep {rep} {name}: FAILED, {e}{tail}", flush=True)
+                result = load_bench.try_run(
+                    rep, name, failures, kind, settings, folder, "cpu", path, args.run_timeout
+                )
+                if result is None:
                     continue
                 result["output"] = path
                 runs[name].append(result)
@@ -296,13 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(x['seconds'] for x in rs):.2f} | {ratio} | {grow / GIB:.2f} GiB | "
             f"{rs[-1]['footprint'] / MIB:.1f} | {state} | {output} |"
         )
-    if failures:
-        lines += ["", "Failed:", *failures]
-    table = "\n".join(lines)
-    print(table, flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if args.record:
-        load_bench.record_run("flux.py", argv, table, "diffusers", "bitsandbytes")
+    load_bench.publish(
+        lines, failures, work, args.record, "flux.py", argv, "diffusers", "bitsandbytes"
+    )
     return 1 if failures or interrupted or not ok else 0
 
 

@@ -408,6 +408,40 @@ def machine(*packages: str) -> str:
     )
 
 
+def try_run(
+    rep: int, name: str, failures: list[str], *args: Any, **kwargs: Any
+) -> dict[str, Any] | None:
+    """:func:`run_one` (``args``, ``kwargs``) for rep ``rep`` of loader ``name``; a failed run
+    is printed with its stderr's tail, added to ``failures`` and gives None."""
+    try:
+        return run_one(*args, **kwargs)
+    except RunFailed as e:
+        tail = "".join(f"\n    {line}" for line in e.tail)
+        failures.append(f"- rep {rep} {name}: {e}: `{e.tail[-1] if e.tail else ''}`")
+        print(f"rep {rep} {name}: FAILED, {e}{tail}", flush=True)
+        return None
+
+
+def publish(
+    lines: list[str],
+    failures: list[str],
+    work: Path,
+    record: bool,
+    script: str,
+    argv: list[str] | None,
+    *packages: str,
+) -> None:
+    """Print the table ``lines`` (and the failures), remove the children's ``work``
+    folder, and when ``record`` append the table to RESULTS.md (:func:`record_run`)."""
+    if failures:
+        lines = [*lines, "", "Failed:", *failures]
+    table = "\n".join(lines)
+    print(table, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if record:
+        record_run(script, argv, table, *packages)
+
+
 def record_run(script: str, argv: list[str] | None, table: str, *packages: str) -> None:
     """:func:`record` ``table`` under the command line of ``benches/<script>`` as run."""
     args = shlex.join(argv if argv is not None else sys.argv[1:])
@@ -608,13 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs[name]
         if "failed" in r
     ] + [f"- {p}" for p in problems]
-    if failures:
-        lines += ["", "Failed:", *failures]
-    table = "\n".join(lines)
-    print(table, flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if args.record:
-        record_run("load.py", argv, table, "transformers", "bitsandbytes")
+    publish(lines, failures, work, args.record, "load.py", argv, "transformers", "bitsandbytes")
     return 1 if failures or interrupted or not medians else 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -253,14 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                 fwd = dict(prompt=args.prompt, decode=args.decode, reps=args.forward_reps)
                 settings = dict(settings, forward=fwd if last and name in forward else None)
                 path = work / f"{name.replace(' ', '_')}.pt"
-                try:
-                    result = load_bench.run_one(
-                        kind, settings, folder, "cpu", path, args.run_timeout
-                    )
-                except load_bench.RunFailed as e:
-                    tail = "".join(f"\n    {line}" for line in e.tail)
-                    failures.append(f"- rep {rep} {name}: {e}: `{e.tail[-1] if e.tail else ''}`")
-                    print(f"rep {rep} {name}: FAILED, {e}{tail}", flush=True)
+                result = load_bench.try_run(
+                    rep, name, failures, kind, settings, folder, "cpu", path, args.run_timeout
+                )
+                if result is None:
                     continue
                 result["logits"] = path if "prefill_s" in result else None
                 runs[name].append(result)
@@ -370,13 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if targets:
         lines += ["", "| loader | target (issue 16) | measured | |", "|---|---|---|---|", *targets]
-    if failures:
-        lines += ["", "Failed:", *failures]
-    table = "\n".join(lines)
-    print(table, flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if args.record:
-        load_bench.record_run("moe.py", argv, table, "transformers", "bitsandbytes")
+    load_bench.publish(
+        lines, failures, work, args.record, "moe.py", argv, "transformers", "bitsandbytes"
+    )
     return 1 if failures or interrupted or not ok else 0
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -286,14 +285,18 @@ def measure(
             for name in names:  # interleaved, so drift hits every loader alike
                 kind, base = loaders[name]
                 path = work / f"{device}-{name.replace(' ', '_').replace('/', '_')}-{rep}.pt"
-                try:
-                    result = load_bench.run_one(
-                        kind, settings_of(kind, base), folder, device, path, timeout
-                    )
-                except load_bench.RunFailed as e:
-                    tail = "".join(f"\n    {line}" for line in e.tail)
-                    failures.append(f"- rep {rep} {name}: {e}: `{e.tail[-1] if e.tail else ''}`")
-                    print(f"rep {rep} {name}: FAILED, {e}{tail}", flush=True)
+                result = load_bench.try_run(
+                    rep,
+                    name,
+                    failures,
+                    kind,
+                    settings_of(kind, base),
+                    folder,
+                    device,
+                    path,
+                    timeout,
+                )
+                if result is None:
                     continue
                 result["logits"] = path
                 runs[name].append(result)
@@ -511,15 +514,17 @@ def main(argv: list[str] | None = None) -> int:
         "; INTERRUPTED" if interrupted else ""
     )
     lines = [*cpu_table(cpu_names, runs, args.shapes, size, args.reps, busy), "", *gpu_lines]
-    if failures:
-        lines += ["", "Failed:", *failures]
-    table = "\n".join(lines)
-    print(table, flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    if args.record:
-        load_bench.record_run(
-            "offload.py", argv, table, "transformers", "accelerate", "bitsandbytes"
-        )
+    load_bench.publish(
+        lines,
+        failures,
+        work,
+        args.record,
+        "offload.py",
+        argv,
+        "transformers",
+        "accelerate",
+        "bitsandbytes",
+    )
     return 1 if failures or interrupted or not any(runs.values()) else 0
 
 

@@ -697,7 +697,7 @@ def _open_as_load(
         resolve,
         weight_files,
     )
-    from .loader import _diffusers_class, _DiffusersConfig, _refuse_pipeline_folder
+    from .loader import _diffusers_class, _refuse_pipeline_folder, _SavedConfig
 
     folder = resolve(source, subfolder=subfolder, revision=revision)
     _refuse_pipeline_folder(folder)
@@ -712,7 +712,7 @@ def _open_as_load(
             f"model_class={model_class!r}: {folder / 'config.json'} is a diffusers "
             f"config, built as the class it names ({diffusers_class.__name__})"
         )
-    return folder, weights, _DiffusersConfig(config_dict), diffusers_class
+    return folder, weights, _SavedConfig(config_dict), diffusers_class
 
 
 @dataclass(frozen=True)

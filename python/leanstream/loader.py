@@ -275,7 +275,7 @@ def load(
                 )
             return (
                 lambda: build_diffusers_model(diffusers_class, folder),
-                _DiffusersConfig(config_dict),
+                _SavedConfig(config_dict),
             )
         config = load_config(folder, trust_remote_code=trust_remote_code)
         return (
@@ -297,7 +297,7 @@ def load(
         progress=progress,
         source=_source(chosen, pipeline, window, threads, ring_bytes),
         ignore_unexpected=ignore_unexpected,
-        placing=_placing(chosen, device_map, max_memory),
+        placing=_placing(chosen, max_memory),
     )
     if family(model) == "transformers":
         _load_generation_config(model, folder)
@@ -435,7 +435,7 @@ def load_into(
                 )
             return built
 
-        return make, _saved_quantization(folder, weights)
+        return make, _saved_quantization(folder)
 
     return _run(
         folder,
@@ -448,20 +448,18 @@ def load_into(
         key_map=key_map,
         init_missing=init_missing,
         ignore_unexpected=ignore_unexpected,
-        placing=_placing(chosen, device_map, max_memory),
+        placing=_placing(chosen, max_memory),
     )
 
 
-def _placing(
-    chosen: dict[str, Any], device_map: Any, max_memory: dict[Any, int | str] | None
-) -> Placing | None:
-    """What ``device_map`` / ``max_memory`` ask (None: ``device`` only)."""
-    if chosen["device_map"] is None:
+def _placing(chosen: dict[str, Any], max_memory: dict[Any, int | str] | None) -> Placing | None:
+    """What the ``device_map`` (as :func:`options.resolve` kept it) and ``max_memory``
+    ask (None: ``device`` only)."""
+    device_map = chosen["device_map"]
+    if device_map is None:
         if max_memory is not None:
             raise ConfigError("max_memory applies with device_map='auto' (or another plan)")
         return None
-    if chosen["device_map"] is not device_map:
-        raise AssertionError("options.resolve keeps device_map as given")
     if options.single_device(device_map):
         if max_memory is not None:
             raise ConfigError(f"max_memory has nothing to plan with device_map={device_map!r}")
@@ -1123,17 +1121,19 @@ def _diffusers_class(folder: Path, config: dict[str, Any]) -> type | None:
     return cls
 
 
-class _DiffusersConfig(SimpleNamespace):
-    """What the loader reads of a diffusers ``config.json``: its ``quantization_config``
-    (a pre-quantized checkpoint) and no ``dtype`` (the checkpoint's is used)."""
+class _SavedConfig(SimpleNamespace):
+    """What the loader reads of a ``config.json`` it does not build the model from (a
+    diffusers component's, or the one beside ``load_into``'s weights): its
+    ``quantization_config`` (a pre-quantized checkpoint) and no ``dtype`` (the
+    checkpoint's is used)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(quantization_config=config.get("quantization_config"), dtype=None)
 
 
-def _saved_quantization(folder: Path, weights: Path | list[Path]) -> Any:
-    """For ``load_into``: the ``quantization_config`` of the ``config.json`` beside the
-    weights (a pre-quantized checkpoint), as an object with that attribute, or None."""
+def _saved_quantization(folder: Path) -> Any:
+    """For ``load_into``: the :class:`_SavedConfig` of the ``config.json`` beside the
+    weights, or None."""
     path = folder / "config.json"
     if not path.is_file():
         return None
@@ -1141,7 +1141,7 @@ def _saved_quantization(folder: Path, weights: Path | list[Path]) -> Any:
         config = read_config_dict(folder)
     except ConfigError:
         return None  # not a transformers or diffusers config: not this checkpoint's
-    return SimpleNamespace(quantization_config=config.get("quantization_config"), dtype=None)
+    return _SavedConfig(config)
 
 
 def _load_generation_config(model: Any, folder: Path) -> None:

@@ -10,6 +10,7 @@ initialization) and what ``ignore_unexpected`` names.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -412,7 +413,8 @@ def initialize(
     wanted = set(missing)
     modules = dict(model.named_modules(remove_duplicate=False))
 
-    def tensors(module_name: str) -> list[str]:
+    @functools.cache  # asked again for each missing tensor inside the same module
+    def tensors(module_name: str) -> frozenset[str]:
         module = modules[module_name]
         prefix = f"{module_name}." if module_name else ""
         found = [prefix + n for n, _ in module.named_parameters(remove_duplicate=False)]
@@ -422,7 +424,7 @@ def initialize(
             for attr, b in m._buffers.items()
             if b is not None and attr not in m._non_persistent_buffers_set
         ]
-        return found
+        return frozenset(found)
 
     transformers_model = isinstance(model, PreTrainedModel)
     roots: dict[str, None] = {}
@@ -432,7 +434,7 @@ def initialize(
         parts = owner.split(".") if owner else []
         for depth in range(len(parts), -1, -1):
             candidate = ".".join(parts[:depth])
-            if depth < len(parts) and not set(tensors(candidate)) <= wanted:
+            if depth < len(parts) and not tensors(candidate) <= wanted:
                 break  # the owner itself may hold loaded tensors too (overwritten later)
             if transformers_model or callable(
                 getattr(modules[candidate], "reset_parameters", None)

@@ -304,14 +304,15 @@ class Where:
     def __init__(self, main: torch.device, device_map: dict[str, Any] | None = None) -> None:
         self.main = main
         self.device_map = device_map
-        entries = set((device_map or {"": main}).values())
-        self.devices = sorted({as_device(torch_device(e)) for e in entries}, key=str)
+        # each entry checked and normalized once (a CUDA device must be there)
+        self.by_entry = {e: as_device(torch_device(e)) for e in (device_map or {}).values()}
+        self.devices = sorted(set(self.by_entry.values()) or {main}, key=str)
         self.several = len(self.devices) > 1
 
     def __call__(self, name: str) -> torch.device:
         if self.device_map is None:
             return self.main
-        return as_device(torch_device(device_for(self.device_map, name)))
+        return self.by_entry[device_for(self.device_map, name)]
 
     def kernel_streams(self) -> contextlib.ExitStack:
         """:func:`kernel_stream` for every device of the plan."""

@@ -1,11 +1,13 @@
 //! leanstream's Rust core: bytes only. It parses and validates safetensors
 //! headers ([`header`]), maps shards and indexes tensors ([`reader`]), and
 //! streams zero-copy views with bounded read-ahead ([`stream`]), and quantizes
-//! tensors' bytes to NF4/FP4/int8 like bitsandbytes ([`quant`]), and reads
+//! tensors' bytes to NF4/FP4/int8 like bitsandbytes ([`quant`]), straight into
+//! bitsandbytes' AVX512-BF16 CPU layout when asked ([`cpu_layout`]), and reads
 //! tensors in chunks into a ring of caller-owned buffers with worker threads
 //! ([`pipeline`], the host side of the overlapped GPU load). The PyO3
 //! binding (`py`, feature `python`) exposes them as `leanstream._core`.
 
+pub mod cpu_layout;
 pub mod error;
 pub mod fault;
 pub mod header;
@@ -38,5 +40,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_quant::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::quantize_int8, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::codebook, m)?)?;
+    m.add_function(wrap_pyfunction!(py_quant::quantize_4bit_cpu_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(py_quant::pack_4bit_cpu_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(py_quant::unpack_4bit_cpu_layout, m)?)?;
     Ok(())
 }

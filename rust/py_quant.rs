@@ -1,5 +1,7 @@
 //! The PyO3 functions of `leanstream._core` for the native quantizer
-//! ([`crate::quant`]): `quantize_4bit`, `quantize_int8`, `codebook`.
+//! ([`crate::quant`]): `quantize_4bit`, `quantize_int8`, `codebook`; and for
+//! bitsandbytes' AVX512-BF16 CPU layout ([`crate::cpu_layout`]):
+//! `quantize_4bit_cpu_layout`, `pack_4bit_cpu_layout`, `unpack_4bit_cpu_layout`.
 //!
 //! Zero-copy both ways: the input is any C-contiguous buffer of bytes (a
 //! `TensorView`, or a tensor's bytes as a NumPy array), and the outputs are
@@ -9,6 +11,7 @@
 //! held (`PyBuffer`) for the whole call, the GIL is released around the kernel
 //! (`py.detach`), and the worker threads only see plain slices.
 
+use crate::cpu_layout::{self, LayoutError};
 use crate::header::Dtype;
 use crate::quant::{self, QuantError, QuantType};
 use pyo3::buffer::{Element, PyBuffer};
@@ -18,6 +21,12 @@ use std::ops::Range;
 
 impl From<QuantError> for PyErr {
     fn from(err: QuantError) -> PyErr {
+        PyValueError::new_err(err.to_string())
+    }
+}
+
+impl From<LayoutError> for PyErr {
+    fn from(err: LayoutError) -> PyErr {
         PyValueError::new_err(err.to_string())
     }
 }
@@ -164,4 +173,108 @@ pub fn codebook(quant_type: &str) -> PyResult<(Vec<f32>, Vec<f32>, Vec<u32>)> {
     let qt = parse_quant_type(quant_type)?;
     let order = qt.order().map(u32::from).to_vec();
     Ok((qt.code().to_vec(), qt.bounds().to_vec(), order))
+}
+
+/// Blockwise 4-bit quantization of a `[rows, cols]` weight straight into
+/// bitsandbytes' AVX512-BF16 CPU layout (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (data, dtype, packed, absmax, *, rows, cols, quant_type, blocksize, threads = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_4bit_cpu_layout(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    dtype: &str,
+    packed: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
+    rows: usize,
+    cols: usize,
+    quant_type: &str,
+    blocksize: usize,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let dtype = parse_dtype(dtype)?;
+    let quant_type = parse_quant_type(quant_type)?;
+    let data_buf = PyBuffer::<u8>::get(data)?;
+    let packed_buf = PyBuffer::<u8>::get(packed)?;
+    let absmax_buf = PyBuffer::<f32>::get(absmax)?;
+    let (input, input_len) = contiguous(&data_buf, "data")?;
+    let (out, out_len) = writable(&packed_buf, "packed")?;
+    let (am, am_len) = writable(&absmax_buf, "absmax")?;
+    check_disjoint(&[
+        ("data", span(input, input_len)),
+        ("packed", span(out, out_len)),
+        ("absmax", span(am, am_len)),
+    ])?;
+    let threads = thread_count(threads);
+    // SAFETY: as in `quantize_4bit`.
+    let (input, out, am) = unsafe {
+        (
+            std::slice::from_raw_parts(input.cast_const(), input_len),
+            std::slice::from_raw_parts_mut(out, out_len),
+            std::slice::from_raw_parts_mut(am, am_len),
+        )
+    };
+    py.detach(|| {
+        cpu_layout::quantize_4bit_packed(
+            input, dtype, quant_type, blocksize, rows, cols, out, am, threads,
+        )
+    })?;
+    Ok(())
+}
+
+/// [`cpu_layout::pack`] or [`cpu_layout::unpack`].
+type Relayout = fn(&[u8], usize, usize, &mut [u8], usize) -> Result<(), LayoutError>;
+
+fn relayout(
+    py: Python<'_>,
+    src: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    rows: usize,
+    cols: usize,
+    threads: Option<usize>,
+    convert: Relayout,
+) -> PyResult<()> {
+    let src_buf = PyBuffer::<u8>::get(src)?;
+    let out_buf = PyBuffer::<u8>::get(out)?;
+    let (input, input_len) = contiguous(&src_buf, "src")?;
+    let (dst, dst_len) = writable(&out_buf, "out")?;
+    check_disjoint(&[("src", span(input, input_len)), ("out", span(dst, dst_len))])?;
+    let threads = thread_count(threads);
+    // SAFETY: as in `quantize_4bit`: both buffers held, contiguous, disjoint.
+    let (input, dst) = unsafe {
+        (
+            std::slice::from_raw_parts(input.cast_const(), input_len),
+            std::slice::from_raw_parts_mut(dst, dst_len),
+        )
+    };
+    py.detach(|| convert(input, rows, cols, dst, threads))?;
+    Ok(())
+}
+
+/// Plain packed 4-bit bytes to bitsandbytes' CPU layout (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (src, out, *, rows, cols, threads = None))]
+pub fn pack_4bit_cpu_layout(
+    py: Python<'_>,
+    src: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    rows: usize,
+    cols: usize,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    relayout(py, src, out, rows, cols, threads, cpu_layout::pack)
+}
+
+/// bitsandbytes' CPU layout back to plain packed 4-bit bytes (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (src, out, *, rows, cols, threads = None))]
+pub fn unpack_4bit_cpu_layout(
+    py: Python<'_>,
+    src: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    rows: usize,
+    cols: usize,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    relayout(py, src, out, rows, cols, threads, cpu_layout::unpack)
 }

@@ -1,0 +1,433 @@
+//! bitsandbytes' AVX512-BF16 CPU layout of a 4-bit weight. No Python.
+//!
+//! On a CPU with AVX512-BF16, bitsandbytes (0.50) rearranges a `Linear4bit`'s packed
+//! weight at its first CPU forward (`bitsandbytes.functional._convert_weight_packed_for_cpu`,
+//! `block_n = 32`) for its fused 4-bit kernel. The weight `[N, K]` (N rows of K
+//! values; bitsandbytes' plain layout packs element pairs `q[2i] << 4 | q[2i+1]`
+//! row-major) becomes `[N, K/2]` bytes where, for every group of 32 rows and every
+//! column pair `kp`, 32 consecutive bytes hold the 64 values `q[r][2kp + t]`
+//! (`r` in the group, `t` in 0..2): byte `kp * 32 + 2r + t` has row `r`'s value in its
+//! low nibble and row `r + 16`'s in its high nibble, for `r` in 0..16.
+//!
+//! [`pack`] and [`unpack`] convert between the two layouts (a permutation of
+//! nibbles, exact both ways); [`quantize_4bit_packed`] quantizes a weight straight
+//! into the CPU layout, 32 rows at a time through a scratch buffer that stays in
+//! cache, bit-identical to [`quant::quantize_4bit`] followed by [`pack`].
+//! bitsandbytes' conversion also turns `absmax` into a transposed bfloat16
+//! `[K / blocksize, N]`: that part is left to the caller (torch), as it is small.
+
+use crate::header::Dtype;
+use crate::quant::{self, QuantError, QuantType};
+use std::fmt;
+use std::thread;
+
+/// Rows packed together (`block_n` of bitsandbytes' conversion).
+pub const BLOCK_N: usize = 32;
+
+/// Fewest bytes of output given to one thread.
+const MIN_PER_THREAD: usize = 1 << 15;
+
+/// Why a layout call was refused (nothing is written then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutError {
+    /// The shape has no CPU layout: rows not a multiple of 32, or odd columns
+    /// (bitsandbytes' conversion asserts both).
+    Shape { rows: usize, cols: usize },
+    /// Columns that are not whole blocks: a block would straddle two rows.
+    Blocks { cols: usize, blocksize: usize },
+    /// A buffer of the wrong length.
+    Len {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// The quantizer refused the input.
+    Quant(QuantError),
+}
+
+impl fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LayoutError::Shape { rows, cols } => write!(
+                f,
+                "a {rows}x{cols} weight has no CPU layout: rows must be a multiple of \
+                 {BLOCK_N} and columns even"
+            ),
+            LayoutError::Blocks { cols, blocksize } => write!(
+                f,
+                "{cols} columns are not a whole number of {blocksize}-value blocks"
+            ),
+            LayoutError::Len {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what} must have {expected} elements, not {got}"),
+            LayoutError::Quant(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for LayoutError {}
+
+impl From<QuantError> for LayoutError {
+    fn from(err: QuantError) -> Self {
+        LayoutError::Quant(err)
+    }
+}
+
+fn check_shape(rows: usize, cols: usize) -> Result<(), LayoutError> {
+    if rows.is_multiple_of(BLOCK_N) && cols.is_multiple_of(2) {
+        Ok(())
+    } else {
+        Err(LayoutError::Shape { rows, cols })
+    }
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), LayoutError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(LayoutError::Len {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// One group of 32 rows, plain (`rows[r * half + kp]`) to the CPU layout.
+#[inline(always)]
+fn pack_group(plain: &[u8], half: usize, out: &mut [u8]) {
+    let (top, bottom) = plain.split_at(16 * half);
+    for (kp, dst) in out.chunks_exact_mut(BLOCK_N).enumerate() {
+        for r in 0..16 {
+            let lo = top[r * half + kp];
+            let hi = bottom[r * half + kp];
+            dst[2 * r] = (hi & 0xf0) | (lo >> 4);
+            dst[2 * r + 1] = (hi << 4) | (lo & 0x0f);
+        }
+    }
+}
+
+/// One group of 32 rows, CPU layout back to plain.
+#[inline(always)]
+fn unpack_group(packed: &[u8], half: usize, plain: &mut [u8]) {
+    let (top, bottom) = plain.split_at_mut(16 * half);
+    for (kp, src) in packed.chunks_exact(BLOCK_N).enumerate() {
+        for r in 0..16 {
+            let (b0, b1) = (src[2 * r], src[2 * r + 1]);
+            top[r * half + kp] = (b0 << 4) | (b1 & 0x0f);
+            bottom[r * half + kp] = (b0 & 0xf0) | (b1 >> 4);
+        }
+    }
+}
+
+/// Split `groups` groups of `group_bytes` over threads, calling `work(first_group,
+/// inputs, outputs)` on disjoint runs of whole groups.
+fn for_groups<I: Sync + ?Sized, F>(
+    input: &I,
+    out: &mut [u8],
+    group_bytes: usize,
+    threads: usize,
+    work: F,
+) where
+    F: Fn(&I, usize, &mut [u8]) + Sync,
+{
+    let groups = out.len() / group_bytes.max(1);
+    let threads = threads
+        .max(1)
+        .min(out.len() / MIN_PER_THREAD + 1)
+        .min(groups.max(1));
+    if threads <= 1 {
+        work(input, 0, out);
+        return;
+    }
+    let per = groups.div_ceil(threads);
+    thread::scope(|s| {
+        let mut runs = out.chunks_mut(per * group_bytes).enumerate();
+        let first = runs.next();
+        for (i, run) in runs {
+            let work = &work;
+            s.spawn(move || work(input, i * per, run));
+        }
+        if let Some((_, run)) = first {
+            work(input, 0, run);
+        }
+    });
+}
+
+/// Plain packed 4-bit bytes of a `[rows, cols]` weight (`rows * cols / 2` bytes) to
+/// bitsandbytes' CPU layout, as `_convert_weight_packed_for_cpu` arranges them.
+pub fn pack(
+    plain: &[u8],
+    rows: usize,
+    cols: usize,
+    out: &mut [u8],
+    threads: usize,
+) -> Result<(), LayoutError> {
+    check_shape(rows, cols)?;
+    let bytes = rows * cols / 2;
+    check_len("plain weight", bytes, plain.len())?;
+    check_len("packed weight", bytes, out.len())?;
+    let group = BLOCK_N * cols / 2;
+    for_groups(plain, out, group, threads, |plain, first, run| {
+        let plain = &plain[first * group..];
+        for (g, dst) in run.chunks_exact_mut(group).enumerate() {
+            pack_group(&plain[g * group..(g + 1) * group], cols / 2, dst);
+        }
+    });
+    Ok(())
+}
+
+/// The inverse of [`pack`]: bitsandbytes' CPU layout back to plain packed bytes.
+pub fn unpack(
+    packed: &[u8],
+    rows: usize,
+    cols: usize,
+    out: &mut [u8],
+    threads: usize,
+) -> Result<(), LayoutError> {
+    check_shape(rows, cols)?;
+    let bytes = rows * cols / 2;
+    check_len("packed weight", bytes, packed.len())?;
+    check_len("plain weight", bytes, out.len())?;
+    let group = BLOCK_N * cols / 2;
+    for_groups(packed, out, group, threads, |packed, first, run| {
+        let packed = &packed[first * group..];
+        for (g, dst) in run.chunks_exact_mut(group).enumerate() {
+            unpack_group(&packed[g * group..(g + 1) * group], cols / 2, dst);
+        }
+    });
+    Ok(())
+}
+
+/// Quantize a row-major `[rows, cols]` weight (raw `dtype` bytes) to 4 bits straight
+/// into the CPU layout: `out` gets `rows * cols / 2` bytes, `absmax` one f32 per
+/// block in bitsandbytes' plain order (row-major blocks). Each row must be whole
+/// blocks. Bit-identical to [`quant::quantize_4bit`] then [`pack`].
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_4bit_packed(
+    input: &[u8],
+    dtype: Dtype,
+    quant_type: QuantType,
+    blocksize: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut [u8],
+    absmax: &mut [f32],
+    threads: usize,
+) -> Result<(), LayoutError> {
+    check_shape(rows, cols)?;
+    if !quant::BLOCKSIZES.contains(&blocksize) {
+        return Err(QuantError::Blocksize(blocksize).into());
+    }
+    if !cols.is_multiple_of(blocksize) {
+        return Err(LayoutError::Blocks { cols, blocksize });
+    }
+    let size = match dtype {
+        Dtype::BF16 | Dtype::F16 => 2,
+        Dtype::F32 => 4,
+        other => return Err(QuantError::Dtype(other).into()),
+    };
+    check_len("input", rows * cols * size, input.len())?;
+    check_len("packed weight", rows * cols / 2, out.len())?;
+    check_len("absmax", rows * cols / blocksize, absmax.len())?;
+    // absmax is split with the groups: each thread writes its own blocks
+    let group = BLOCK_N * cols / 2;
+    let group_blocks = BLOCK_N * cols / blocksize;
+    let absmax_ptr = SendPtr(absmax.as_mut_ptr());
+    let mut failed: Option<QuantError> = None;
+    let failure = std::sync::Mutex::new(&mut failed);
+    for_groups(input, out, group, threads, |input, first, run| {
+        let mut scratch = vec![0u8; group];
+        let groups = run.len() / group;
+        // SAFETY: runs of groups are disjoint, and so are their absmax blocks; the
+        // slice lives as long as `absmax`, borrowed exclusively by this function.
+        let am = unsafe {
+            std::slice::from_raw_parts_mut(
+                absmax_ptr.get().add(first * group_blocks),
+                groups * group_blocks,
+            )
+        };
+        let input = &input[first * group * 2 * size..];
+        for (g, dst) in run.chunks_exact_mut(group).enumerate() {
+            let src = &input[g * group * 2 * size..(g + 1) * group * 2 * size];
+            let blocks = &mut am[g * group_blocks..(g + 1) * group_blocks];
+            if let Err(err) =
+                quant::quantize_4bit(src, dtype, quant_type, blocksize, &mut scratch, blocks, 1)
+            {
+                **failure.lock().unwrap() = Some(err);
+                return;
+            }
+            pack_group(&scratch, cols / 2, dst);
+        }
+    });
+    match failed {
+        Some(err) => Err(err.into()),
+        None => Ok(()),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint ranges of one slice to scoped threads.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bitsandbytes' conversion as written in torch, index by index:
+    /// `[N, K] -> [N/32, 32, K/2, 2] -> transpose(1, 2) -> [-1, 64]`, then
+    /// `(high 32 << 4) | low 32`.
+    fn reference(codes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+        let half = cols / 2;
+        let mut moved = Vec::with_capacity(codes.len());
+        for nb in 0..rows / 32 {
+            for kp in 0..half {
+                for r in 0..32 {
+                    for t in 0..2 {
+                        moved.push(codes[(nb * 32 + r) * cols + 2 * kp + t]);
+                    }
+                }
+            }
+        }
+        moved
+            .chunks_exact(64)
+            .flat_map(|row| (0..32).map(move |j| (row[32 + j] << 4) | row[j]))
+            .collect()
+    }
+
+    fn codes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (s >> 60) as u8
+            })
+            .collect()
+    }
+
+    fn plain(codes: &[u8]) -> Vec<u8> {
+        codes.chunks_exact(2).map(|p| p[0] << 4 | p[1]).collect()
+    }
+
+    #[test]
+    fn pack_is_bitsandbytes_conversion_and_unpack_inverts_it() {
+        for &(rows, cols) in &[(32, 2), (32, 64), (64, 6), (96, 128), (256, 2048)] {
+            let c = codes(rows * cols, (rows * cols) as u64);
+            let p = plain(&c);
+            for threads in [1, 2, 5] {
+                let mut out = vec![0; p.len()];
+                pack(&p, rows, cols, &mut out, threads).unwrap();
+                assert_eq!(out, reference(&c, rows, cols), "{rows}x{cols}");
+                let mut back = vec![0; p.len()];
+                unpack(&out, rows, cols, &mut back, threads).unwrap();
+                assert_eq!(back, p, "{rows}x{cols}");
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_without_a_layout_are_refused() {
+        let mut out = vec![0; 48];
+        assert_eq!(
+            pack(&[0; 48], 48, 2, &mut out, 1),
+            Err(LayoutError::Shape { rows: 48, cols: 2 })
+        );
+        assert!(matches!(
+            pack(&[0; 47], 32, 3, &mut out, 1),
+            Err(LayoutError::Shape { .. })
+        ));
+        assert!(matches!(
+            unpack(&[0; 10], 32, 2, &mut out, 1),
+            Err(LayoutError::Len { .. })
+        ));
+        let input = vec![0u8; 32 * 96 * 2];
+        let mut out = vec![0; 32 * 48];
+        let mut am = vec![0.0; 48];
+        assert_eq!(
+            quantize_4bit_packed(
+                &input,
+                Dtype::BF16,
+                QuantType::Nf4,
+                64,
+                32,
+                96,
+                &mut out,
+                &mut am,
+                1
+            ),
+            Err(LayoutError::Blocks {
+                cols: 96,
+                blocksize: 64
+            })
+        );
+        assert!(matches!(
+            quantize_4bit_packed(
+                &input,
+                Dtype::I8,
+                QuantType::Nf4,
+                32,
+                32,
+                96,
+                &mut out,
+                &mut am,
+                1
+            ),
+            Err(LayoutError::Quant(QuantError::Dtype(Dtype::I8)))
+        ));
+    }
+
+    #[test]
+    fn quantize_packed_is_quantize_then_pack() {
+        let mut seed = 7u64;
+        for &(rows, cols, bs) in &[
+            (32, 64, 64),
+            (64, 256, 32),
+            (96, 512, 128),
+            (128, 4096, 4096),
+        ] {
+            let values: Vec<u8> = (0..rows * cols)
+                .flat_map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(3);
+                    let v = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0;
+                    ((v.to_bits() >> 16) as u16).to_le_bytes()
+                })
+                .collect();
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                let n = rows * cols;
+                let mut p = vec![0; n / 2];
+                let mut am = vec![0.0f32; n / bs];
+                quant::quantize_4bit(&values, Dtype::BF16, qt, bs, &mut p, &mut am, 1).unwrap();
+                let mut expect = vec![0; n / 2];
+                pack(&p, rows, cols, &mut expect, 1).unwrap();
+                for threads in [1, 2, 3] {
+                    let mut out = vec![0xaa; n / 2];
+                    let mut am2 = vec![-1.0f32; n / bs];
+                    quantize_4bit_packed(
+                        &values,
+                        Dtype::BF16,
+                        qt,
+                        bs,
+                        rows,
+                        cols,
+                        &mut out,
+                        &mut am2,
+                        threads,
+                    )
+                    .unwrap();
+                    assert_eq!(out, expect, "{rows}x{cols} {qt}");
+                    let bits = |a: &[f32]| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&am2), bits(&am), "{rows}x{cols} {qt}");
+                }
+            }
+        }
+    }
+}

@@ -21,8 +21,10 @@ import torch
 from diffusers.quantizers.bitsandbytes import bnb_quantizer
 
 # kind -> (diffusers class name, config): small but real architectures. Every nn.Linear has
-# out_features a multiple of 32 (bitsandbytes' AVX512-BF16 CPU kernel needs it) and at least 32
-# inputs.
+# in_features a multiple of 64 (the 4-bit blocksize) and out_features a multiple of 32, as in
+# the real models: on an AVX512-BF16 CPU bitsandbytes repacks each 4-bit weight at its first
+# forward (``_convert_weight_packed_for_cpu``) and fails on other shapes, so diffusers'
+# reference would fail there.
 TINY: dict[str, tuple[str, dict[str, Any]]] = {
     # FLUX.1-dev's layout (guidance embedding, packed 2x2 latents of 16 channels: 64 in)
     "flux": (
@@ -32,12 +34,12 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
             in_channels=64,
             num_layers=1,
             num_single_layers=1,
-            attention_head_dim=16,
+            attention_head_dim=32,
             num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
+            joint_attention_dim=64,
+            pooled_projection_dim=64,
             guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+            axes_dims_rope=(8, 12, 12),  # sums to attention_head_dim
         ),
     ),
     # SD3.5's layout: a dual-attention first block, RMS query/key norms, a stored pos_embed
@@ -50,9 +52,9 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
             num_layers=2,
             attention_head_dim=16,
             num_attention_heads=4,
-            joint_attention_dim=32,
+            joint_attention_dim=64,
             caption_projection_dim=64,  # = heads * head dim
-            pooled_projection_dim=32,
+            pooled_projection_dim=64,
             out_channels=16,
             pos_embed_max_size=16,
             dual_attention_layers=(0,),
@@ -69,10 +71,10 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
             out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
+            block_out_channels=(64, 64),
             layers_per_block=1,
             norm_num_groups=8,
-            cross_attention_dim=32,
+            cross_attention_dim=64,
             attention_head_dim=8,
             use_linear_projection=True,
         ),
@@ -327,6 +329,7 @@ def _self_check() -> None:
                     assert all(
                         m.weight.numel() * 2 == m.in_features * m.out_features for m in layers
                     )
+                    assert all(m.in_features % 64 == 0 == m.out_features % 32 for m in layers)
                 else:
                     assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in layers)
                     assert all(m.weight.dtype == torch.int8 for m in layers)

@@ -106,10 +106,13 @@ TINY.update(
                 n_group=1,
                 topk_group=1,
                 first_k_dense_replace=1,
-                q_lora_rank=32,
-                kv_lora_rank=32,
+                # 4-bit linears take a multiple of 64 inputs and make a multiple of 32
+                # outputs, as in the real model (bitsandbytes' AVX512-BF16 CPU kernel needs
+                # it): kv_a_proj_with_mqa makes kv_lora_rank + qk_rope_head_dim = 96
+                q_lora_rank=64,
+                kv_lora_rank=64,
                 qk_nope_head_dim=16,
-                qk_rope_head_dim=16,
+                qk_rope_head_dim=32,
                 v_head_dim=16,
             ),
         ),

@@ -137,6 +137,14 @@ def dequantized_reference(folder: Path, setting: dict[str, Any]) -> Any:
             # DeepSeek's kv_b_proj gets a 4-D input, which transformers' LLM.int8 layer
             # cannot take (test_int8_layers_take_inputs_of_any_rank): leanstream's fix
             accept_any_rank(module)
+        if isinstance(module, bnb.nn.Linear4bit) and module.out_features % 32:
+            # Qwen2-MoE's shared-expert gate, Linear(H, 1): on an AVX512-BF16 CPU
+            # bitsandbytes repacks it at the first forward and asserts "N must be divisible
+            # by block_n" (test_layers_bitsandbytes_cannot_repack_keep_the_plain_cpu_kernel);
+            # leanstream's layer keeps the plain CPU kernel (README, "Deliberately
+            # different"): so does the reference. The same weights either way; a no-op on
+            # other CPUs.
+            module.support_avx512bf16_for_cpu = False
     return ref
 
 

@@ -10,7 +10,7 @@ VENV = $(shell scripts/env.sh)
 # it at whichever checkout built last: always run this checkout's package.
 PY = PYTHONPATH=$(CURDIR)/python $(VENV)/bin/python
 
-.PHONY: env build demo test test-rust test-python lint bench gpu-wheels clean
+.PHONY: env build demo test test-rust test-python test-plain lint bench gpu-wheels clean
 
 env:
 	@scripts/env.sh >/dev/null
@@ -31,8 +31,21 @@ lint: env
 test-rust:
 	cargo test --no-default-features
 
+# On a CPU where bitsandbytes detects AVX512-BF16, 4-bit layers run its fused kernel: the
+# tests whose outcome depends on the kernel (marker cpu_kernel) then run a second time
+# with the detection forced off, as on a CPU without it (tests/cpu_kernel.py).
+HAS_FUSED_KERNEL = $(PY) -c 'import sys, bitsandbytes.functional as F; sys.exit(not F.has_avx512bf16())'
+
 test-python: build
 	$(PY) -m pytest
+	@if $(HAS_FUSED_KERNEL) 2>/dev/null; then \
+		echo "bitsandbytes detects AVX512-BF16: the cpu_kernel tests again with its plain kernel"; \
+		LEANSTREAM_TEST_CPU_KERNEL=plain $(PY) -m pytest -m cpu_kernel; \
+	fi
+
+# The whole suite as on a CPU without AVX512-BF16 (bitsandbytes' detection forced off).
+test-plain: build
+	LEANSTREAM_TEST_CPU_KERNEL=plain $(PY) -m pytest
 
 test: lint test-rust test-python
 

@@ -1,7 +1,12 @@
-"""Shared fixtures: seeded RNGs and tiny transformers checkpoints written on the fly."""
+"""Shared fixtures: seeded RNGs and tiny transformers checkpoints written on the fly.
+
+``LEANSTREAM_TEST_CPU_KERNEL=plain`` forces bitsandbytes' AVX512-BF16 detection off for
+the session: the suite then runs as on a CPU without it (``tests/cpu_kernel.py``).
+"""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -17,6 +22,29 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    kernel = os.environ.get("LEANSTREAM_TEST_CPU_KERNEL", "")
+    if kernel not in ("", "plain"):
+        raise pytest.UsageError(f"LEANSTREAM_TEST_CPU_KERNEL={kernel!r}: '' or 'plain'")
+    if kernel == "plain":
+        import bitsandbytes.functional
+        import bitsandbytes.nn.modules
+
+        # what a CPU without AVX512-BF16 answers: layers keep the plain kernel
+        bitsandbytes.functional.has_avx512bf16 = lambda: False
+        bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from leanstream import cpu_layout
+
+    forced = os.environ.get("LEANSTREAM_TEST_CPU_KERNEL") == "plain"
+    kernel = "fused (AVX512-BF16)" if cpu_layout.detected() else "plain"
+    return f"bitsandbytes CPU 4-bit kernel: {kernel}" + (
+        " (detection forced off)" if forced else ""
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

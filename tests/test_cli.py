@@ -15,12 +15,17 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from cpu_kernel import like_first_forward, packs
 from test_load import assert_same_weights, logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import leanstream
 from leanstream.cli import main
 from leanstream.progress import format_bytes
+
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 PACKAGE_ROOT = str(Path(leanstream.__file__).resolve().parent.parent)
 
@@ -384,6 +389,9 @@ def fail_in_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
     import bitsandbytes.nn.modules
 
     convert = bitsandbytes.functional._convert_weight_packed_for_cpu
+    # an installed bitsandbytes whose conversion leanstream does not reproduce: the
+    # conversion is left to its forward
+    monkeypatch.setattr(leanstream.cpu_layout, "agrees", lambda: False)
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
     monkeypatch.setattr(
         bitsandbytes.nn.modules,
@@ -505,7 +513,9 @@ def test_sizes_in_binary_units_as_a_process(sources: dict[str, Path], tmp_path: 
     )
     assert bar is not None, result.stderr
     assert bar[2] == total and bar[1].endswith((" B", " KiB")) and bar[3].endswith("B/s"), bar[0]
-    model = leanstream.load(out, device="cpu", progress=False)
+    # quantize loads the plain layout (what it saves: bitsandbytes' fused CPU one keeps
+    # bfloat16 scales only)
+    model = leanstream.load(out, device="cpu", progress=False, cpu_kernel="plain")
     on_disk = format_bytes(sum(f.stat().st_size for f in out.glob("*.safetensors")))
     in_memory = format_bytes(leanstream.footprint(model).total_bytes)
     assert result.stdout == f"wrote {out}: 1 shard(s), {on_disk}; in memory {in_memory}\n"
@@ -519,6 +529,8 @@ def test_inspect_table_is_aligned(
     assert code == 0
     lines = out.splitlines()
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("memory")) :]
+    if packs():  # a last line says the 4-bit rows are in bitsandbytes' fused CPU layout
+        assert "AVX512-BF16 CPU layout" in table.pop()
     assert len(table) == 1 + 7 and "4-bit nf4 + double + emb/head" in out
     rows = [re.fullmatch(r"(memory)? +(\S.*?)  +(total|\S+ \S*B)  (\S.*)", row) for row in table]
     assert all(rows), "\n".join(table)
@@ -607,6 +619,8 @@ def test_inspect_a_diffusers_component(
     assert_predicts(report, folder)
     # and what diffusers' own bitsandbytes quantization of it takes
     memory = {row["setting"]: row for row in report["memory"]}
+    if report["cpu_layout"]:  # predicted for this CPU: as after diffusers' first forward
+        like_first_forward(reference)
     for setting, bits in (("4-bit nf4", 4), ("8-bit (LLM.int8)", 8)):
         theirs = leanstream.footprint(reference if bits == 4 else dm.reference(folder, bits=8))
         row = memory[setting]
@@ -635,7 +649,10 @@ def test_inspect_keeps_the_fp32_modules_of_a_diffusers_component(
     assert_predicts(report, folder)
     memory = {row["setting"]: row for row in report["memory"]}
     for setting, bits in (("4-bit nf4", 4), ("8-bit (LLM.int8)", 8)):
-        theirs = leanstream.footprint(dm.reference(folder, bits=bits))
+        reference = dm.reference(folder, bits=bits)
+        if report["cpu_layout"]:  # predicted for this CPU: as after diffusers' first forward
+            like_first_forward(reference)
+        theirs = leanstream.footprint(reference)
         assert (memory[setting]["total_bytes"], memory[setting]["by_kind"]) == (
             theirs.total_bytes,
             theirs.by_kind,
@@ -651,8 +668,12 @@ def test_inspect_matches_diffusers_on_an_fp32_pattern_inside_a_name(
 
     folder = dm.write_flux(tmp_path / "flux")
     monkeypatch.setattr(diffusers.FluxTransformer2DModel, "_keep_in_fp32_modules", ["norm"])
-    memory = {row["setting"]: row for row in inspect_checkpoint(folder)["memory"]}
-    theirs = leanstream.footprint(dm.reference(folder, bits=4))
+    report = inspect_checkpoint(folder)
+    memory = {row["setting"]: row for row in report["memory"]}
+    reference = dm.reference(folder, bits=4)
+    if report["cpu_layout"]:  # predicted for this CPU: as after diffusers' first forward
+        like_first_forward(reference)
+    theirs = leanstream.footprint(reference)
     assert (memory["4-bit nf4"]["total_bytes"], memory["4-bit nf4"]["by_kind"]) == (
         theirs.total_bytes,
         theirs.by_kind,
@@ -934,7 +955,9 @@ def test_inspect_plans_moe_experts_and_a_diffusers_component(
 
         folder = write_model(tmp_path / kind, kind)
     capsys.readouterr()
-    memory = {row["setting"]: row["total_bytes"] for row in planned(capsys, folder)["memory"]}
+    # in the plain layout, which a plan sizes (not bitsandbytes' fused CPU one)
+    report = planned(capsys, folder, "--cpu-kernel", "plain")
+    memory = {row["setting"]: row["total_bytes"] for row in report["memory"]}
     text, budget = budgets(memory["4-bit nf4"], 0.45)
     report = planned(capsys, folder, "--device-map", "sequential", "--max-memory", text)
     plan, sizes = plan_of_load(
@@ -951,8 +974,13 @@ def test_inspect_plans_a_prequantized_checkpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Embeddings and lm_head stored quantized are planned at their quantized size."""
-    model = leanstream.load(
-        sources["llama"], bits=4, quantize_embeddings=True, quantize_lm_head=True, progress=False
+    model = leanstream.load(  # the plain layout, which a plan sizes
+        sources["llama"],
+        bits=4,
+        quantize_embeddings=True,
+        quantize_lm_head=True,
+        progress=False,
+        cpu_kernel="plain",
     )
     folder = leanstream.save(model, tmp_path / "nf4", progress=False)
     total = leanstream.footprint(model).total_bytes

@@ -14,11 +14,16 @@ from typing import Any
 import bitsandbytes as bnb
 import pytest
 import torch
+from cpu_kernel import contiguous_inputs, exact_round_trip, plain_kernel
 from test_load import SETTINGS, assert_same_weights
 from torch import nn
 
 import leanstream
 from leanstream import ConfigError
+
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 diffusers = pytest.importorskip("diffusers")
 import diffusers_models as dm  # noqa: E402  (needs diffusers)
@@ -52,12 +57,17 @@ def reference(folder: Path, settings: dict[str, Any], **kwargs: Any) -> Any:
 def test_bit_identical_to_diffusers(components: dict[str, Path], kind: str, setting: str) -> None:
     folder = components[kind]
     assert len(list(folder.glob("*.safetensors"))) > 1, "the fixture must be sharded"
-    ref = reference(folder, SETTINGS[setting])
-    got = ours(folder, SETTINGS[setting])
+    kernel = exact_round_trip(SETTINGS[setting])
+    ref = contiguous_inputs(reference(folder, SETTINGS[setting]))  # a UNet passes strided ones
+    if kernel == "plain":
+        plain_kernel(ref)
+    got = ours(folder, SETTINGS[setting], cpu_kernel=kernel)
     assert type(got) is type(ref)
+    # every tensor, quantized or not: same names, dtypes and values (before the reference
+    # is converted to the fused CPU layout below, which bitsandbytes cannot save right)
+    a = ref.state_dict()
     assert assert_same_weights(ref, got) > 0
-    # every tensor, quantized or not: same names, dtypes and values
-    a, b = ref.state_dict(), got.state_dict()
+    b = got.state_dict()
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype, name
@@ -156,7 +166,8 @@ def test_model_class_does_not_apply_to_diffusers(components: dict[str, Path]) ->
 def test_save_is_read_by_diffusers_and_by_leanstream(
     components: dict[str, Path], tmp_path: Path, setting: str
 ) -> None:
-    got = ours(components["sd3"], SETTINGS[setting])
+    kernel = exact_round_trip(SETTINGS[setting])
+    got = ours(components["sd3"], SETTINGS[setting], cpu_kernel=kernel)
     saved = leanstream.save(got, tmp_path / "saved", progress=False)
     config = json.loads((saved / "config.json").read_text())
     assert config["_class_name"] == "SD3Transformer2DModel"
@@ -168,7 +179,9 @@ def test_save_is_read_by_diffusers_and_by_leanstream(
             saved, torch_dtype=torch.bfloat16, device_map="cpu"
         )
     # and leanstream streams the packed tensors back without requantizing
-    again = leanstream.load(saved, device="cpu", progress=False)
+    again = leanstream.load(saved, device="cpu", progress=False, cpu_kernel=kernel)
+    if kernel == "plain":
+        plain_kernel(theirs)
     # (compared before any forward: LLM.int8's first one moves SCB off the weight)
     assert assert_same_weights(got, theirs) > 0
     assert assert_same_weights(got, again) > 0
@@ -215,7 +228,8 @@ def test_keep_in_fp32_modules_as_diffusers_matches_them(
     got = ours(components["flux"], SETTINGS[setting])
     kept = got.get_submodule("single_transformer_blocks.0.norm.linear")
     assert type(kept) is nn.Linear and kept.weight.dtype == torch.float32
+    a = ref.state_dict()  # before assert_same_weights converts it to the fused CPU layout
     assert assert_same_weights(ref, got) > 0
-    a, b = ref.state_dict(), got.state_dict()
+    b = got.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

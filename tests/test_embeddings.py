@@ -9,10 +9,16 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
+from cpu_kernel import packs
 from torch import nn
 
 import leanstream
+from leanstream.cpu_layout import is_packed
 from models import stored, write_model
+
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 SETTINGS = {
     "nf4": dict(bits=4, quant_type="nf4"),
@@ -52,6 +58,8 @@ def check_quantized(weight: Any, original: torch.Tensor, setting: dict[str, Any]
             compress_statistics=setting.get("double_quant", False),
             quant_type=setting["quant_type"],
         )
+        if is_packed(weight.quant_state):  # as bitsandbytes' first forward on this CPU leaves it
+            packed, state = F._convert_weight_packed_for_cpu(packed, state)
         assert torch.equal(weight.data.view(torch.uint8), packed.view(torch.uint8))
         assert torch.equal(weight.quant_state.absmax, state.absmax)
         assert tuple(weight.quant_state.shape) == tuple(original.shape)
@@ -186,7 +194,11 @@ def test_save_load_round_trip(
         assert saved[f"{prefix}weight"].dtype == torch.int8 and f"{prefix}SCB" in saved
     if arch == "llama-tied":  # one tensor, stored once
         assert not [k for k in saved if k.startswith("lm_head.")]
-    again = load(folder)
+    # a double-quantized lm_head in bitsandbytes' fused CPU layout holds plain bfloat16
+    # scales, double-quantized again when saved: read back, it is the saved model, in the
+    # plain layout exactly (cpu_layout.unpacked)
+    exact = not (packs() and setting == "nf4-dq")
+    again = load(folder, cpu_kernel="auto" if exact else "plain")
     assert type(again.model.embed_tokens) is type(model.model.embed_tokens)
     assert type(again.lm_head) is type(model.lm_head)
     if arch == "llama-tied":
@@ -195,8 +207,12 @@ def test_save_load_round_trip(
     assert set(after) == set(before)
     for key, tensor in before.items():
         assert torch.equal(after[key], tensor), key
-    assert torch.equal(logits(again), logits(model))
-    assert leanstream.footprint(again) == leanstream.footprint(model)
+    if exact:
+        assert torch.equal(logits(again), logits(model))
+        assert leanstream.footprint(again) == leanstream.footprint(model)
+    else:
+        a, b = logits(again), logits(model)
+        assert (a - b).norm() / b.norm() < 1e-2
     quant = again.config.quantization_config
     assert quant.leanstream_quantized_embeddings == ["model.embed_tokens"]
     assert quant.leanstream_quantized_lm_head == ["lm_head"]

@@ -8,6 +8,9 @@ import torch
 import leanstream
 from leanstream.progress import format_bytes
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 @pytest.mark.parametrize(
     ("n", "text"),

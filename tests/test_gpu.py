@@ -485,3 +485,33 @@ def test_moe_experts_are_quantized_on_the_gpu(
         assert torch.isfinite(got(input_ids=IDS.cuda()).logits).all()
     out = got.generate(IDS.cuda(), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, IDS.shape[1] + 4)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_cpu_load_moved_to_the_gpu_runs_there(
+    sources: dict[str, Path], double_quant: bool
+) -> None:
+    """A model loaded on the CPU (on an AVX512-BF16 CPU: in bitsandbytes' fused CPU
+    layout) and moved with ``.to("cuda")`` or ``.cuda()`` gives the logits of the same
+    model loaded on the GPU with the same scales: its layers take the plain layout back
+    before their first forward there (bitsandbytes' own ``.cuda()`` inverse leaves the
+    scales transposed; ``.to()`` none at all)."""
+    from leanstream import cpu_layout
+
+    ids = torch.tensor(IDS)
+    for move in (lambda m: m.to("cuda"), lambda m: m.cuda()):
+        model = leanstream.load(
+            sources["llama"], bits=4, double_quant=double_quant, device="cpu", progress=False
+        )
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits.float()  # the CPU layout, if any, made
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        packed = [cpu_layout.is_packed(m.weight.quant_state) for m in layers]
+        model = move(model)
+        with torch.no_grad():
+            got = model(input_ids=ids.cuda()).logits.float().cpu()
+        assert not any(cpu_layout.is_packed(m.weight.quant_state) for m in layers)
+        assert all(m.weight.quant_state.absmax.dim() == 1 for m in layers if not double_quant)
+        assert torch.isfinite(got).all()
+        rel = (got - expected).norm() / expected.norm()
+        assert rel < 2e-2, (packed, rel)  # the GPU's kernel: the same weights, other sums

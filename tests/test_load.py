@@ -10,12 +10,18 @@ from typing import Any
 import bitsandbytes as bnb
 import pytest
 import torch
+from cpu_kernel import same_layout, state2
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import leanstream
+from leanstream.cpu_layout import is_packed
 from leanstream.meta import build_empty_model
 from leanstream.progress import format_bytes
 from models import make_config, write_model
+
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 ARCHS = ["llama", "llama-tied", "opt", "gpt2", "qwen2"]
 SETTINGS = {
@@ -66,6 +72,7 @@ def assert_same_weights(ref: torch.nn.Module, got: torch.nn.Module) -> int:
         assert type(twin) is type(module), name
         if isinstance(module, bnb.nn.Linear4bit):
             quantized += 1
+            same_layout(module, twin)  # a plain one as its first forward on this CPU leaves it
             a, b = module.weight, twin.weight
             assert a.dtype == b.dtype and a.shape == b.shape, name
             assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), name
@@ -78,8 +85,9 @@ def assert_same_weights(ref: torch.nn.Module, got: torch.nn.Module) -> int:
             ), name
             assert torch.equal(qa.absmax, qb.absmax), name
             assert torch.equal(qa.code, qb.code), name
-            assert (qa.state2 is None) == (qb.state2 is None), name
-            if qa.state2 is not None:
+            assert is_packed(qa) == is_packed(qb), name
+            assert (state2(qa) is None) == (state2(qb) is None), name
+            if state2(qa) is not None:
                 assert torch.equal(qa.state2.absmax, qb.state2.absmax), name
                 assert torch.equal(qa.state2.code, qb.state2.code), name
                 assert torch.equal(qa.offset, qb.offset), name

@@ -19,6 +19,9 @@ from torch import nn
 import leanstream
 from leanstream import ConfigError, MismatchError
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 class Block(nn.Module):
     def __init__(self, dim: int) -> None:

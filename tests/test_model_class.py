@@ -14,6 +14,9 @@ from test_load import SETTINGS, assert_same_weights, bnb_config
 import leanstream
 from leanstream import ConfigError, MismatchError
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 def ours(folder: Path, setting: str, **kwargs: Any) -> Any:
     settings = SETTINGS[setting]

@@ -24,6 +24,10 @@ from leanstream.experts import QuantizedExperts
 from leanstream.quantize import accept_any_rank
 from models import MOE_ARCHS, edit_tensor, make_config
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
+
 IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 11, 2]])
 
 

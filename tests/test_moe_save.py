@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from cpu_kernel import exact_round_trip
 from test_load import SETTINGS
 from test_moe import IDS, expert_weights, load
 from transformers import AutoModelForCausalLM
@@ -18,6 +19,10 @@ from transformers import AutoModelForCausalLM
 import leanstream
 from leanstream.experts import IMPLEMENTATION, QuantizedExperts
 from models import edit_tensor, make_config, stored
+
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 ARCHS = ["mixtral", "qwen3_moe", "gpt_oss"]
 EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
@@ -44,7 +49,9 @@ def saved(
     root = tmp_path_factory.mktemp("moe-saved")
     return {
         (arch, setting): leanstream.save(
-            load(sources[arch], **SETTINGS[setting]),
+            load(
+                sources[arch], **SETTINGS[setting], cpu_kernel=exact_round_trip(SETTINGS[setting])
+            ),
             root / f"{arch}-{setting}",
             max_shard_size="60KB",
             progress=False,
@@ -87,7 +94,8 @@ def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
 def test_round_trip_is_bit_identical(
     sources: dict[str, Path], saved: dict[tuple[str, str], Path], arch: str, setting: str
 ) -> None:
-    model = load(sources[arch], **SETTINGS[setting])
+    kernel = exact_round_trip(SETTINGS[setting])
+    model = load(sources[arch], **SETTINGS[setting], cpu_kernel=kernel)
     folder = saved[arch, setting]
     names = sorted(expert_weights(AutoModelForCausalLM.from_config(make_config(arch))))
     quant = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -106,7 +114,7 @@ def test_round_trip_is_bit_identical(
         assert files[EXPERTS].dtype == torch.int8 and files[EXPERTS].shape == (e, r, c)
         assert files[f"{EXPERTS}.SCB"].shape == (e * r,)
 
-    again = load(folder)  # bits="auto": what the folder stores
+    again = load(folder, cpu_kernel=kernel)  # bits="auto": what the folder stores
     assert_same(experts_state(model), experts_state(again))
     assert len(experts_state(again)) > len(names)
     assert sorted(again.config.quantization_config.leanstream_quantized_experts) == names

@@ -30,6 +30,10 @@ from leanstream.loader import likely_order
 from leanstream.pipeline import Copies, DeviceStream
 from models import stored, write_model
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
+
 ARCHS = ["llama", "llama-tied", "gpt2", "qwen2"]
 # 16 slots of 1000 bytes: every weight of the tiny models spans several chunks,
 # and chunk boundaries do not fall on row boundaries

@@ -19,6 +19,10 @@ from leanstream import _core
 from leanstream.quantize import QuantSpec, materialize
 from models import write_model
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
+
 DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]

@@ -9,6 +9,10 @@ import pytest
 
 from leanstream.demo import write_demo_checkpoint
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

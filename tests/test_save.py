@@ -9,11 +9,16 @@ from typing import Any
 
 import pytest
 import torch
+from cpu_kernel import exact_round_trip, plain_kernel
 from safetensors import safe_open
 from test_load import SETTINGS, assert_same_weights, logits, reference
 from transformers import AutoModelForCausalLM
 
 import leanstream
+
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 save_module = importlib.import_module("leanstream.save")  # `leanstream.save` is the function
 
@@ -44,11 +49,15 @@ CASES = [(s, "llama") for s in SETTINGS] + [("nf4", "llama-tied"), ("int8", "gpt
 def test_transformers_loads_what_we_save(
     sources: dict[str, Path], tmp_path: Path, setting: str, arch: str
 ) -> None:
-    ours = _load(sources[arch], setting)
+    kernel = exact_round_trip(SETTINGS[setting])
+    ours = _load(sources[arch], setting, cpu_kernel=kernel)
     folder = _save(ours, tmp_path / "out")
     assert len(list(folder.glob("*.safetensors"))) > 1
     theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
-    again = leanstream.load(folder, device="cpu", progress=False)  # pre-quantized, bits="auto"
+    if kernel == "plain":
+        plain_kernel(theirs)
+    # pre-quantized, bits="auto"
+    again = leanstream.load(folder, device="cpu", progress=False, cpu_kernel=kernel)
     # weights first: a CPU forward may repack 4-bit weights in place (AVX512-BF16 kernel)
     assert assert_same_weights(ours, theirs) > 0
     assert assert_same_weights(ours, again) > 0
@@ -81,7 +90,8 @@ def test_same_bytes_as_transformers_save(
     transformers' save_pretrained of the model it quantizes itself."""
     ref = reference(sources[arch], SETTINGS[setting])
     ref.save_pretrained(tmp_path / "theirs", max_shard_size="40KB")
-    _save(_load(sources[arch], setting), tmp_path / "ours")
+    kernel = exact_round_trip(SETTINGS[setting])
+    _save(_load(sources[arch], setting, cpu_kernel=kernel), tmp_path / "ours")
     theirs, ours = _tensors(tmp_path / "theirs"), _tensors(tmp_path / "ours")
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():

@@ -19,6 +19,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import leanstream
 from models import write_model
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:

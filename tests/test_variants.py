@@ -35,6 +35,10 @@ from leanstream.errors import (
 )
 from leanstream.reader import as_tensor
 
+# the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
+pytestmark = pytest.mark.cpu_kernel
+
+
 DIFFUSERS = "diffusion_pytorch_model"
 FLUX_CONFIG = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.30.0"}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

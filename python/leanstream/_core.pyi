@@ -352,6 +352,39 @@ def quantize_int8(
     ``int8_vectorwise_quant(A.to(torch.float16))``: ``out`` (int8) receives
     ``rows * cols`` values and ``scb`` (float32) ``rows``."""
 
+def quantize_4bit_cpu_layout(
+    data: Buffer,
+    dtype: Literal["BF16", "F16", "F32"],
+    packed: Buffer,
+    absmax: Buffer,
+    *,
+    rows: int,
+    cols: int,
+    quant_type: Literal["nf4", "fp4"],
+    blocksize: int,
+    threads: int | None = None,
+) -> None:
+    """Blockwise 4-bit quantization of a row-major ``(rows, cols)`` weight straight into
+    bitsandbytes' AVX512-BF16 CPU layout: bit-identical to :func:`quantize_4bit` followed
+    by :func:`pack_4bit_cpu_layout`. ``packed`` (uint8) receives ``rows * cols // 2``
+    bytes, ``absmax`` (float32) ``rows * cols // blocksize`` values in bitsandbytes' plain
+    (row-major) block order. ``rows`` must be a multiple of 32 and ``cols`` of
+    ``blocksize``; ValueError otherwise."""
+
+def pack_4bit_cpu_layout(
+    src: Buffer, out: Buffer, *, rows: int, cols: int, threads: int | None = None
+) -> None:
+    """Plain packed 4-bit bytes of a ``(rows, cols)`` weight (``rows * cols // 2``) to
+    bitsandbytes' AVX512-BF16 CPU layout (``_convert_weight_packed_for_cpu``'s bytes):
+    for each group of 32 rows and column pair ``kp``, byte ``kp * 32 + 2r + t`` holds
+    row ``r``'s value ``2kp + t`` in its low nibble and row ``r + 16``'s in its high one.
+    ``rows`` must be a multiple of 32 and ``cols`` even."""
+
+def unpack_4bit_cpu_layout(
+    src: Buffer, out: Buffer, *, rows: int, cols: int, threads: int | None = None
+) -> None:
+    """The inverse of :func:`pack_4bit_cpu_layout` (exact)."""
+
 def codebook(quant_type: Literal["nf4", "fp4"]) -> tuple[list[float], list[float], list[int]]:
     """``(code, bounds, order)``: the 16 code values by 4-bit index, the 15 midpoints
     between the sorted values, and ``argsort(code)``, as the 4-bit quantizer uses them."""

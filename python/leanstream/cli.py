@@ -179,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _source_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print a JSON object instead")
+    _cpu_kernel_argument(inspect)
     _plan_arguments(inspect)
     inspect.set_defaults(run=_inspect)
 
@@ -217,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         help="auto (default): 4, or what a pre-quantized checkpoint stores",
     )
     _quant_arguments(generate)
+    _cpu_kernel_argument(generate)
     generate.add_argument(
         "--max-new-tokens", type=_positive, default=32, help="default: 32", metavar="N"
     )
@@ -285,6 +287,16 @@ def _quant_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cpu_kernel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu-kernel",
+        choices=["auto", "plain"],
+        default="auto",
+        help="4-bit layers on the CPU: auto (default) uses bitsandbytes' AVX512-BF16 kernel "
+        "where it detects it, with weights laid out for it at load; plain: its plain kernel",
+    )
 
 
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -392,6 +404,7 @@ def _inspect(args: argparse.Namespace) -> int:
         bits=int(args.bits) if args.bits is not None else None,
         quant_type=args.quant_type,
         double_quant=args.double_quant,
+        cpu_kernel=args.cpu_kernel,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -425,6 +438,11 @@ def _inspect(args: argparse.Namespace) -> int:
     total_width = max(len(total) for _, total, _ in rows)
     for i, (setting, total, kinds) in enumerate(rows):
         print(f"{'' if i else 'memory':<13}{setting:<{width}}  {total:>{total_width}}  {kinds}")
+    if report["cpu_layout"]:
+        print(
+            f"{'':<13}4-bit linears in bitsandbytes' AVX512-BF16 CPU layout (this CPU): "
+            "absmax bfloat16, never double-quantized (--cpu-kernel plain: the plain one)"
+        )
     if report["device_map"] is not None:
         _print_plan(report)
     return 0
@@ -498,12 +516,16 @@ def inspect_checkpoint(
     bits: int | None = None,
     quant_type: str | None = None,
     double_quant: bool = False,
+    cpu_kernel: str = "auto",
 ) -> dict[str, Any]:
     """What ``leanstream inspect`` prints, as a dict (JSON-serializable).
 
     Reads the checkpoint index (headers only) and builds the model on ``meta``; the
     predicted memory is exactly what :func:`leanstream.footprint` reports after
-    :func:`leanstream.load` with those settings (blocksize 64 for 4 bits).
+    :func:`leanstream.load` with those settings (blocksize 64 for 4 bits) and
+    ``cpu_kernel``, on the default device: a GPU when there is one, else this CPU,
+    where bitsandbytes' AVX512-BF16 layout changes 4-bit statistics (``"cpu_layout"``
+    says whether it does).
     ``subfolder``, ``variant`` and ``model_class`` are :func:`leanstream.load`'s: the
     same weights are opened, the same model is built (a diffusers component as the
     class its ``config.json`` names, predicted by diffusers' rules), and what ``load``
@@ -584,7 +606,9 @@ def inspect_checkpoint(
             Names(),
             pre,
         )
-    predictions, quantized = _predict(model, model_dtype, settings, layers)
+    # a plan is sized in the plain layout, which every device starts from: its memory too
+    on_cpu_layout = _cpu_layout_applies(cpu_kernel) and device_map is None
+    predictions, quantized = _predict(model, model_dtype, settings, layers, on_cpu_layout)
     plan: dict[str, Any] = dict.fromkeys(
         ("planned_setting", "strategy", "max_memory", "device_map", "per_device")
     )
@@ -619,8 +643,26 @@ def inspect_checkpoint(
         "quantizable_layers": quantized,
         "kept_in_full_precision": [name for name in linears if name not in layers.replaced],
         "memory": [asdict(p) for p in predictions],
+        "cpu_layout": on_cpu_layout,
         **plan,
     }
+
+
+def _cpu_layout_applies(cpu_kernel: str) -> bool:
+    """Whether :func:`leanstream.load` on the default device, with ``cpu_kernel``, puts
+    4-bit linears in bitsandbytes' AVX512-BF16 CPU layout."""
+    import torch
+
+    from . import cpu_layout
+
+    if cpu_kernel not in ("auto", "plain"):
+        raise ConfigError(f"cpu_kernel must be 'auto' or 'plain', got {cpu_kernel!r}")
+    return (
+        cpu_kernel == "auto"
+        and not torch.cuda.is_available()
+        and cpu_layout.detected()
+        and cpu_layout.agrees()
+    )
 
 
 def _planned_setting(
@@ -805,14 +847,22 @@ def _setting_name(bits: int, spec: Any) -> str:
 
 
 def _predict(
-    model: Any, model_dtype: Any, settings: dict[str, Any], layers: _Layers
+    model: Any,
+    model_dtype: Any,
+    settings: dict[str, Any],
+    layers: _Layers,
+    cpu_layout: bool = False,
 ) -> tuple[list[Prediction], int]:
     """Bytes of parameters and buffers after loading with each setting, by
     :func:`leanstream.footprint`'s kinds (``model``: on meta, its linears replaced),
-    and the number of weights quantized at 8/4 bits (a shared one counted once)."""
+    and the number of weights quantized at 8/4 bits (a shared one counted once).
+    ``cpu_layout``: a load on this CPU puts 4-bit linears in bitsandbytes' AVX512-BF16
+    layout (:mod:`leanstream.cpu_layout`), whose statistics differ."""
     from .placement import weight_bytes
 
-    shapes = []  # (out_features, in_features) of every weight that gets quantized
+    # (out_features, in_features, a linear: takes the CPU layout) of every weight that
+    # gets quantized
+    shapes: list[tuple[int, int, bool]] = []
     extra = []  # the same for embeddings / lm_head, quantized only with the flags
     plain: dict[str, int] = {}  # bytes of the tensors no setting changes, by kind
     extra_plain: dict[str, int] = {}  # bytes of those embeddings / lm_head unquantized
@@ -824,15 +874,16 @@ def _predict(
             if _is_shared(model, prefix + name):
                 continue
             if name == "weight" and module_name in layers.replaced:
-                shapes.append((int(module.out_features), int(module.in_features)))
+                shapes.append((int(module.out_features), int(module.in_features), True))
                 continue
             if prefix + name in layers.experts:
                 count, rows, cols = layers.experts[prefix + name]
-                shapes.append((count * rows, cols))
+                shapes.append((count * rows, cols, False))
                 continue
             dtype = _loaded_dtype(param, module_name, name, model_dtype, layers)
             if name == "weight" and module_name in flagged:
-                extra.append(tuple(int(d) for d in param.shape))
+                out_features, in_features = (int(d) for d in param.shape)
+                extra.append((out_features, in_features, module_name in layers.output))
                 _add(extra_plain, _kind(dtype), param.numel() * dtype.itemsize)
                 continue
             _add(plain, _kind(dtype), param.numel() * dtype.itemsize)
@@ -854,12 +905,14 @@ def _predict(
         else:
             for kind, nbytes in extra_plain.items():
                 _add(by_kind, kind, nbytes)
-        for out_features, in_features in quantized:
+        for out_features, in_features, linear in quantized:
             if spec.bits == 16:
                 n = out_features * in_features
                 _add(by_kind, _kind(model_dtype), n * model_dtype.itemsize)
                 continue
-            for kind, nbytes in weight_bytes(out_features, in_features, spec).items():
+            packed = cpu_layout and linear and spec.cpu_kernel == "auto"
+            sizes = weight_bytes(out_features, in_features, spec, cpu_layout=packed)
+            for kind, nbytes in sizes.items():
                 _add(by_kind, kind, nbytes)
         predictions.append(Prediction(label, sum(by_kind.values()), by_kind))
     return predictions, len(shapes)
@@ -941,7 +994,9 @@ def _quantize(args: argparse.Namespace) -> int:
     from .loader import load
     from .save import save
 
-    model = load(args.source, **_load_options(args, args.bits))
+    # the plain layout: nothing runs here, and bitsandbytes' CPU layout keeps absmax in
+    # bfloat16 only (a saved checkpoint would lose the float32 scales)
+    model = load(args.source, **_load_options(args, args.bits), cpu_kernel="plain")
     out = save(model, args.out, max_shard_size=args.max_shard_size, progress=not args.no_progress)
     shards = sorted(out.glob("*.safetensors"))
     on_disk = sum(shard.stat().st_size for shard in shards)
@@ -979,7 +1034,8 @@ def _generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{folder}: the tokenizer cannot be loaded: {err}") from err
     bits = None if args.bits == "16" else args.bits if args.bits == "auto" else int(args.bits)
-    model = load(folder, **{**_load_options(args, bits), "subfolder": None})  # resolved
+    options = {**_load_options(args, bits), "subfolder": None}  # resolved
+    model = load(folder, **options, cpu_kernel=args.cpu_kernel)
     device = next(model.parameters()).device
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     if inputs["input_ids"].shape[1] == 0:

@@ -17,7 +17,9 @@ class Footprint:
     ``by_kind`` keys are dtype names (``"bfloat16"``, ``"float32"``, ...) for
     ordinary tensors, ``"nf4"``/``"fp4"`` for packed 4-bit weights, ``"int8"``
     for LLM.int8 weights, and ``"quant_state"`` for their statistics (absmax,
-    code books, SCB).
+    code books, SCB) as they are now: a 4-bit weight in bitsandbytes' AVX512-BF16 CPU
+    layout (:mod:`leanstream.cpu_layout`) has a bfloat16 ``absmax`` and no double
+    quantization.
     """
 
     total_bytes: int
@@ -49,6 +51,17 @@ def footprint(model: nn.Module) -> Footprint:
         seen.add(key)
         by_kind[kind] = by_kind.get(kind, 0) + tensor.numel() * tensor.element_size()
 
+    for module in model.modules():
+        # bitsandbytes' Linear8bitLt moves its row scales (SCB) from the weight into its
+        # own state at the first forward (and Embedding8bit from the load): still the
+        # weight's statistics
+        state = getattr(module, "state", None)
+        weight = getattr(module, "weight", None)
+        scb = getattr(state, "SCB", None)
+        if isinstance(scb, torch.Tensor) and isinstance(weight, torch.Tensor):
+            if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is None:
+                add("int8", weight)
+                add("quant_state", scb)
     for param in model.parameters():
         quant_state = getattr(param, "quant_state", None)
         if quant_state is not None:  # bitsandbytes Params4bit

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _core, options
+from . import _core, cpu_layout, options
 from .checkpoint import (
     check_weights_format,
     load_config,
@@ -110,6 +110,7 @@ def load(
     progress: bool = True,
     window: int = _core.DEFAULT_WINDOW,
     native_quantizer: bool = True,
+    cpu_kernel: Literal["auto", "plain"] = "auto",
     quantize_embeddings: bool = False,
     quantize_lm_head: bool = False,
     pipeline: bool | None = None,
@@ -164,6 +165,13 @@ def load(
         window: read-ahead window of the Rust reader (mapped, not pipelined), in bytes.
         native_quantizer: on the CPU, quantize with leanstream's Rust kernels
             (bit-identical to bitsandbytes', much faster); False: bitsandbytes' own.
+        cpu_kernel: which bitsandbytes kernel 4-bit layers on the CPU run. ``"auto"``
+            (the default): where bitsandbytes detects AVX512-BF16 it runs a fused
+            kernel on weights it rearranges at their first forward; leanstream writes
+            that layout while loading (bit-identical to bitsandbytes' conversion, with
+            ``absmax`` in bfloat16 as it keeps it), so the first forward is as fast as
+            the next (:mod:`leanstream.cpu_layout`). ``"plain"``: the plain kernel on
+            every CPU (the same numerics everywhere; slower where the fused one exists).
         quantize_embeddings: also quantize every ``nn.Embedding`` (exactly that
             class) with bitsandbytes' ``Embedding4bit`` / ``Embedding8bit``.
         quantize_lm_head: also quantize the output embeddings (``lm_head``) as a
@@ -249,6 +257,7 @@ def load(
         load_in_8bit=load_in_8bit,
         device_map=device_map,
         native_quantizer=native_quantizer,
+        cpu_kernel=cpu_kernel,
         quantize_embeddings=quantize_embeddings,
         quantize_lm_head=quantize_lm_head,
     )
@@ -330,6 +339,7 @@ def load_into(
     progress: bool = True,
     window: int = _core.DEFAULT_WINDOW,
     native_quantizer: bool = True,
+    cpu_kernel: Literal["auto", "plain"] = "auto",
     quantize_embeddings: bool = False,
     pipeline: bool | None = None,
     threads: int | None = None,
@@ -396,6 +406,7 @@ def load_into(
         quantization_config=quantization_config,
         device_map=device_map,
         native_quantizer=native_quantizer,
+        cpu_kernel=cpu_kernel,
         quantize_embeddings=quantize_embeddings,
         quantize_lm_head=False,
     )
@@ -471,7 +482,8 @@ def _choose(given: dict[str, Any], **extra: Any) -> tuple[dict[str, Any], QuantS
     """The options ``load`` / ``load_into`` resolve (transformers' aliases and
     ``quantization_config`` reconciled), and the :class:`QuantSpec` they give."""
     flags = {
-        k: extra.pop(k) for k in ("native_quantizer", "quantize_embeddings", "quantize_lm_head")
+        k: extra.pop(k)
+        for k in ("native_quantizer", "cpu_kernel", "quantize_embeddings", "quantize_lm_head")
     }
     chosen = options.resolve(given, **extra)
     bits, compute_dtype = chosen["bits"], chosen["compute_dtype"]
@@ -484,6 +496,7 @@ def _choose(given: dict[str, Any], **extra: Any) -> tuple[dict[str, Any], QuantS
         quant_storage=chosen["quant_storage"],
         threshold=chosen["threshold"],
         native=flags["native_quantizer"],
+        cpu_kernel=flags["cpu_kernel"],
         embeddings=flags["quantize_embeddings"],
         lm_head=flags["quantize_lm_head"],
     )
@@ -960,6 +973,8 @@ def _share_quantized(model: Any, output: set[str]) -> None:
         if id(module.weight) not in embedding_weights:
             continue
         if isinstance(module, bnb.nn.Linear4bit):
+            if cpu_layout.is_packed(module.weight.quant_state):
+                cpu_layout.unpack(module)  # the embedding reads the plain layout
             module.support_avx512bf16_for_cpu = False
         elif isinstance(module, bnb.nn.Linear8bitLt):
             module.state.CB = module.weight.data

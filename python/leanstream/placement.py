@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import cpu_layout as layout
 from .errors import ConfigError
 from .progress import format_bytes
 from .quantize import QuantSpec, kernel_stream
@@ -31,14 +32,20 @@ if TYPE_CHECKING:
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def weight_bytes(out_features: int, in_features: int, spec: Any) -> dict[str, int]:
-    """Bytes of one ``[out, in]`` weight quantized with ``spec``, by footprint kind."""
+def weight_bytes(
+    out_features: int, in_features: int, spec: Any, *, cpu_layout: bool = False
+) -> dict[str, int]:
+    """Bytes of one ``[out, in]`` weight quantized with ``spec``, by footprint kind;
+    ``cpu_layout``: in bitsandbytes' AVX512-BF16 CPU layout (where it applies to such a
+    weight), whose ``absmax`` is bfloat16 and never double-quantized (the offset stays)."""
     n = out_features * in_features
     if spec.bits == 8:
         return {"int8": n, "quant_state": out_features * 4}  # SCB, float32
     blocks = -(-n // spec.blocksize)
     stats = 16 * 4  # quant_map: 16 float32
-    if spec.double_quant:  # uint8 absmax, float32 nested absmax/map, offset
+    if cpu_layout and layout.fits(out_features, in_features, spec.blocksize):
+        stats += blocks * 2 + (4 if spec.double_quant else 0)
+    elif spec.double_quant:  # uint8 absmax, float32 nested absmax/map, offset
         stats += blocks + -(-blocks // 256) * 4 + 256 * 4 + 4
     else:
         stats += blocks * 4
@@ -50,11 +57,16 @@ def tensor_sizes(
     spec: Any,
     dtype_of: Callable[[str, str, torch.Tensor], torch.dtype],
     experts: Mapping[str, tuple[int, ...]] = (),  # type: ignore[assignment]
+    *,
+    cpu_layout: bool = False,
 ) -> dict[str, int]:
     """Bytes each parameter and buffer of ``model`` (layers replaced, on ``meta``) will
     take once loaded: quantized weights (bitsandbytes layers, experts weights) with
     their statistics, others in the dtype ``dtype_of(module_name, attr, tensor)``. A
-    tensor registered under several names (tied weights) is listed under the first."""
+    tensor registered under several names (tied weights) is listed under the first.
+    ``cpu_layout``: as loaded on this CPU, 4-bit linears that take bitsandbytes'
+    AVX512-BF16 layout in it (:mod:`leanstream.cpu_layout`); plans are made without it,
+    with the plain layout every device starts from."""
     import bitsandbytes as bnb
 
     quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, bnb.nn.Embedding4bit)
@@ -70,7 +82,12 @@ def tensor_sizes(
             name = prefix + attr
             if attr == "weight" and isinstance(module, quantized) and spec.quantized:
                 out, inp = _matrix(module)
-                sizes[name] = sum(weight_bytes(out, inp, spec).values())
+                packed = (
+                    cpu_layout
+                    and isinstance(module, bnb.nn.Linear4bit)
+                    and bool(getattr(module, "support_avx512bf16_for_cpu", False))
+                )
+                sizes[name] = sum(weight_bytes(out, inp, spec, cpu_layout=packed).values())
             elif name in experts:
                 count, rows, cols = experts[name]
                 sizes[name] = sum(weight_bytes(count * rows, cols, spec).values())

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import cpu_layout
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .quantize import QuantSpec, default_skip_modules, params_4bit
 from .save import LEANSTREAM_METHOD, leanstream_extras
@@ -346,7 +347,6 @@ class Prequantized:
         device allocation, copy or event per tiny tensor."""
         import bitsandbytes as bnb
 
-        data = weight.to(device=device, copy=not owned)
         if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Embedding4bit):
             if weight.dtype != self.spec.quant_storage:
                 raise checkpoint_error(
@@ -367,8 +367,14 @@ class Prequantized:
                 )
             self._check_blocksize(name, state)
             _state_to(state, device)
+            if cpu_layout.wanted(module, device):
+                # bitsandbytes' AVX512-BF16 CPU layout, made from the stored bytes
+                module.weight = cpu_layout.from_plain(module, weight, state)
+                return
+            data = weight.to(device=device, copy=not owned)
             module.weight = params_4bit(module, data, state)
             return
+        data = weight.to(device=device, copy=not owned)
         if isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit):
             layout = stats.get("weight_format")
             if layout is not None and int(layout.item()) != 0:

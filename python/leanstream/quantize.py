@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, cpu_layout
 from .errors import ConfigError
 
 QuantType = Literal["nf4", "fp4"]
@@ -66,6 +66,9 @@ class QuantSpec:
     native: bool = True  # quantize CPU weights with the Rust kernels, not bitsandbytes'
     embeddings: bool = False  # also quantize every ``nn.Embedding`` (Embedding4bit/8bit)
     lm_head: bool = False  # also quantize the output embeddings (a Linear4bit/8bitLt)
+    # "auto": 4-bit CPU weights in bitsandbytes' AVX512-BF16 layout where its detection
+    # says so (made at load, :mod:`leanstream.cpu_layout`); "plain": its plain kernel always
+    cpu_kernel: Literal["auto", "plain"] = "auto"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 16):
@@ -79,6 +82,8 @@ class QuantSpec:
             raise ConfigError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"blocksize must be a power of two in 32..4096, got {self.blocksize}")
+        if self.cpu_kernel not in ("auto", "plain"):
+            raise ConfigError(f"cpu_kernel must be 'auto' or 'plain', got {self.cpu_kernel!r}")
 
     @property
     def quantized(self) -> bool:
@@ -300,11 +305,6 @@ def _unflatten_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> 
     return output.reshape(*shape[:-1], output.shape[-1])
 
 
-#: ``bitsandbytes.functional._convert_weight_packed_for_cpu``'s ``block_n``: the rows of a
-#: 4-bit weight its AVX512-BF16 CPU kernel packs together
-_CPU_BLOCK_N = 32
-
-
 def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> dict[str, bool]:
     """Replace linear layers on ``meta`` with bitsandbytes layers.
 
@@ -336,11 +336,16 @@ def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> d
                 device="meta",
             )
             new.weight.blocksize = spec.blocksize
-            if out_features % _CPU_BLOCK_N or in_features % 2:
+            if spec.cpu_kernel == "plain" or not cpu_layout.fits(
+                out_features, in_features, spec.blocksize
+            ):
                 # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the
-                # first CPU forward, and asserts "N must be divisible by block_n" for such a
-                # layer (a MoE shared-expert gate, Linear(H, 1)): it keeps the plain kernel
+                # first CPU forward, and crashes for a layer whose out_features is not a
+                # multiple of 32 ("N must be divisible by block_n": a MoE shared-expert
+                # gate, Linear(H, 1)) or whose in_features is not whole blocks ("shape
+                # '[512, 0]' is invalid": Jamba's dt_proj): those keep the plain kernel
                 new.support_avx512bf16_for_cpu = False
+            cpu_layout.manage(new)
         else:
             new = bnb.nn.Linear8bitLt(
                 in_features,
@@ -383,7 +388,10 @@ def materialize(
         if transpose:
             weight = weight.t()
         if spec.native and _native_input(weight):
-            module.weight = _native_4bit(module, weight)
+            if cpu_layout.wanted(module, weight.device):
+                module.weight = cpu_layout.quantize(module, weight)
+            else:
+                module.weight = _native_4bit(module, weight)
             return
         meta = module.weight
         packed, state = quantize_4bit(
@@ -394,6 +402,8 @@ def materialize(
             double_quant=meta.compress_statistics,
         )
         module.weight = params_4bit(module, packed, state)
+        if cpu_layout.wanted(module, packed.device):
+            cpu_layout.pack(module)
         return
     if attr == "weight" and isinstance(module, bnb.nn.Linear8bitLt | bnb.nn.Embedding8bit):
         weight = placed(tensor, device, dtype, owned=owned)
@@ -553,11 +563,21 @@ def quant_state_4bit(
     )
 
 
-def params_4bit(module: nn.Module, packed: torch.Tensor, state: Any) -> Any:
+def params_4bit(
+    module: nn.Module,
+    packed: torch.Tensor,
+    state: Any,
+    *,
+    storage: torch.dtype | None = None,
+    nested: bool | None = None,
+) -> Any:
     """The ``Params4bit`` bitsandbytes leaves in ``module`` once its weight is quantized
     (``Params4bit._quantize``) or loaded pre-quantized (``Params4bit.from_prequantized``):
     ``packed`` with ``state``, whose settings (block size, double quantization, quant
-    type) it carries; its storage dtype is ``packed``'s."""
+    type) it carries; its storage dtype is ``storage``, by default ``packed``'s (a
+    weight in bitsandbytes' CPU layout is bytes whatever its storage dtype), and its
+    ``compress_statistics`` ``nested``, by default the state's (before any conversion
+    to the CPU layout, which undoes double quantization)."""
     import bitsandbytes as bnb
 
     param = bnb.nn.Params4bit(
@@ -565,9 +585,11 @@ def params_4bit(module: nn.Module, packed: torch.Tensor, state: Any) -> Any:
         requires_grad=False,
         quant_state=state,
         blocksize=state.blocksize,
-        compress_statistics=state.nested,
+        compress_statistics=(
+            getattr(state, "original_nested", state.nested) if nested is None else nested
+        ),
         quant_type=state.quant_type,
-        quant_storage=packed.dtype,
+        quant_storage=storage or packed.dtype,
         module=module,
         bnb_quantized=True,
     )

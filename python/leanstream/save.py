@@ -438,7 +438,9 @@ def _is_bnb(model: Any, module_name: str) -> bool:
 
 
 def _fix_cpu_packed_absmax(model: Any) -> None:
-    """Work around a bitsandbytes (0.50) bug before calling ``state_dict()``.
+    """Work around a bitsandbytes (0.50) bug before calling ``state_dict()``, for 4-bit
+    layers leanstream did not make (its own write the plain layout themselves:
+    :mod:`leanstream.cpu_layout`).
 
     On CPUs with AVX512-BF16, a 4-bit layer's first forward repacks its weight in
     place for the CPU kernel, storing ``absmax`` transposed as ``(in/blocksize, out)``
@@ -454,6 +456,7 @@ def _fix_cpu_packed_absmax(model: Any) -> None:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if (
             isinstance(module, bnb.nn.Linear4bit)
+            and not getattr(module, "_leanstream_cpu_layout", False)  # cpu_layout's hooks
             and state is not None
             and getattr(state, "packing_format_for_cpu", False)
             and not getattr(state, "original_nested", True)

@@ -263,6 +263,8 @@ pub fn quantize_int8(
 trait Source {
     /// Bytes per element.
     const BYTES: usize;
+    /// BF16 (the packing loop has an AVX-512 version for it).
+    const IS_BF16: bool = false;
     /// Largest [`key`](Self::key) of a non-NaN element (`|inf|`).
     const INF_KEY: u32;
     /// `|x|`'s bit pattern: keys order like magnitudes, NaNs above `INF_KEY`.
@@ -308,6 +310,7 @@ struct F32;
 
 impl Source for Bf16 {
     const BYTES: usize = 2;
+    const IS_BF16: bool = true;
     const INF_KEY: u32 = 0x7f80;
     #[inline(always)]
     fn key(b: &[u8]) -> u32 {
@@ -526,6 +529,8 @@ trait Code {
     const BOUNDS: [f32; 15];
     const BASE: i32;
     const STEPS: [i32; 15];
+    /// `argsort(code)`: the 4-bit index of each bucket.
+    const ORDER: [u8; 16];
 }
 
 struct Nf4;
@@ -551,6 +556,7 @@ impl Code for Nf4 {
     ];
     const BASE: i32 = 0;
     const STEPS: [i32; 15] = [1; 15];
+    const ORDER: [u8; 16] = NF4_ORDER;
 }
 
 impl Code for Fp4 {
@@ -573,6 +579,7 @@ impl Code for Fp4 {
     ];
     const BASE: i32 = FP4_ORDER[0] as i32;
     const STEPS: [i32; 15] = steps(FP4_ORDER);
+    const ORDER: [u8; 16] = FP4_ORDER;
 }
 
 const fn steps(order: [u8; 16]) -> [i32; 15] {
@@ -656,6 +663,10 @@ fn full_blocks<S: Source, C: Code>(input: &[u8], bs: usize, packed: &mut [u8], a
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
         {
+            if S::IS_BF16 && !FORCE_GENERIC_PACKING.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: as below.
+                return unsafe { x86::full_blocks_avx512_bf16::<S, C>(input, bs, packed, absmax) };
+            }
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { x86::full_blocks_avx512::<S, C>(input, bs, packed, absmax) };
         }
@@ -664,12 +675,22 @@ fn full_blocks<S: Source, C: Code>(input: &[u8], bs: usize, packed: &mut [u8], a
             return unsafe { x86::full_blocks_avx2::<S, C>(input, bs, packed, absmax) };
         }
     }
-    full_blocks_generic::<S, C>(input, bs, packed, absmax);
+    full_blocks_generic::<S, C>(input, bs, packed, absmax, None);
 }
+
+/// Tests (and benchmarks) compare the AVX-512 packing loop with the generic one.
+#[doc(hidden)]
+pub static FORCE_GENERIC_PACKING: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// A packing loop for a batch of whole blocks: `(input, bs, scales, packed)`, each block's
+/// values times its scale, bucketized and packed two per byte (what the generic loop does).
+type PackBatch = unsafe fn(&[u8], usize, &[f32], &mut [u8]);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{full_blocks_generic, int8_rows_generic, Code, Source};
+    use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn full_blocks_avx512<S: Source, C: Code>(
@@ -678,7 +699,72 @@ mod x86 {
         packed: &mut [u8],
         absmax: &mut [f32],
     ) {
-        full_blocks_generic::<S, C>(input, bs, packed, absmax);
+        full_blocks_generic::<S, C>(input, bs, packed, absmax, None);
+    }
+
+    /// BF16 input: the absmax pass as [`full_blocks_generic`]'s, the packing loop
+    /// [`pack_batch_bf16`] (blocks of 32 values and more).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn full_blocks_avx512_bf16<S: Source, C: Code>(
+        input: &[u8],
+        bs: usize,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+    ) {
+        full_blocks_generic::<S, C>(input, bs, packed, absmax, Some(pack_batch_bf16::<C>));
+    }
+
+    /// The packing loop for BF16 blocks with AVX-512: 32 values (16 packed bytes) at a
+    /// time. A 32-bit load holds two consecutive values (the first in its low half), so
+    /// the even and the odd values are one shift and one mask away as f32 vectors; each
+    /// is scaled (`x * scale`, the same f32 product) and bucketized by a 4-step binary
+    /// search over the 15 sorted midpoints (`vpermps` picks each lane's midpoint) with
+    /// the predicate `!(bound >= v)`, true for NaN as bucketize's count is: for sorted
+    /// midpoints that count is where the search ends. The bucket goes through the code
+    /// book's order (`vpermd`), and `even << 4 | odd` is narrowed to bytes (`vpmovdb`).
+    /// `input` is whole blocks of `bs` values (a multiple of 32), `scales` one per block.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn pack_batch_bf16<C: Code>(
+        input: &[u8],
+        bs: usize,
+        scales: &[f32],
+        packed: &mut [u8],
+    ) {
+        debug_assert!(bs.is_multiple_of(32));
+        let mut bounds = [f32::INFINITY; 16];
+        bounds[..15].copy_from_slice(&C::BOUNDS);
+        let order: [i32; 16] = C::ORDER.map(i32::from);
+        // SAFETY: 16-element arrays, unaligned loads
+        let bounds = unsafe { _mm512_loadu_ps(bounds.as_ptr()) };
+        let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let bucket = |v: __m512| -> __m512i {
+            let mut idx = _mm512_setzero_si512();
+            for step in [8, 4, 2, 1] {
+                let at = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+                let bound = _mm512_permutexvar_ps(at, bounds);
+                let below = _mm512_cmp_ps_mask::<_CMP_NGE_UQ>(bound, v);
+                idx = _mm512_mask_add_epi32(idx, below, idx, _mm512_set1_epi32(step));
+            }
+            _mm512_permutexvar_epi32(idx, order)
+        };
+        let blocks = input
+            .chunks_exact(bs * 2)
+            .zip(packed.chunks_exact_mut(bs / 2))
+            .zip(scales);
+        for ((block, out), &scale) in blocks {
+            let scale = _mm512_set1_ps(scale);
+            for (chunk, dst) in block.chunks_exact(64).zip(out.chunks_exact_mut(16)) {
+                // SAFETY: 64 readable bytes, 16 writable ones
+                let w = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+                let hi = bucket(_mm512_mul_ps(even, scale));
+                let lo = bucket(_mm512_mul_ps(odd, scale));
+                let bytes = _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32::<4>(hi), lo));
+                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -688,7 +774,7 @@ mod x86 {
         packed: &mut [u8],
         absmax: &mut [f32],
     ) {
-        full_blocks_generic::<S, C>(input, bs, packed, absmax);
+        full_blocks_generic::<S, C>(input, bs, packed, absmax, None);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -716,13 +802,15 @@ mod x86 {
     }
 }
 
-/// `input` holds `absmax.len()` whole blocks of `bs` elements.
+/// `input` holds `absmax.len()` whole blocks of `bs` elements. `fast`: a packing loop
+/// for whole batches of blocks that this CPU runs faster (same results).
 #[inline(always)]
 fn full_blocks_generic<S: Source, C: Code>(
     input: &[u8],
     bs: usize,
     packed: &mut [u8],
     absmax: &mut [f32],
+    fast: Option<PackBatch>,
 ) {
     // Blocks go in batches of about BATCH elements: first every block's absmax
     // (independent reductions the CPU overlaps), then their scales (one vector
@@ -751,7 +839,10 @@ fn full_blocks_generic<S: Source, C: Code>(
             // torch: `1.0 / t` is `t.reciprocal() * 1.0`
             *scale = 1.0 / clamp_min(am);
         }
-        if bs > BLOCKSIZES[0] {
+        if let Some(pack_batch) = fast {
+            // SAFETY: `fast` is only given where the CPU has what it is compiled for
+            unsafe { pack_batch(input, bs, &scales[..absmax.len()], packed) };
+        } else if bs > BLOCKSIZES[0] {
             let blocks = input
                 .chunks_exact(bs * S::BYTES)
                 .zip(packed.chunks_exact_mut(bs / 2))
@@ -1073,6 +1164,46 @@ mod tests {
                     let absmax: Vec<u32> = absmax.iter().map(|a| a.to_bits()).collect();
                     let got = q4(&f32_bytes(&values), Dtype::F32, qt, bs);
                     assert_eq!(got, (packed, absmax), "{qt} n={n} bs={bs}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_matches_the_reference_and_the_generic_loop() {
+        // BF16 takes the AVX-512 packing loop where the CPU has it: the reference (the
+        // values are exact in bf16), and the generic loop, bit for bit, NaN and inf too
+        let mut seed = 11;
+        let specials = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-40,
+            -3e-39,
+        ];
+        for &bs in &BLOCKSIZES {
+            for n in [bs, 2 * bs + 5, 7 * bs] {
+                let mut values: Vec<f32> = (0..n)
+                    .map(|_| f32::from_bits(lcg(&mut seed).to_bits() & 0xffff_0000))
+                    .collect();
+                let clean = values.clone();
+                for (i, v) in values.iter_mut().enumerate().skip(3).step_by(97) {
+                    *v = specials[i % specials.len()];
+                }
+                let bytes = bf16_bytes(&values);
+                for qt in [QuantType::Nf4, QuantType::Fp4] {
+                    let (packed, absmax) = reference(&clean, qt, bs);
+                    let absmax: Vec<u32> = absmax.iter().map(|a| a.to_bits()).collect();
+                    let got = q4(&bf16_bytes(&clean), Dtype::BF16, qt, bs);
+                    assert_eq!(got, (packed, absmax), "{qt} n={n} bs={bs}");
+                    let fast = q4(&bytes, Dtype::BF16, qt, bs);
+                    FORCE_GENERIC_PACKING.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let generic = q4(&bytes, Dtype::BF16, qt, bs);
+                    FORCE_GENERIC_PACKING.store(false, std::sync::atomic::Ordering::Relaxed);
+                    assert_eq!(fast, generic, "{qt} n={n} bs={bs} with specials");
                 }
             }
         }

@@ -278,3 +278,24 @@ pub fn unpack_4bit_cpu_layout(
 ) -> PyResult<()> {
     relayout(py, src, out, rows, cols, threads, cpu_layout::unpack)
 }
+
+/// Ask for transparent huge pages under a fresh output buffer before it is first written:
+/// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned part of it (see `_core.pyi`). Advisory:
+/// False where the kernel refused or the buffer holds no aligned 2 MiB.
+#[pyfunction]
+pub fn advise_hugepages(py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<bool> {
+    const HUGE: usize = 2 << 20;
+    let buf = PyBuffer::<u8>::get(buffer)?;
+    let (ptr, len) = writable(&buf, "buffer")?;
+    let start = (ptr as usize).next_multiple_of(HUGE);
+    let end = (ptr as usize + len) / HUGE * HUGE;
+    if end <= start {
+        return Ok(false);
+    }
+    // SAFETY: advice on pages inside a writable buffer held for the call; it changes
+    // how they are backed, never their contents
+    let rc = py.detach(|| unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE)
+    });
+    Ok(rc == 0)
+}

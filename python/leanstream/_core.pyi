@@ -385,6 +385,11 @@ def unpack_4bit_cpu_layout(
 ) -> None:
     """The inverse of :func:`pack_4bit_cpu_layout` (exact)."""
 
+def advise_hugepages(buffer: Buffer) -> bool:
+    """``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned part of a writable buffer, before
+    it is first written: the kernel may then back it with 2 MiB pages, one page fault
+    where there would be 512. Advisory; False where refused or too small."""
+
 def codebook(quant_type: Literal["nf4", "fp4"]) -> tuple[list[float], list[float], list[int]]:
     """``(code, bounds, order)``: the 16 code values by 4-bit index, the 15 midpoints
     between the sorted values, and ``argsort(code)``, as the 4-bit quantizer uses them."""

@@ -146,12 +146,12 @@ def quantize(module: nn.Module, weight: torch.Tensor, threads: int | None = None
     """``weight`` (a ``[out, in]`` BF16/F16/F32 CPU tensor) quantized by the Rust core
     straight into the CPU layout, with the ``QuantState`` that bitsandbytes' quantization
     and first-forward conversion would give ``module``: a ``Params4bit``."""
-    from .quantize import params_4bit, quant_state_4bit
+    from .quantize import host_empty, params_4bit, quant_state_4bit
 
     meta = module.weight
     rows, cols = weight.shape
-    packed = torch.empty((rows, cols // 2), dtype=torch.uint8)
-    absmax = torch.empty(rows * cols // meta.blocksize, dtype=torch.float32)
+    packed = host_empty((rows, cols // 2), torch.uint8)
+    absmax = host_empty(rows * cols // meta.blocksize, torch.float32)
     source = weight.contiguous()  # held until the call returns: the buffer does not hold it
     _core.quantize_4bit_cpu_layout(
         _buffer(source),
@@ -180,10 +180,10 @@ def from_plain(module: nn.Module, plain: torch.Tensor, state: Any) -> Any:
     """A plain packed 4-bit weight (``Params4bit`` data: a CPU tensor, e.g. a view of a
     pre-quantized checkpoint) and its plain ``state``, in the CPU layout: a ``Params4bit``
     for ``module`` (``state`` is changed in place, as bitsandbytes changes it)."""
-    from .quantize import params_4bit
+    from .quantize import host_empty, params_4bit
 
     rows, cols = state.shape
-    out = torch.empty((rows, cols // 2), dtype=torch.uint8)
+    out = host_empty((rows, cols // 2), torch.uint8)
     source = plain.contiguous()  # held until the call returns: the buffer does not hold it
     _core.pack_4bit_cpu_layout(
         _buffer(source),

@@ -95,11 +95,29 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Layo
     }
 }
 
-/// One group of 32 rows, plain (`rows[r * half + kp]`) to the CPU layout.
+/// One group of 32 rows, plain (`rows[r * half + kp]`) to the CPU layout: with
+/// AVX-512 VBMI where the CPU has it, else one byte at a time.
 #[inline(always)]
 fn pack_group(plain: &[u8], half: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
+        {
+            // SAFETY: the CPU has the features the function is compiled for
+            let done = unsafe { x86::pack_group_vbmi(plain, half, out) };
+            return pack_group_scalar(plain, half, out, done);
+        }
+    }
+    pack_group_scalar(plain, half, out, 0)
+}
+
+/// [`pack_group`] for the column pairs from `from` on, a byte at a time.
+#[inline(always)]
+fn pack_group_scalar(plain: &[u8], half: usize, out: &mut [u8], from: usize) {
     let (top, bottom) = plain.split_at(16 * half);
-    for (kp, dst) in out.chunks_exact_mut(BLOCK_N).enumerate() {
+    for (kp, dst) in out.chunks_exact_mut(BLOCK_N).enumerate().skip(from) {
         for r in 0..16 {
             let lo = top[r * half + kp];
             let hi = bottom[r * half + kp];
@@ -109,15 +127,82 @@ fn pack_group(plain: &[u8], half: usize, out: &mut [u8]) {
     }
 }
 
-/// One group of 32 rows, CPU layout back to plain.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::BLOCK_N;
+    use std::arch::x86_64::*;
+
+    /// Four column pairs at a time: the 4 bytes of each of the 16 top rows (one gather)
+    /// and of the 16 bottom ones, their nibbles mixed as the layout mixes them (lane `r`:
+    /// low nibbles from row `r`, high ones from row `r + 16`), then each column pair's 32
+    /// bytes picked out of the two registers with one byte permute per two pairs.
+    /// Returns how many column pairs it did (a multiple of 4); the caller does the rest.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn pack_group_vbmi(plain: &[u8], half: usize, out: &mut [u8]) -> usize {
+        let quads = half / 4;
+        if quads == 0 || half > (i32::MAX as usize) / 16 {
+            return 0;
+        }
+        let mut rows = [0i32; 16];
+        for (r, offset) in rows.iter_mut().enumerate() {
+            *offset = (r * half) as i32;
+        }
+        // output byte m of a 64-byte store: column pair m / 32 (of two), row r = m % 32 / 2,
+        // t = m % 2: byte (pair) of lane r in the first register (t = 0) or second (+64)
+        let mut first = [0u8; 64];
+        let mut second = [0u8; 64];
+        for m in 0..64 {
+            let (j, r, t) = (m / 32, (m % 32) / 2, m % 2);
+            first[m] = (r * 4 + j + 64 * t) as u8;
+            second[m] = (r * 4 + j + 2 + 64 * t) as u8;
+        }
+        // SAFETY: loads of local arrays of the right sizes
+        let (offsets, first, second) = unsafe {
+            (
+                _mm512_loadu_si512(rows.as_ptr().cast()),
+                _mm512_loadu_si512(first.as_ptr().cast()),
+                _mm512_loadu_si512(second.as_ptr().cast()),
+            )
+        };
+        let low = _mm512_set1_epi8(0x0f);
+        let high = _mm512_set1_epi8(0xf0u8 as i8);
+        let top = plain.as_ptr();
+        for q in 0..quads {
+            let kp = 4 * q;
+            // SAFETY: row r's bytes kp..kp + 4 are inside `plain` (kp + 4 <= half), for the
+            // top 16 rows and the bottom 16 (16 * half further); the stores are the 128
+            // bytes of column pairs kp..kp + 4, inside `out` (32 bytes each)
+            unsafe {
+                let t = _mm512_i32gather_epi32::<1>(offsets, top.add(kp).cast());
+                let b = _mm512_i32gather_epi32::<1>(offsets, top.add(16 * half + kp).cast());
+                let b0 = _mm512_or_si512(
+                    _mm512_and_si512(b, high),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(t), low),
+                );
+                let b1 = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_slli_epi16::<4>(b), high),
+                    _mm512_and_si512(t, low),
+                );
+                let dst = out.as_mut_ptr().add(kp * BLOCK_N);
+                _mm512_storeu_si512(dst.cast(), _mm512_permutex2var_epi8(b0, first, b1));
+                _mm512_storeu_si512(dst.add(64).cast(), _mm512_permutex2var_epi8(b0, second, b1));
+            }
+        }
+        4 * quads
+    }
+}
+
+/// One group of 32 rows, CPU layout back to plain (row by row, as [`pack_group`]).
 #[inline(always)]
 fn unpack_group(packed: &[u8], half: usize, plain: &mut [u8]) {
     let (top, bottom) = plain.split_at_mut(16 * half);
-    for (kp, src) in packed.chunks_exact(BLOCK_N).enumerate() {
-        for r in 0..16 {
+    for r in 0..16 {
+        let lows = &mut top[r * half..(r + 1) * half];
+        let highs = &mut bottom[r * half..(r + 1) * half];
+        for ((src, lo), hi) in packed.chunks_exact(BLOCK_N).zip(lows).zip(highs) {
             let (b0, b1) = (src[2 * r], src[2 * r + 1]);
-            top[r * half + kp] = (b0 << 4) | (b1 & 0x0f);
-            bottom[r * half + kp] = (b0 & 0xf0) | (b1 >> 4);
+            *lo = (b0 << 4) | (b1 & 0x0f);
+            *hi = (b0 & 0xf0) | (b1 >> 4);
         }
     }
 }
@@ -320,7 +405,7 @@ mod tests {
 
     #[test]
     fn pack_is_bitsandbytes_conversion_and_unpack_inverts_it() {
-        for &(rows, cols) in &[(32, 2), (32, 64), (64, 6), (96, 128), (256, 2048)] {
+        for &(rows, cols) in &[(32, 2), (32, 64), (64, 6), (64, 22), (96, 128), (256, 2048)] {
             let c = codes(rows * cols, (rows * cols) as u64);
             let p = plain(&c);
             for threads in [1, 2, 5] {

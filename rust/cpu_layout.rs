@@ -353,6 +353,41 @@ pub fn quantize_4bit_packed(
     }
 }
 
+/// bitsandbytes' CPU-layout `absmax`: the plain float32 scales of a `[rows, cols]`
+/// weight (`rows * per_row` of them, row-major) transposed to `[per_row, rows]` and
+/// rounded to bfloat16, as `absmax.reshape(rows, per_row).T.to(torch.bfloat16)
+/// .contiguous()` gives them: round to nearest even, every NaN `0xFFFF` (torch's CPU
+/// conversion). `out` holds the bfloat16 values' little-endian bytes.
+pub fn absmax_to_cpu_layout(
+    absmax: &[f32],
+    rows: usize,
+    per_row: usize,
+    out: &mut [u8],
+) -> Result<(), LayoutError> {
+    let n = rows * per_row;
+    check_len("absmax", n, absmax.len())?;
+    check_len("bfloat16 absmax bytes", 2 * n, out.len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    // written in order, read with a stride (the scales of one weight fit in cache)
+    for (j, column) in out.chunks_exact_mut(2 * rows).enumerate() {
+        for (dst, &value) in column
+            .chunks_exact_mut(2)
+            .zip(absmax[j..].iter().step_by(per_row))
+        {
+            let bits = value.to_bits();
+            let half = if value.is_nan() {
+                0xffff
+            } else {
+                (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+            };
+            dst.copy_from_slice(&half.to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: used only to hand disjoint ranges of one slice to scoped threads.
@@ -417,6 +452,32 @@ mod tests {
                 assert_eq!(back, p, "{rows}x{cols}");
             }
         }
+    }
+
+    #[test]
+    fn absmax_is_transposed_and_rounded_to_nearest_even() {
+        let values = [
+            1.0,
+            f32::from_bits(0x3f80_8000), // a tie: to even (down)
+            f32::from_bits(0x3f81_8000), // a tie: to even (up)
+            f32::from_bits(0x3f80_8001),
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::MAX,
+        ];
+        let mut out = vec![0u8; 16];
+        absmax_to_cpu_layout(&values, 2, 4, &mut out).unwrap();
+        let got: Vec<u16> = out
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        // [2, 4] -> [4, 2]: column j of the rows first
+        let expect = [
+            0x3f80, 0xffff, 0x3f80, 0xffff, 0x3f82, 0x7f80, 0x3f81, 0x7f80,
+        ];
+        assert_eq!(got, expect);
+        assert!(absmax_to_cpu_layout(&values, 3, 4, &mut out).is_err());
     }
 
     #[test]

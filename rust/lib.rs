@@ -44,5 +44,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_quant::pack_4bit_cpu_layout, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::unpack_4bit_cpu_layout, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::advise_hugepages, m)?)?;
+    m.add_function(wrap_pyfunction!(py_quant::absmax_to_cpu_layout, m)?)?;
     Ok(())
 }

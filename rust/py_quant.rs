@@ -299,3 +299,29 @@ pub fn advise_hugepages(py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<b
     });
     Ok(rc == 0)
 }
+
+/// bitsandbytes' CPU-layout `absmax` from the plain float32 one (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (absmax, out, *, rows, per_row))]
+pub fn absmax_to_cpu_layout(
+    py: Python<'_>,
+    absmax: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    rows: usize,
+    per_row: usize,
+) -> PyResult<()> {
+    let absmax_buf = PyBuffer::<f32>::get(absmax)?;
+    let out_buf = PyBuffer::<u8>::get(out)?;
+    let (src, src_len) = contiguous(&absmax_buf, "absmax")?;
+    let (dst, dst_len) = writable(&out_buf, "out")?;
+    check_disjoint(&[("absmax", span(src, src_len)), ("out", span(dst, dst_len))])?;
+    // SAFETY: as in `quantize_4bit`: both buffers held, contiguous, disjoint.
+    let (src, dst) = unsafe {
+        (
+            std::slice::from_raw_parts(src.cast_const(), src_len),
+            std::slice::from_raw_parts_mut(dst, dst_len),
+        )
+    };
+    py.detach(|| cpu_layout::absmax_to_cpu_layout(src, rows, per_row, dst))?;
+    Ok(())
+}

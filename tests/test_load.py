@@ -531,3 +531,36 @@ def test_progress_bar_counts_bytes(
     assert "leanstream llama" in err and "B/s" in err
     leanstream.load(checkpoints["llama"], bits=4, device="cpu", progress=False)
     assert "leanstream" not in capsys.readouterr().err
+
+
+def test_the_garbage_collector_is_paused_during_a_load_only(
+    sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No cyclic garbage collection while a load runs; afterwards (also after an error)
+    the collector is as the caller had it."""
+    import gc
+
+    import leanstream.loader
+
+    seen: list[bool] = []
+    fill = leanstream.loader._fill
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        if len(seen) == 2:
+            raise RuntimeError("a load that fails half-way")
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(leanstream.loader, "_fill", spy)
+    assert gc.isenabled()
+    leanstream.load(sources["llama"], device="cpu", progress=False)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(RuntimeError, match="half-way"):
+        leanstream.load(sources["llama"], device="cpu", progress=False)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        leanstream.load(sources["llama"], device="cpu", progress=False)
+        assert not gc.isenabled()  # left off, as it was
+    finally:
+        gc.enable()

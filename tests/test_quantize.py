@@ -578,3 +578,23 @@ def test_load_native_equals_bitsandbytes(
     monkeypatch.setattr(F, "int8_vectorwise_quant", refuse)
     native = leanstream.load(llama, device="cpu", progress=False, **settings)
     assert assert_same_weights(reference, native) > 0
+
+
+def test_large_outputs_ask_for_huge_pages() -> None:
+    """``host_empty``: a CPU tensor (huge pages asked for when it is large: advice only,
+    granted or not by the kernel's settings); the advice needs a writable buffer."""
+    import ctypes
+
+    from leanstream import _core
+    from leanstream.quantize import host_empty
+
+    small, large = host_empty((3, 5), torch.float32), host_empty((8 << 20,), torch.uint8)
+    assert small.shape == (3, 5) and large.numel() == 8 << 20 and large.device.type == "cpu"
+    assert large.untyped_storage().resizable()  # torch's own storage (no NumPy export)
+    large.fill_(7)
+    assert _core.advise_hugepages(bytearray(100)) is False  # no aligned 2 MiB inside
+    raw = (ctypes.c_char * large.nbytes).from_address(large.data_ptr())
+    assert isinstance(_core.advise_hugepages(memoryview(raw).cast("B")), bool)
+    assert bool((large == 7).all())  # advice never changes contents
+    with pytest.raises(BufferError):
+        _core.advise_hugepages(bytes(4 << 20))

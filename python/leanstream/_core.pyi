@@ -385,6 +385,14 @@ def unpack_4bit_cpu_layout(
 ) -> None:
     """The inverse of :func:`pack_4bit_cpu_layout` (exact)."""
 
+def absmax_to_cpu_layout(absmax: Buffer, out: Buffer, *, rows: int, per_row: int) -> None:
+    """bitsandbytes' AVX512-BF16 CPU-layout ``absmax``: the float32 scales of a weight
+    (``rows * per_row``, row-major) transposed to ``[per_row, rows]`` and rounded to
+    bfloat16 (``out``: their ``2 * rows * per_row`` bytes), as
+    ``absmax.reshape(rows, per_row).T.to(torch.bfloat16).contiguous()``: round to
+    nearest even, NaN as ``0xFFFF`` (torch's CPU conversion). Without torch: its
+    OpenMP workers would spin after every weight, taking a core from the quantizer."""
+
 def advise_hugepages(buffer: Buffer) -> bool:
     """``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned part of a writable buffer, before
     it is first written: the kernel may then back it with 2 MiB pages, one page fault

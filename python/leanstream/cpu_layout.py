@@ -129,9 +129,19 @@ def _to_cpu_state(state: Any, storage: torch.dtype, qshape: torch.Size) -> None:
         state.nested = False
         delattr(state, "state2")
     rows, cols = state.shape
-    state.absmax = (
-        state.absmax.reshape(rows, cols // state.blocksize).T.to(torch.bfloat16).contiguous()
-    )
+    absmax = state.absmax
+    if absmax.device.type == "cpu" and absmax.dtype == torch.float32:
+        # the same values in Rust: torch's OpenMP workers would spin after the op, taking
+        # a core from the quantizer of the next weight for a while
+        source = absmax.contiguous()
+        out = torch.empty((cols // state.blocksize, rows), dtype=torch.bfloat16)
+        _core.absmax_to_cpu_layout(
+            _buffer(source, "f"), _buffer(out), rows=rows, per_row=cols // state.blocksize
+        )
+        state.absmax = out
+    else:
+        state.absmax = absmax.reshape(rows, cols // state.blocksize).T.to(torch.bfloat16)
+        state.absmax = state.absmax.contiguous()
     state.dtype = torch.bfloat16
     state.packing_format_for_cpu = True
 

@@ -25,9 +25,11 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import gc
 import json
 import os
 import re
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -514,6 +516,32 @@ def _source(
     return _Source(pipeline=pipeline, window=window, threads=threads, ring_bytes=ring)
 
 
+_gc_lock = threading.Lock()
+_gc_loads = 0  # loads running, in every thread
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while loads run (in any thread), back as it
+    was after the last: a load makes hundreds of thousands of objects (a model's
+    modules, parameters, quantization states) that are not garbage, and full collections
+    over them took a quarter of a second of a second load of a 1B model in one process."""
+    global _gc_loads, _gc_was_enabled
+    with _gc_lock:
+        if _gc_loads == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_loads += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_loads -= 1
+            if _gc_loads == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 def _run(
     folder: Path,
     weights: Path | list[Path],
@@ -535,6 +563,7 @@ def _run(
     # validate the shards, then read ahead while transformers imports the model's
     # code, parses config.json and builds the empty model (most of a second)
     with (
+        _gc_paused(),
         _core.Checkpoint(weights) as ckpt,
         ckpt.warm(likely_order(ckpt.keys()), budget=_warm_budget()) as warm,
     ):

@@ -250,18 +250,15 @@ pub fn pack(
     out: &mut [u8],
     threads: usize,
 ) -> Result<(), LayoutError> {
-    check_shape(rows, cols)?;
-    let bytes = rows * cols / 2;
-    check_len("plain weight", bytes, plain.len())?;
-    check_len("packed weight", bytes, out.len())?;
-    let group = BLOCK_N * cols / 2;
-    for_groups(plain, out, group, threads, |plain, first, run| {
-        let plain = &plain[first * group..];
-        for (g, dst) in run.chunks_exact_mut(group).enumerate() {
-            pack_group(&plain[g * group..(g + 1) * group], cols / 2, dst);
-        }
-    });
-    Ok(())
+    relayout(
+        plain,
+        rows,
+        cols,
+        out,
+        threads,
+        ("plain", "packed"),
+        pack_group,
+    )
 }
 
 /// The inverse of [`pack`]: bitsandbytes' CPU layout back to plain packed bytes.
@@ -272,15 +269,36 @@ pub fn unpack(
     out: &mut [u8],
     threads: usize,
 ) -> Result<(), LayoutError> {
+    relayout(
+        packed,
+        rows,
+        cols,
+        out,
+        threads,
+        ("packed", "plain"),
+        unpack_group,
+    )
+}
+
+/// `group_fn` on each group of 32 rows of `src` into `out`; `names`: the two layouts.
+fn relayout(
+    src: &[u8],
+    rows: usize,
+    cols: usize,
+    out: &mut [u8],
+    threads: usize,
+    names: (&'static str, &'static str),
+    group_fn: fn(&[u8], usize, &mut [u8]),
+) -> Result<(), LayoutError> {
     check_shape(rows, cols)?;
     let bytes = rows * cols / 2;
-    check_len("packed weight", bytes, packed.len())?;
-    check_len("plain weight", bytes, out.len())?;
+    check_len(names.0, bytes, src.len())?; // "plain"/"packed" weight bytes
+    check_len(names.1, bytes, out.len())?;
     let group = BLOCK_N * cols / 2;
-    for_groups(packed, out, group, threads, |packed, first, run| {
-        let packed = &packed[first * group..];
+    for_groups(src, out, group, threads, |src, first, run| {
+        let src = &src[first * group..];
         for (g, dst) in run.chunks_exact_mut(group).enumerate() {
-            unpack_group(&packed[g * group..(g + 1) * group], cols / 2, dst);
+            group_fn(&src[g * group..(g + 1) * group], cols / 2, dst);
         }
     });
     Ok(())

@@ -103,6 +103,22 @@ pub fn quantize_4bit(
 ) -> PyResult<()> {
     let dtype = parse_dtype(dtype)?;
     let quant_type = parse_quant_type(quant_type)?;
+    let threads = thread_count(threads);
+    with_4bit_buffers(py, data, packed, absmax, |input, out, am| {
+        quant::quantize_4bit(input, dtype, quant_type, blocksize, out, am, threads)
+    })
+}
+
+/// The input, packed output and absmax of a 4-bit quantizer, held as buffers and
+/// checked (C-contiguous, outputs writable, none sharing memory with another), as
+/// slices to `kernel`, which runs without the GIL.
+fn with_4bit_buffers<E: Into<PyErr> + Send>(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    packed: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
+    kernel: impl FnOnce(&[u8], &mut [u8], &mut [f32]) -> Result<(), E> + Send,
+) -> PyResult<()> {
     let data_buf = PyBuffer::<u8>::get(data)?;
     let packed_buf = PyBuffer::<u8>::get(packed)?;
     let absmax_buf = PyBuffer::<f32>::get(absmax)?;
@@ -114,7 +130,6 @@ pub fn quantize_4bit(
         ("packed", span(out, out_len)),
         ("absmax", span(am, am_len)),
     ])?;
-    let threads = thread_count(threads);
     // SAFETY: the three buffers are held (not released) until this function
     // returns, are C-contiguous with these lengths, the outputs are writable,
     // and none overlaps another, so a shared and two exclusive slices are sound.
@@ -125,8 +140,7 @@ pub fn quantize_4bit(
             std::slice::from_raw_parts_mut(am, am_len),
         )
     };
-    py.detach(|| quant::quantize_4bit(input, dtype, quant_type, blocksize, out, am, threads))?;
-    Ok(())
+    py.detach(|| kernel(input, out, am)).map_err(Into::into)
 }
 
 /// LLM.int8 row-wise quantization, bit-identical to bitsandbytes' CPU
@@ -194,32 +208,12 @@ pub fn quantize_4bit_cpu_layout(
 ) -> PyResult<()> {
     let dtype = parse_dtype(dtype)?;
     let quant_type = parse_quant_type(quant_type)?;
-    let data_buf = PyBuffer::<u8>::get(data)?;
-    let packed_buf = PyBuffer::<u8>::get(packed)?;
-    let absmax_buf = PyBuffer::<f32>::get(absmax)?;
-    let (input, input_len) = contiguous(&data_buf, "data")?;
-    let (out, out_len) = writable(&packed_buf, "packed")?;
-    let (am, am_len) = writable(&absmax_buf, "absmax")?;
-    check_disjoint(&[
-        ("data", span(input, input_len)),
-        ("packed", span(out, out_len)),
-        ("absmax", span(am, am_len)),
-    ])?;
     let threads = thread_count(threads);
-    // SAFETY: as in `quantize_4bit`.
-    let (input, out, am) = unsafe {
-        (
-            std::slice::from_raw_parts(input.cast_const(), input_len),
-            std::slice::from_raw_parts_mut(out, out_len),
-            std::slice::from_raw_parts_mut(am, am_len),
-        )
-    };
-    py.detach(|| {
+    with_4bit_buffers(py, data, packed, absmax, |input, out, am| {
         cpu_layout::quantize_4bit_packed(
             input, dtype, quant_type, blocksize, rows, cols, out, am, threads,
         )
-    })?;
-    Ok(())
+    })
 }
 
 /// [`cpu_layout::pack`] or [`cpu_layout::unpack`].

@@ -413,3 +413,18 @@ def test_footprint_and_inspect_tell_the_layout(llama: Path, double_quant: bool) 
     plain_report = inspect_checkpoint(llama, cpu_kernel="plain")
     (row,) = [r for r in plain_report["memory"] if r["setting"] == label]
     assert row["total_bytes"] == expected.total_bytes
+
+
+def test_another_bitsandbytes_conversion_still_saves_in_order(
+    llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the conversion is left to bitsandbytes (its layout not leanstream's), a model
+    that ran a forward still saves its absmax in bitsandbytes' order: transformers reads
+    back the same logits."""
+    monkeypatch.setattr(cpu_layout, "agrees", lambda: False)
+    model = _load(llama)
+    expected = _logits(model)  # bitsandbytes converts here, on an AVX512-BF16 CPU
+    folder = leanstream.save(model, tmp_path / "out", progress=False)
+    assert torch.equal(_logits(model), expected)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    assert torch.equal(_logits(theirs), expected)

@@ -344,7 +344,13 @@ def _before_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
         return
     repair(state)
     nested = bool(weight.compress_statistics)
-    if (is_packed(state) and agrees()) or (nested and not state.nested):
+    if is_packed(state) and not agrees():
+        # bitsandbytes' own conversion, undone in place by its _save_to_state_dict, which
+        # leaves a plain absmax transposed: put it in order first (its values are exact)
+        if not getattr(state, "original_nested", True) and state.absmax.dim() == 2:
+            state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
+        return
+    if is_packed(state) or (nested and not state.nested):
         # written as bitsandbytes writes a plain weight; the module keeps its own
         data, plain = unpacked(weight, double_quant=nested)
         module.__dict__["_leanstream_kept"] = (weight, module.quant_state)

@@ -56,7 +56,7 @@ BLOCK_N = 32
 _NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def _buffer(tensor: torch.Tensor, format: str = "B") -> memoryview:
+def byte_buffer(tensor: torch.Tensor, format: str = "B") -> memoryview:
     """A buffer over a contiguous CPU ``tensor``'s bytes, for the Rust core to read or
     write. Not ``tensor.numpy()``, which marks the storage as shared with NumPy (not
     resizable) for good: a model's weights stay torch's own. The buffer does not keep the
@@ -136,7 +136,7 @@ def _to_cpu_state(state: Any, storage: torch.dtype, qshape: torch.Size) -> None:
         source = absmax.contiguous()
         out = torch.empty((cols // state.blocksize, rows), dtype=torch.bfloat16)
         _core.absmax_to_cpu_layout(
-            _buffer(source, "f"), _buffer(out), rows=rows, per_row=cols // state.blocksize
+            byte_buffer(source, "f"), byte_buffer(out), rows=rows, per_row=cols // state.blocksize
         )
         state.absmax = out
     else:
@@ -164,10 +164,10 @@ def quantize(module: nn.Module, weight: torch.Tensor, threads: int | None = None
     absmax = host_empty(rows * cols // meta.blocksize, torch.float32)
     source = weight.contiguous()  # held until the call returns: the buffer does not hold it
     _core.quantize_4bit_cpu_layout(
-        _buffer(source),
+        byte_buffer(source),
         _NATIVE_DTYPES[weight.dtype],
-        _buffer(packed),
-        _buffer(absmax, "f"),
+        byte_buffer(packed),
+        byte_buffer(absmax, "f"),
         rows=rows,
         cols=cols,
         quant_type=meta.quant_type,
@@ -196,8 +196,8 @@ def from_plain(module: nn.Module, plain: torch.Tensor, state: Any) -> Any:
     out = host_empty((rows, cols // 2), torch.uint8)
     source = plain.contiguous()  # held until the call returns: the buffer does not hold it
     _core.pack_4bit_cpu_layout(
-        _buffer(source),
-        _buffer(out),
+        byte_buffer(source),
+        byte_buffer(out),
         rows=rows,
         cols=cols,
         threads=torch.get_num_threads(),
@@ -219,8 +219,8 @@ def _plain_bytes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         out = torch.empty(rows * cols // 2, dtype=torch.uint8)
         source = packed.contiguous()  # held until the call returns
         _core.unpack_4bit_cpu_layout(
-            _buffer(source),
-            _buffer(out),
+            byte_buffer(source),
+            byte_buffer(out),
             rows=rows,
             cols=cols,
             threads=torch.get_num_threads(),
@@ -450,6 +450,7 @@ def _same_state(a: Any, b: Any) -> bool:
 __all__ = [
     "BLOCK_N",
     "agrees",
+    "byte_buffer",
     "detected",
     "fits",
     "from_plain",

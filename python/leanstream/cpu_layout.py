@@ -53,8 +53,6 @@ from . import _core
 #: rows the CPU layout packs together (``block_n`` of bitsandbytes' conversion)
 BLOCK_N = 32
 
-_NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-
 
 def byte_buffer(tensor: torch.Tensor, format: str = "B") -> memoryview:
     """A buffer over a contiguous CPU ``tensor``'s bytes, for the Rust core to read or
@@ -156,7 +154,7 @@ def quantize(module: nn.Module, weight: torch.Tensor, threads: int | None = None
     """``weight`` (a ``[out, in]`` BF16/F16/F32 CPU tensor) quantized by the Rust core
     straight into the CPU layout, with the ``QuantState`` that bitsandbytes' quantization
     and first-forward conversion would give ``module``: a ``Params4bit``."""
-    from .quantize import host_empty, params_4bit, quant_state_4bit
+    from .quantize import _NATIVE_DTYPES, host_empty, params_4bit, quant_state_4bit
 
     meta = module.weight
     rows, cols = weight.shape
@@ -298,6 +296,15 @@ def repair(state: Any) -> None:
         state.absmax = absmax.T.reshape(-1).to(torch.float32)
 
 
+def order_before_bitsandbytes_inverse(state: Any) -> None:
+    """Before bitsandbytes' own inverse of its conversion (``Linear4bit._save_to_state_dict``
+    undoes it in place), put a CPU-layout ``absmax`` without double quantization in its
+    plain order, as float32 (exact): the inverse leaves it transposed, and the scales would
+    apply to the wrong blocks. The inverse then keeps it as it is."""
+    if is_packed(state) and not getattr(state, "original_nested", True) and state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
+
+
 # --- keeping a layer right -------------------------------------------------------------
 
 
@@ -345,10 +352,7 @@ def _before_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
     repair(state)
     nested = bool(weight.compress_statistics)
     if is_packed(state) and not agrees():
-        # bitsandbytes' own conversion, undone in place by its _save_to_state_dict, which
-        # leaves a plain absmax transposed: put it in order first (its values are exact)
-        if not getattr(state, "original_nested", True) and state.absmax.dim() == 2:
-            state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
+        order_before_bitsandbytes_inverse(state)
         return
     if is_packed(state) or (nested and not state.nested):
         # written as bitsandbytes writes a plain weight; the module keeps its own
@@ -456,6 +460,7 @@ __all__ = [
     "from_plain",
     "is_packed",
     "manage",
+    "order_before_bitsandbytes_inverse",
     "pack",
     "quantize",
     "repair",

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from . import cpu_layout
 from .errors import ConfigError
 from .progress import byte_progress
 
@@ -458,11 +459,8 @@ def _fix_cpu_packed_absmax(model: Any) -> None:
             isinstance(module, bnb.nn.Linear4bit)
             and not getattr(module, "_leanstream_cpu_layout", False)  # cpu_layout's hooks
             and state is not None
-            and getattr(state, "packing_format_for_cpu", False)
-            and not getattr(state, "original_nested", True)
-            and state.absmax.dim() == 2
         ):
-            state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
+            cpu_layout.order_before_bitsandbytes_inverse(state)
 
 
 def parse_size(value: int | str) -> int:

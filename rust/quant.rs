@@ -18,11 +18,14 @@
 //! `threads` scoped threads (blocks or rows never straddle two threads, so the result
 //! does not depend on the thread count).
 //!
-//! Speed comes from the loops' shape, not from intrinsics: the absmax pass is an
-//! integer max over `|x|` bit patterns (which order like the values, NaN above inf),
-//! and the bucketize is 15 branch-free compares whose results are summed, which LLVM
-//! vectorizes for any target. On x86-64 the same generic code is also compiled with
-//! AVX2 and AVX-512 enabled and picked at run time (no `-C target-cpu` needed).
+//! Speed comes from the loops' shape: the absmax pass is an integer max over `|x|` bit
+//! patterns (which order like the values, NaN above inf), and the bucketize is 15
+//! branch-free compares whose results are summed, which LLVM vectorizes for any target.
+//! On x86-64 the same generic code is also compiled with AVX2 and AVX-512 enabled and
+//! picked at run time (no `-C target-cpu` needed). BF16 (what checkpoints hold) has
+//! its own AVX-512 loop: a 16-bit absmax pass, and a bucketize that looks up the
+//! value's 1/16-wide cell and makes one compare (NF4, whose midpoints are at least
+//! 0.085 apart) or a 4-step binary search (FP4): 3-4x the generic loop, same bits.
 //!
 //! NaN payloads follow torch 2.x on x86-64 as well, so that absmax and SCB compare equal
 //! bit for bit: a full block's absmax is its first NaN with the sign cleared (an F16 NaN
@@ -531,6 +534,62 @@ trait Code {
     const STEPS: [i32; 15];
     /// `argsort(code)`: the 4-bit index of each bucket.
     const ORDER: [u8; 16];
+    /// [`cells`] of the midpoints, where they allow it.
+    const CELLS: Option<[i32; 32]> = cells(Self::BOUNDS);
+    /// `ORDER` is the identity (the bucket is the 4-bit index).
+    const SORTED: bool = is_identity(Self::ORDER);
+}
+
+/// How far (in value) the cell of `v` computed in f32 may be from the exact one:
+/// `fma(v, 16, 16)` is within half an ulp of 32 (2^-19) of `16 v + 16`, 2^-23 in `v`.
+/// Far more than that, so that the proof does not rest on the last bit.
+const CELL_MARGIN: f32 = 1e-5;
+
+/// A shortcut for bucketize over `[-1, 1]` cut in 32 cells of 1/16: for cell `c`
+/// (`v` in `[c/16 - 1, (c+1)/16 - 1)`, `v < -1` in cell 0, `v >= 1` and NaN in 31),
+/// the number of midpoints below the whole cell, so that bucketize of any `v` in the
+/// cell is that number, plus one if the midpoint of that number (the cell's only
+/// possible midpoint) is not `>=` `v`. `None` when a cell (widened by [`CELL_MARGIN`])
+/// holds two midpoints, as FP4's cells near zero do; cells above every midpoint say
+/// 14 (the last midpoint is below them, so the compare adds the fifteenth: NaN too).
+const fn cells(bounds: [f32; 15]) -> Option<[i32; 32]> {
+    let mut out = [0i32; 32];
+    let mut c = 0;
+    while c < 32 {
+        let lo = c as f32 / 16.0 - 1.0 - CELL_MARGIN;
+        let hi = (c + 1) as f32 / 16.0 - 1.0 + CELL_MARGIN;
+        let (mut below, mut inside) = (0, 0);
+        let mut k = 0;
+        while k < 15 {
+            if bounds[k] < lo {
+                below += 1;
+            } else if bounds[k] <= hi {
+                inside += 1;
+            }
+            k += 1;
+        }
+        if inside > 1 || (below == 15 && inside > 0) {
+            return None;
+        }
+        out[c] = if below > 14 { 14 } else { below };
+        c += 1;
+    }
+    // the NaN cell must compare with the last midpoint, below it
+    if bounds[14] >= 31.0 / 16.0 - 1.0 - CELL_MARGIN {
+        return None;
+    }
+    Some(out)
+}
+
+const fn is_identity(order: [u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if order[i] as usize != i {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 struct Nf4;
@@ -675,7 +734,7 @@ fn full_blocks<S: Source, C: Code>(input: &[u8], bs: usize, packed: &mut [u8], a
             return unsafe { x86::full_blocks_avx2::<S, C>(input, bs, packed, absmax) };
         }
     }
-    full_blocks_generic::<S, C>(input, bs, packed, absmax, None);
+    full_blocks_generic::<S, C>(input, bs, packed, absmax);
 }
 
 /// Tests (and benchmarks) compare the AVX-512 packing loop with the generic one.
@@ -683,13 +742,12 @@ fn full_blocks<S: Source, C: Code>(input: &[u8], bs: usize, packed: &mut [u8], a
 pub static FORCE_GENERIC_PACKING: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// A packing loop for a batch of whole blocks: `(input, bs, scales, packed)`, each block's
-/// values times its scale, bucketized and packed two per byte (what the generic loop does).
-type PackBatch = unsafe fn(&[u8], usize, &[f32], &mut [u8]);
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{full_blocks_generic, int8_rows_generic, Code, Source};
+    use super::{
+        clamp_min, first_nan, full_blocks_generic, int8_rows_generic, Code, Source, BATCH,
+        BLOCKSIZES,
+    };
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -699,11 +757,13 @@ mod x86 {
         packed: &mut [u8],
         absmax: &mut [f32],
     ) {
-        full_blocks_generic::<S, C>(input, bs, packed, absmax, None);
+        full_blocks_generic::<S, C>(input, bs, packed, absmax);
     }
 
-    /// BF16 input: the absmax pass as [`full_blocks_generic`]'s, the packing loop
-    /// [`pack_batch_bf16`] (blocks of 32 values and more).
+    /// BF16 input: per batch of blocks (as [`full_blocks_generic`]), the absmax pass
+    /// [`absmax_bf16`], then the packing loop: [`pack_batch_bf16_cells`] where the code
+    /// book has [`Code::CELLS`] (NF4), else [`pack_batch_bf16`]. The next batch is
+    /// prefetched while one is packed, so that its first read does not wait on memory.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn full_blocks_avx512_bf16<S: Source, C: Code>(
         input: &[u8],
@@ -711,7 +771,153 @@ mod x86 {
         packed: &mut [u8],
         absmax: &mut [f32],
     ) {
-        full_blocks_generic::<S, C>(input, bs, packed, absmax, Some(pack_batch_bf16::<C>));
+        debug_assert!(S::IS_BF16 && bs.is_multiple_of(32));
+        let per_batch = (BATCH / bs).max(1);
+        let batch_bytes = per_batch * bs * 2;
+        let batches = input
+            .chunks(batch_bytes)
+            .zip(packed.chunks_mut(per_batch * bs / 2))
+            .zip(absmax.chunks_mut(per_batch));
+        let mut scales = [0f32; BATCH / BLOCKSIZES[0]];
+        for ((input, packed), absmax) in batches {
+            unsafe { absmax_bf16::<S>(input, bs, absmax) };
+            for (scale, &am) in scales.iter_mut().zip(absmax.iter()) {
+                // torch: `1.0 / t` is `t.reciprocal() * 1.0`
+                *scale = 1.0 / clamp_min(am);
+            }
+            let scales = &scales[..absmax.len()];
+            // SAFETY: prefetches never fault; the address is only formed, not read
+            let next = input.as_ptr().wrapping_add(batch_bytes);
+            match C::CELLS {
+                Some(cells) => unsafe {
+                    pack_batch_bf16_cells::<C>(input, bs, scales, packed, &cells, next)
+                },
+                None => unsafe { pack_batch_bf16::<C>(input, bs, scales, packed, next) },
+            }
+        }
+    }
+
+    /// Each block's absmax: the largest `|x|` bit pattern (`x & 0x7fff`, which orders
+    /// like the magnitude, NaN above inf) by 16-bit unsigned max over 32 values at a
+    /// time, then across the vector with `phminposuw` on the complement.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn absmax_bf16<S: Source>(input: &[u8], bs: usize, absmax: &mut [f32]) {
+        let magnitude = _mm512_set1_epi16(0x7fff);
+        for (block, am) in input.chunks_exact(bs * 2).zip(absmax.iter_mut()) {
+            let mut m = _mm512_setzero_si512();
+            for chunk in block.chunks_exact(64) {
+                // SAFETY: 64 readable bytes
+                let w = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
+                m = _mm512_max_epu16(m, _mm512_and_si512(w, magnitude));
+            }
+            let m = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64::<1>(m));
+            let m = _mm_max_epu16(_mm256_castsi256_si128(m), _mm256_extracti128_si256::<1>(m));
+            let least = _mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi16(-1)));
+            let key = !(_mm_cvtsi128_si32(least) as u32) & 0xffff;
+            *am = if key > S::INF_KEY {
+                first_nan::<S>(block)
+            } else {
+                S::key_value(key)
+            };
+        }
+    }
+
+    /// Bucketize with [`Code::CELLS`]: the cell of `v` (`fma(v, 16, 16)`, clamped to
+    /// `[0, 31]` with NaN going to 31, truncated), the cell's count of midpoints below
+    /// it (`vpermt2d` over the 32 cells), plus one where that count's midpoint is not
+    /// `>=` `v` (`!(b >= v)`, true for NaN as bucketize's count is), through the code
+    /// book's order unless it is the identity. Three shuffles and one compare for 16
+    /// values, against four compares and five shuffles for the binary search.
+    #[inline(always)]
+    unsafe fn bucket_cells<C: Code>(
+        v: __m512,
+        cells: (__m512i, __m512i),
+        bounds: __m512,
+    ) -> __m512i {
+        let t = _mm512_fmadd_ps(v, _mm512_set1_ps(16.0), _mm512_set1_ps(16.0));
+        // `vminps` gives its second operand where either is NaN: NaN → 31
+        let t = _mm512_min_ps(t, _mm512_set1_ps(31.0));
+        let t = _mm512_max_ps(t, _mm512_setzero_ps());
+        let cell = _mm512_cvttps_epi32(t);
+        let below = _mm512_permutex2var_epi32(cells.0, cell, cells.1);
+        let bound = _mm512_permutexvar_ps(below, bounds);
+        let above = _mm512_cmp_ps_mask::<_CMP_NGE_UQ>(bound, v);
+        let bucket = _mm512_mask_add_epi32(below, above, below, _mm512_set1_epi32(1));
+        if C::SORTED {
+            bucket
+        } else {
+            let order: [i32; 16] = C::ORDER.map(i32::from);
+            // SAFETY: a 16-element array
+            _mm512_permutexvar_epi32(bucket, unsafe { _mm512_loadu_si512(order.as_ptr().cast()) })
+        }
+    }
+
+    /// The packing loop of [`pack_batch_bf16`] with [`bucket_cells`] for the bucketize.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn pack_batch_bf16_cells<C: Code>(
+        input: &[u8],
+        bs: usize,
+        scales: &[f32],
+        packed: &mut [u8],
+        cells: &[i32; 32],
+        next: *const u8,
+    ) {
+        let mut bounds = [f32::INFINITY; 16];
+        bounds[..15].copy_from_slice(&C::BOUNDS);
+        // SAFETY: 16-element arrays, unaligned loads
+        let (bounds, cells) = unsafe {
+            (
+                _mm512_loadu_ps(bounds.as_ptr()),
+                (
+                    _mm512_loadu_si512(cells.as_ptr().cast()),
+                    _mm512_loadu_si512(cells[16..].as_ptr().cast()),
+                ),
+            )
+        };
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let blocks = input
+            .chunks_exact(bs * 2)
+            .zip(packed.chunks_exact_mut(bs / 2))
+            .zip(scales);
+        let mut ahead = next;
+        for ((block, out), &scale) in blocks {
+            let scale = _mm512_set1_ps(scale);
+            for (chunk, dst) in block.chunks_exact(64).zip(out.chunks_exact_mut(16)) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                ahead = ahead.wrapping_add(64);
+                // SAFETY: 64 readable bytes, 16 writable ones
+                let w = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+                let hi = unsafe { bucket_cells::<C>(_mm512_mul_ps(even, scale), cells, bounds) };
+                let lo = unsafe { bucket_cells::<C>(_mm512_mul_ps(odd, scale), cells, bounds) };
+                let bytes = _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32::<4>(hi), lo));
+                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
+            }
+        }
+    }
+
+    /// [`bucket_cells`] of each value, for tests: `values.len()` a multiple of 16.
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn buckets_by_cells<C: Code>(values: &[f32]) -> Vec<u32> {
+        let cells = C::CELLS.expect("a code book with cells");
+        let mut bounds = [f32::INFINITY; 16];
+        bounds[..15].copy_from_slice(&C::BOUNDS);
+        let mut out = vec![0u32; values.len()];
+        // SAFETY: 16-element arrays and chunks
+        unsafe {
+            let bounds = _mm512_loadu_ps(bounds.as_ptr());
+            let cells = (
+                _mm512_loadu_si512(cells.as_ptr().cast()),
+                _mm512_loadu_si512(cells[16..].as_ptr().cast()),
+            );
+            for (v, o) in values.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                let b = bucket_cells::<C>(_mm512_loadu_ps(v.as_ptr()), cells, bounds);
+                _mm512_storeu_si512(o.as_mut_ptr().cast(), b);
+            }
+        }
+        out
     }
 
     /// The packing loop for BF16 blocks with AVX-512: 32 values (16 packed bytes) at a
@@ -729,6 +935,7 @@ mod x86 {
         bs: usize,
         scales: &[f32],
         packed: &mut [u8],
+        next: *const u8,
     ) {
         debug_assert!(bs.is_multiple_of(32));
         let mut bounds = [f32::INFINITY; 16];
@@ -752,9 +959,12 @@ mod x86 {
             .chunks_exact(bs * 2)
             .zip(packed.chunks_exact_mut(bs / 2))
             .zip(scales);
+        let mut ahead = next;
         for ((block, out), &scale) in blocks {
             let scale = _mm512_set1_ps(scale);
             for (chunk, dst) in block.chunks_exact(64).zip(out.chunks_exact_mut(16)) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                ahead = ahead.wrapping_add(64);
                 // SAFETY: 64 readable bytes, 16 writable ones
                 let w = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
                 let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
@@ -774,7 +984,7 @@ mod x86 {
         packed: &mut [u8],
         absmax: &mut [f32],
     ) {
-        full_blocks_generic::<S, C>(input, bs, packed, absmax, None);
+        full_blocks_generic::<S, C>(input, bs, packed, absmax);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -802,15 +1012,13 @@ mod x86 {
     }
 }
 
-/// `input` holds `absmax.len()` whole blocks of `bs` elements. `fast`: a packing loop
-/// for whole batches of blocks that this CPU runs faster (same results).
+/// `input` holds `absmax.len()` whole blocks of `bs` elements.
 #[inline(always)]
 fn full_blocks_generic<S: Source, C: Code>(
     input: &[u8],
     bs: usize,
     packed: &mut [u8],
     absmax: &mut [f32],
-    fast: Option<PackBatch>,
 ) {
     // Blocks go in batches of about BATCH elements: first every block's absmax
     // (independent reductions the CPU overlaps), then their scales (one vector
@@ -839,10 +1047,7 @@ fn full_blocks_generic<S: Source, C: Code>(
             // torch: `1.0 / t` is `t.reciprocal() * 1.0`
             *scale = 1.0 / clamp_min(am);
         }
-        if let Some(pack_batch) = fast {
-            // SAFETY: `fast` is only given where the CPU has what it is compiled for
-            unsafe { pack_batch(input, bs, &scales[..absmax.len()], packed) };
-        } else if bs > BLOCKSIZES[0] {
+        if bs > BLOCKSIZES[0] {
             let blocks = input
                 .chunks_exact(bs * S::BYTES)
                 .zip(packed.chunks_exact_mut(bs / 2))
@@ -1206,6 +1411,58 @@ mod tests {
                     assert_eq!(fast, generic, "{qt} n={n} bs={bs} with specials");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn nf4_has_cells_and_fp4_does_not() {
+        assert!(Nf4::CELLS.is_some() && Nf4::SORTED);
+        // three midpoints within 0.006 of zero
+        assert!(Fp4::CELLS.is_none() && !Fp4::SORTED);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bucketize_by_cells_is_bucketize() {
+        // every f32 within 2^16 ulps of each midpoint and each cell edge, both signs of
+        // zero, NaNs, infinities, values beyond [-1, 1], and a sweep of [-1.1, 1.1]
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw"))
+        {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut values = vec![
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7fc1_2345),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-38,
+            -1e-45,
+            1.0,
+            -1.0,
+            2.0,
+            -2.0,
+            f32::MAX,
+            f32::MIN,
+        ];
+        let edges = (0..=32).map(|c| c as f32 / 16.0 - 1.0);
+        for centre in Nf4::BOUNDS.into_iter().chain(edges).chain([-0.0]) {
+            for d in -(1i32 << 16)..=(1 << 16) {
+                let bits = centre.to_bits() as i64 + i64::from(d);
+                // around 0.0 the bit patterns step into the negatives' side: both kept
+                values.push(f32::from_bits(bits as u32));
+            }
+        }
+        values.extend((0..2_200_000).map(|i| i as f32 / 1_000_000.0 - 1.1));
+        values.resize(values.len().next_multiple_of(16), 0.5);
+        // SAFETY: the CPU has AVX-512 (checked above)
+        let got = unsafe { x86::buckets_by_cells::<Nf4>(&values) };
+        for (v, g) in values.iter().zip(got) {
+            assert_eq!(g, index::<Nf4>(*v), "v = {v:e} ({:#x})", v.to_bits());
         }
     }
 

@@ -45,7 +45,7 @@ CHILD = r"""
 import json, sys, time
 import torch, transformers, bitsandbytes
 import transformers.models.llama.modeling_llama
-import leanstream
+import leanstream, leanstream.loader  # imports, not load time
 
 folder, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
 kwargs = {}

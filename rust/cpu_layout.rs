@@ -14,7 +14,8 @@
 //! into the CPU layout, 32 rows at a time through a scratch buffer that stays in
 //! cache, bit-identical to [`quant::quantize_4bit`] followed by [`pack`].
 //! bitsandbytes' conversion also turns `absmax` into a transposed bfloat16
-//! `[K / blocksize, N]`: that part is left to the caller (torch), as it is small.
+//! `[K / blocksize, N]`: [`absmax_to_cpu_layout`], or [`quantize_4bit_packed`] writes
+//! it so directly ([`Absmax::CpuLayout`]).
 
 use crate::header::Dtype;
 use crate::quant::{self, QuantError, QuantType};
@@ -304,10 +305,21 @@ fn relayout(
     Ok(())
 }
 
+/// Where [`quantize_4bit_packed`] writes the scales of a `[rows, cols]` weight.
+pub enum Absmax<'a> {
+    /// One f32 per block in bitsandbytes' plain order (row-major blocks).
+    Plain(&'a mut [f32]),
+    /// The CPU layout's: what [`absmax_to_cpu_layout`] makes of the plain ones
+    /// (bfloat16 `[cols / blocksize, rows]`, little-endian bytes), written group by
+    /// group while they are in cache.
+    CpuLayout(&'a mut [u8]),
+}
+
 /// Quantize a row-major `[rows, cols]` weight (raw `dtype` bytes) to 4 bits straight
-/// into the CPU layout: `out` gets `rows * cols / 2` bytes, `absmax` one f32 per
-/// block in bitsandbytes' plain order (row-major blocks). Each row must be whole
-/// blocks. Bit-identical to [`quant::quantize_4bit`] then [`pack`].
+/// into the CPU layout: `out` gets `rows * cols / 2` bytes, `absmax` the scales (one
+/// per block, plain or already in the CPU layout). Each row must be whole blocks.
+/// Bit-identical to [`quant::quantize_4bit`] then [`pack`] (and
+/// [`absmax_to_cpu_layout`]).
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_4bit_packed(
     input: &[u8],
@@ -317,7 +329,7 @@ pub fn quantize_4bit_packed(
     rows: usize,
     cols: usize,
     out: &mut [u8],
-    absmax: &mut [f32],
+    absmax: Absmax<'_>,
     threads: usize,
 ) -> Result<(), LayoutError> {
     check_shape(rows, cols)?;
@@ -334,28 +346,43 @@ pub fn quantize_4bit_packed(
     };
     check_len("input", rows * cols * size, input.len())?;
     check_len("packed weight", rows * cols / 2, out.len())?;
-    check_len("absmax", rows * cols / blocksize, absmax.len())?;
-    // absmax is split with the groups: each thread writes its own blocks
+    let per_row = cols / blocksize;
+    let (absmax_ptr, bf16) = match absmax {
+        Absmax::Plain(am) => {
+            check_len("absmax", rows * per_row, am.len())?;
+            (SendPtr(am.as_mut_ptr().cast()), false)
+        }
+        Absmax::CpuLayout(am) => {
+            check_len("bfloat16 absmax bytes", 2 * rows * per_row, am.len())?;
+            (SendPtr(am.as_mut_ptr()), true)
+        }
+    };
+    // absmax is split with the groups: each thread writes its own blocks (plain), or
+    // its own 32 columns of each row of the transposed scales (CPU layout)
     let group = BLOCK_N * cols / 2;
-    let group_blocks = BLOCK_N * cols / blocksize;
-    let absmax_ptr = SendPtr(absmax.as_mut_ptr());
+    let group_blocks = BLOCK_N * per_row;
     let mut failed: Option<QuantError> = None;
     let failure = std::sync::Mutex::new(&mut failed);
     for_groups(input, out, group, threads, |input, first, run| {
         let mut scratch = vec![0u8; group];
+        let mut scales = vec![0f32; if bf16 { group_blocks } else { 0 }];
         let groups = run.len() / group;
-        // SAFETY: runs of groups are disjoint, and so are their absmax blocks; the
-        // slice lives as long as `absmax`, borrowed exclusively by this function.
-        let am = unsafe {
-            std::slice::from_raw_parts_mut(
-                absmax_ptr.get().add(first * group_blocks),
-                groups * group_blocks,
-            )
-        };
         let input = &input[first * group * 2 * size..];
         for (g, dst) in run.chunks_exact_mut(group).enumerate() {
             let src = &input[g * group * 2 * size..(g + 1) * group * 2 * size];
-            let blocks = &mut am[g * group_blocks..(g + 1) * group_blocks];
+            let at = first + g;
+            let blocks: &mut [f32] = if bf16 {
+                &mut scales
+            } else {
+                // SAFETY: the blocks of group `at`, written by this thread only; the
+                // slice lives as long as `absmax`, borrowed exclusively by this function
+                unsafe {
+                    std::slice::from_raw_parts_mut(
+                        absmax_ptr.get().cast::<f32>().add(at * group_blocks),
+                        group_blocks,
+                    )
+                }
+            };
             if let Err(err) =
                 quant::quantize_4bit(src, dtype, quant_type, blocksize, &mut scratch, blocks, 1)
             {
@@ -363,11 +390,39 @@ pub fn quantize_4bit_packed(
                 return;
             }
             pack_group(&scratch, cols / 2, dst);
+            if bf16 {
+                for b in 0..per_row {
+                    // SAFETY: row `b`'s 32 columns of group `at` (64 bytes), written by
+                    // this thread only, inside the buffer checked above
+                    let column = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            absmax_ptr.get().add(2 * (b * rows + at * BLOCK_N)),
+                            2 * BLOCK_N,
+                        )
+                    };
+                    for (r, dst) in column.chunks_exact_mut(2).enumerate() {
+                        dst.copy_from_slice(&bf16_bits(scales[r * per_row + b]).to_le_bytes());
+                    }
+                }
+            }
         }
+        debug_assert_eq!(groups * group, run.len());
     });
     match failed {
         Some(err) => Err(err.into()),
         None => Ok(()),
+    }
+}
+
+/// `value` rounded to bfloat16 as torch's CPU conversion does: to nearest even,
+/// every NaN `0xFFFF`.
+#[inline(always)]
+fn bf16_bits(value: f32) -> u16 {
+    let bits = value.to_bits();
+    if value.is_nan() {
+        0xffff
+    } else {
+        (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
     }
 }
 
@@ -394,25 +449,19 @@ pub fn absmax_to_cpu_layout(
             .chunks_exact_mut(2)
             .zip(absmax[j..].iter().step_by(per_row))
         {
-            let bits = value.to_bits();
-            let half = if value.is_nan() {
-                0xffff
-            } else {
-                (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
-            };
-            dst.copy_from_slice(&half.to_le_bytes());
+            dst.copy_from_slice(&bf16_bits(value).to_le_bytes());
         }
     }
     Ok(())
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint ranges of one slice to scoped threads.
+struct SendPtr(*mut u8);
+// SAFETY: used only to hand disjoint ranges of one buffer to scoped threads.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut u8 {
         self.0
     }
 }
@@ -525,7 +574,7 @@ mod tests {
                 32,
                 96,
                 &mut out,
-                &mut am,
+                Absmax::Plain(&mut am),
                 1
             ),
             Err(LayoutError::Blocks {
@@ -542,10 +591,25 @@ mod tests {
                 32,
                 96,
                 &mut out,
-                &mut am,
+                Absmax::Plain(&mut am),
                 1
             ),
             Err(LayoutError::Quant(QuantError::Dtype(Dtype::I8)))
+        ));
+        let mut bf16 = vec![0; 2 * 32 * 3 - 2];
+        assert!(matches!(
+            quantize_4bit_packed(
+                &input,
+                Dtype::BF16,
+                QuantType::Nf4,
+                32,
+                32,
+                96,
+                &mut out,
+                Absmax::CpuLayout(&mut bf16),
+                1
+            ),
+            Err(LayoutError::Len { .. })
         ));
     }
 
@@ -583,13 +647,32 @@ mod tests {
                         rows,
                         cols,
                         &mut out,
-                        &mut am2,
+                        Absmax::Plain(&mut am2),
                         threads,
                     )
                     .unwrap();
                     assert_eq!(out, expect, "{rows}x{cols} {qt}");
                     let bits = |a: &[f32]| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&am2), bits(&am), "{rows}x{cols} {qt}");
+                    // the scales straight into the CPU layout: the conversion's bytes
+                    let mut expect_bf16 = vec![0; 2 * n / bs];
+                    absmax_to_cpu_layout(&am, rows, cols / bs, &mut expect_bf16).unwrap();
+                    let mut out2 = vec![0xaa; n / 2];
+                    let mut bf16 = vec![0x55; 2 * n / bs];
+                    quantize_4bit_packed(
+                        &values,
+                        Dtype::BF16,
+                        qt,
+                        bs,
+                        rows,
+                        cols,
+                        &mut out2,
+                        Absmax::CpuLayout(&mut bf16),
+                        threads,
+                    )
+                    .unwrap();
+                    assert_eq!(out2, expect, "{rows}x{cols} {qt}");
+                    assert_eq!(bf16, expect_bf16, "{rows}x{cols} {qt} bf16 absmax");
                 }
             }
         }

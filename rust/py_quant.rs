@@ -112,16 +112,16 @@ pub fn quantize_4bit(
 /// The input, packed output and absmax of a 4-bit quantizer, held as buffers and
 /// checked (C-contiguous, outputs writable, none sharing memory with another), as
 /// slices to `kernel`, which runs without the GIL.
-fn with_4bit_buffers<E: Into<PyErr> + Send>(
+fn with_4bit_buffers<T: Element + Send, E: Into<PyErr> + Send>(
     py: Python<'_>,
     data: &Bound<'_, PyAny>,
     packed: &Bound<'_, PyAny>,
     absmax: &Bound<'_, PyAny>,
-    kernel: impl FnOnce(&[u8], &mut [u8], &mut [f32]) -> Result<(), E> + Send,
+    kernel: impl FnOnce(&[u8], &mut [u8], &mut [T]) -> Result<(), E> + Send,
 ) -> PyResult<()> {
     let data_buf = PyBuffer::<u8>::get(data)?;
     let packed_buf = PyBuffer::<u8>::get(packed)?;
-    let absmax_buf = PyBuffer::<f32>::get(absmax)?;
+    let absmax_buf = PyBuffer::<T>::get(absmax)?;
     let (input, input_len) = contiguous(&data_buf, "data")?;
     let (out, out_len) = writable(&packed_buf, "packed")?;
     let (am, am_len) = writable(&absmax_buf, "absmax")?;
@@ -192,7 +192,10 @@ pub fn codebook(quant_type: &str) -> PyResult<(Vec<f32>, Vec<f32>, Vec<u32>)> {
 /// Blockwise 4-bit quantization of a `[rows, cols]` weight straight into
 /// bitsandbytes' AVX512-BF16 CPU layout (see `_core.pyi`).
 #[pyfunction]
-#[pyo3(signature = (data, dtype, packed, absmax, *, rows, cols, quant_type, blocksize, threads = None))]
+#[pyo3(signature = (
+    data, dtype, packed, absmax, *, rows, cols, quant_type, blocksize, threads = None,
+    absmax_layout = false,
+))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_4bit_cpu_layout(
     py: Python<'_>,
@@ -205,15 +208,25 @@ pub fn quantize_4bit_cpu_layout(
     quant_type: &str,
     blocksize: usize,
     threads: Option<usize>,
+    absmax_layout: bool,
 ) -> PyResult<()> {
     let dtype = parse_dtype(dtype)?;
     let quant_type = parse_quant_type(quant_type)?;
     let threads = thread_count(threads);
-    with_4bit_buffers(py, data, packed, absmax, |input, out, am| {
+    let quantize = |input: &[u8], out: &mut [u8], am: cpu_layout::Absmax<'_>| {
         cpu_layout::quantize_4bit_packed(
             input, dtype, quant_type, blocksize, rows, cols, out, am, threads,
         )
-    })
+    };
+    if absmax_layout {
+        with_4bit_buffers::<u8, _>(py, data, packed, absmax, |input, out, am| {
+            quantize(input, out, cpu_layout::Absmax::CpuLayout(am))
+        })
+    } else {
+        with_4bit_buffers::<f32, _>(py, data, packed, absmax, |input, out, am| {
+            quantize(input, out, cpu_layout::Absmax::Plain(am))
+        })
+    }
 }
 
 /// [`cpu_layout::pack`] or [`cpu_layout::unpack`].

@@ -65,6 +65,8 @@ CASES = [
     (128, 64, torch.float32, "fp4", True, torch.uint8, 32),
     (64, 256, torch.bfloat16, "nf4", False, torch.bfloat16, 64),
     (64, 256, torch.bfloat16, "nf4", True, torch.float32, 256),
+    (64, 128, torch.float16, "fp4", False, torch.uint8, 32),
+    (32, 256, torch.float32, "nf4", False, torch.uint8, 128),
 ]
 
 

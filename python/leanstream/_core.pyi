@@ -363,13 +363,16 @@ def quantize_4bit_cpu_layout(
     quant_type: Literal["nf4", "fp4"],
     blocksize: int,
     threads: int | None = None,
+    absmax_layout: bool = False,
 ) -> None:
     """Blockwise 4-bit quantization of a row-major ``(rows, cols)`` weight straight into
     bitsandbytes' AVX512-BF16 CPU layout: bit-identical to :func:`quantize_4bit` followed
     by :func:`pack_4bit_cpu_layout`. ``packed`` (uint8) receives ``rows * cols // 2``
     bytes, ``absmax`` (float32) ``rows * cols // blocksize`` values in bitsandbytes' plain
-    (row-major) block order. ``rows`` must be a multiple of 32 and ``cols`` of
-    ``blocksize``; ValueError otherwise."""
+    (row-major) block order; with ``absmax_layout``, ``absmax`` (bytes) receives them as
+    :func:`absmax_to_cpu_layout` would convert them (bfloat16 ``(cols // blocksize,
+    rows)``) instead. ``rows`` must be a multiple of 32 and ``cols`` of ``blocksize``;
+    ValueError otherwise."""
 
 def pack_4bit_cpu_layout(
     src: Buffer, out: Buffer, *, rows: int, cols: int, threads: int | None = None

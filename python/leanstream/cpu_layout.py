@@ -108,9 +108,12 @@ def wanted(module: nn.Module, device: torch.device) -> bool:
 # --- the conversion --------------------------------------------------------------------
 
 
-def _to_cpu_state(state: Any, storage: torch.dtype, qshape: torch.Size) -> None:
+def _to_cpu_state(
+    state: Any, storage: torch.dtype, qshape: torch.Size, *, converted: bool = False
+) -> None:
     """Turn ``state`` (plain) into the CPU layout's, as bitsandbytes'
-    ``_convert_weight_packed_for_cpu`` does, with the same torch operations."""
+    ``_convert_weight_packed_for_cpu`` does, with the same torch operations.
+    ``converted``: its (non-nested) ``absmax`` is already the CPU layout's."""
     import bitsandbytes.functional as F
 
     if storage != torch.uint8:
@@ -118,6 +121,10 @@ def _to_cpu_state(state: Any, storage: torch.dtype, qshape: torch.Size) -> None:
     state.original_dtype = state.dtype
     state.original_nested = state.nested
     state.original_qshape = qshape
+    if converted:
+        state.dtype = torch.bfloat16
+        state.packing_format_for_cpu = True
+        return
     if state.nested:
         absmax = F.dequantize_blockwise(state.absmax, state.state2)
         absmax += state.offset
@@ -159,18 +166,25 @@ def quantize(module: nn.Module, weight: torch.Tensor, threads: int | None = None
     meta = module.weight
     rows, cols = weight.shape
     packed = host_empty((rows, cols // 2), torch.uint8)
-    absmax = host_empty(rows * cols // meta.blocksize, torch.float32)
+    # without double quantization the scales go straight to the CPU layout's bfloat16;
+    # with it they are double-quantized first, as bitsandbytes does, then converted
+    direct = not meta.compress_statistics
+    if direct:
+        absmax = torch.empty((cols // meta.blocksize, rows), dtype=torch.bfloat16)
+    else:
+        absmax = host_empty(rows * cols // meta.blocksize, torch.float32)
     source = weight.contiguous()  # held until the call returns: the buffer does not hold it
     _core.quantize_4bit_cpu_layout(
         byte_buffer(source),
         _NATIVE_DTYPES[weight.dtype],
         byte_buffer(packed),
-        byte_buffer(absmax, "f"),
+        byte_buffer(absmax) if direct else byte_buffer(absmax, "f"),
         rows=rows,
         cols=cols,
         quant_type=meta.quant_type,
         blocksize=meta.blocksize,
         threads=threads or torch.get_num_threads(),
+        absmax_layout=direct,
     )
     state = quant_state_4bit(
         absmax,
@@ -180,7 +194,8 @@ def quantize(module: nn.Module, weight: torch.Tensor, threads: int | None = None
         meta.quant_type,
         meta.compress_statistics,
     )
-    _to_cpu_state(state, meta.quant_storage, _qshape(weight.numel(), meta.quant_storage))
+    qshape = _qshape(weight.numel(), meta.quant_storage)
+    _to_cpu_state(state, meta.quant_storage, qshape, converted=direct)
     return params_4bit(module, packed, state, storage=meta.quant_storage)
 
 

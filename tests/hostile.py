@@ -5,7 +5,9 @@ written by :func:`models.write_model`, or a bitsandbytes folder saved by transfo
 ``save_pretrained`` (``nf4``, ``nf4-dq``, ``int8``). It returns what
 ``leanstream.load(folder, device="cpu", progress=False)`` must raise: the exact
 exception class, the file the message names and, where one is concerned, the tensor
-(``tests/test_hostile.py`` runs them all). Byte-level helpers are those of
+or config field (``tests/test_hostile.py`` runs them all). A damaged file the load can
+do without, as transformers does (``generation_config.json``), is a warning instead:
+the load goes on, and the warning names the file. Byte-level helpers are those of
 ``tests/test_reader_malformed.py``.
 
 To look at (or try another loader on) the whole corpus::
@@ -54,6 +56,7 @@ class Expect:
     error: type[BaseException]
     file: str  # a file (or folder) name that the message (and ``.file``) must contain
     tensor: str | None = None  # the tensor that the message (and ``.tensor``) must name
+    field: str | None = None  # the config field that the message must name
     verify: Callable[[], None] | None = None  # a check to run after the load failed
 
 
@@ -469,6 +472,84 @@ def _(folder: Path) -> Expect:
     return Expect(E.ConfigError, "config.json")
 
 
+#: JSON nested far deeper than Python's recursion limit (json.loads raises RecursionError)
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@case("config.json nested 100,000 deep")
+def _(folder: Path) -> Expect:
+    path = folder / "config.json"
+    path.write_text(path.read_text().rstrip()[:-1] + f', "deep": {DEEP}}}')
+    return Expect(E.ConfigError, "config.json")
+
+
+@case("config.json nested 150 deep (json parses it; no config nests so deep)")
+def _(folder: Path) -> Expect:
+    path = folder / "config.json"
+    path.write_text(path.read_text().rstrip()[:-1] + f', "deep": {"[" * 150}{"]" * 150}}}')
+    return Expect(E.ConfigError, "config.json")
+
+
+@case("config.json's quantization_config nested 100,000 deep", "nf4")
+def _(folder: Path) -> Expect:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["deep"] = "DEEP"
+    path.write_text(json.dumps(config).replace('"DEEP"', DEEP))
+    return Expect(E.ConfigError, "config.json")
+
+
+@case("model_index.json nested 100,000 deep", base="")
+def _(folder: Path) -> Expect:
+    (folder / "model_index.json").write_text(f'{{"_class_name": "FluxPipeline", "x": {DEEP}}}')
+    return Expect(E.ConfigError, "model_index.json")
+
+
+def generation_config(text: str) -> Callable[[Path], Expect]:
+    """A generation_config.json transformers cannot use: the load goes on with a warning,
+    as transformers' own (which falls back on the one made from config.json)."""
+
+    def damage(folder: Path) -> Expect:
+        (folder / "generation_config.json").write_text(text)
+        return Expect(UserWarning, "generation_config.json")
+
+    return damage
+
+
+case("generation_config.json not JSON")(generation_config('{"max_length": '))
+case("generation_config.json nested 100,000 deep")(generation_config(DEEP))
+case("generation_config.json a JSON array")(generation_config("[1, 2]"))
+case("generation_config.json with values transformers refuses")(
+    generation_config('{"max_new_tokens": -5}')
+)
+
+
+def quantized_fields(field: str, value: Any) -> Callable[[Path], Expect]:
+    """A leanstream field of quantization_config (the modules stored quantized) of the
+    wrong type."""
+
+    def damage(folder: Path) -> Expect:
+        path = folder / "config.json"
+        config = json.loads(path.read_text())
+        config["quantization_config"][field] = value
+        path.write_text(json.dumps(config))
+        return Expect(E.ConfigError, "config.json", field=field)
+
+    return damage
+
+
+case("leanstream_quantized_embeddings a string", "nf4")(
+    quantized_fields("leanstream_quantized_embeddings", "model.embed_tokens")
+)
+case("leanstream_quantized_experts a number", "nf4")(
+    quantized_fields("leanstream_quantized_experts", 5)
+)
+case("leanstream_quantized_lm_head a list of numbers", "nf4")(
+    quantized_fields("leanstream_quantized_lm_head", [1])
+)
+case("llm_int8_skip_modules a string", "int8")(quantized_fields("llm_int8_skip_modules", "lm_head"))
+
+
 @case("checkpoint misses a tensor the model needs")
 def _(folder: Path) -> Expect:
     edit_tensors(folder, T, None)
@@ -580,6 +661,58 @@ def _(folder: Path) -> Expect:
     return Expect(E.MismatchError, "config.json", name)
 
 
+def edit_quant_state(folder: Path, change: Callable[[dict[str, Any]], str]) -> None:
+    """Rewrite the JSON of ``W``'s 4-bit quant state as ``change(state)`` returns it."""
+    name = f"{W}.quant_state.bitsandbytes__nf4"
+    edit_tensors(folder, name, as_bytes(change(quant_state(folder, name))))
+
+
+def bad_quant_state(change: Callable[[dict[str, Any]], str]) -> Callable[[Path], Expect]:
+    def damage(folder: Path) -> Expect:
+        edit_quant_state(folder, change)
+        return Expect(E.UnsupportedCheckpointError, "config.json", W)
+
+    return damage
+
+
+case("nf4: quant_state JSON nested 100,000 deep", "nf4")(
+    bad_quant_state(lambda state: json.dumps(state)[:-1] + f', "deep": {DEEP}}}')
+)
+case("nf4-dq: quant_state nested_offset 10**400", "nf4-dq")(
+    bad_quant_state(lambda state: json.dumps({**state, "nested_offset": 10**400}))
+)
+case("nf4-dq: quant_state nested_offset NaN", "nf4-dq")(
+    bad_quant_state(lambda state: json.dumps({**state, "nested_offset": float("nan")}))
+)
+case("nf4-dq: quant_state nested_offset a string", "nf4-dq")(
+    bad_quant_state(lambda state: json.dumps({**state, "nested_offset": "nan"}))
+)
+case("nf4-dq: quant_state nested_dtype names a torch function", "nf4-dq")(
+    bad_quant_state(lambda state: json.dumps({**state, "nested_dtype": "save"}))
+)
+case("nf4: quant_state dtype names a torch function", "nf4")(
+    bad_quant_state(lambda state: json.dumps({**state, "dtype": "save"}))
+)
+
+
+def nan_in(stat: str) -> Callable[[Path], Expect]:
+    """A NaN among ``W``'s ``stat`` statistics (NaN outputs at the first forward)."""
+
+    def damage(folder: Path) -> Expect:
+        name = f"{W.removesuffix('weight')}{stat}"
+        values = load_file(shard_of(folder, name))[name].clone()
+        values[0] = float("nan")
+        edit_tensors(folder, name, values)
+        return Expect(E.UnsupportedCheckpointError, "config.json", name)
+
+    return damage
+
+
+case("nf4: absmax with a NaN", "nf4")(nan_in("weight.absmax"))
+case("nf4-dq: nested_absmax with a NaN", "nf4-dq")(nan_in("weight.nested_absmax"))
+case("int8: SCB with a NaN", "int8")(nan_in("SCB"))
+
+
 def main(out: Path) -> None:
     """Write every case to ``out/<n>-<name>/`` and what it must raise to EXPECTED.json."""
     bases = write_bases(out / "_bases")
@@ -589,7 +722,12 @@ def main(out: Path) -> None:
         if folder.exists():
             shutil.rmtree(folder)
         e = c.build(bases, folder)
-        expected[folder.name] = {"error": e.error.__name__, "file": e.file, "tensor": e.tensor}
+        expected[folder.name] = {
+            "error": e.error.__name__,
+            "file": e.file,
+            "tensor": e.tensor,
+            "field": e.field,
+        }
     (out / "EXPECTED.json").write_text(json.dumps(expected, indent=1))
     print(f"{len(CASES)} cases in {out}")
 

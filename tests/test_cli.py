@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,69 @@ def test_inspect_loads_no_weights(
     assert code == 0, err
 
 
+#: JSON nested far deeper than Python's recursion limit (json.loads raises RecursionError)
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_inspect_a_config_nested_deep_as_a_process(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """Regression: printed ``RecursionError in json``."""
+    folder = tmp_path / "deep"
+    shutil.copytree(sources["llama"], folder)
+    path = folder / "config.json"
+    path.write_text(path.read_text().rstrip()[:-1] + f', "deep": {DEEP}}}')
+    result = run("inspect", str(folder))
+    assert result.returncode == 1 and result.stdout == ""
+    line = one_error_line(result.stderr)
+    assert f"{path}: nested deeper than" in line and "RecursionError" not in line, line
+
+
+@pytest.fixture(scope="module")
+def nf4(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llama checkpoint pre-quantized to nf4 by transformers' ``save_pretrained``."""
+    from transformers import BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        sources["llama"],
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        device_map="cpu",
+    )
+    folder = tmp_path_factory.mktemp("cli-nf4")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("leanstream_quantized_embeddings", "model.embed_tokens"),  # was listed "m, o, d, e, l"
+        ("leanstream_quantized_experts", 5),
+        ("leanstream_quantized_lm_head", [1]),
+        ("llm_int8_skip_modules", "lm_head"),
+    ],
+)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_refuses_a_module_list_of_the_wrong_type(
+    nf4: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    field: str,
+    value: Any,
+    as_json: bool,
+) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(nf4, folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"][field] = value
+    path.write_text(json.dumps(config))
+    code, out, err = call(capsys, "inspect", folder, *(["--json"] if as_json else []))
+    assert code == 1 and out == ""
+    line = one_error_line(err)
+    assert f"{path}: quantization_config.{field} must be a list" in line, line
+
+
 # --- quantize ----------------------------------------------------------------------
 
 
@@ -319,16 +383,27 @@ def test_generate_without_a_tokenizer(
     assert "no tokenizer files" in one_error_line(err)
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("tokenizer.json", "{not json"),
+        ("tokenizer.json", '{"x": DEEP}'),  # was "RecursionError in json"
+        ("tokenizer_config.json", '{"x": DEEP}'),
+    ],
+)
 def test_generate_with_a_broken_tokenizer(
-    sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sources: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    text: str,
 ) -> None:
-    import shutil
-
     folder = tmp_path / "m"
     shutil.copytree(sources["llama"], folder)
-    (folder / "tokenizer.json").write_text("{not json")
+    (folder / name).write_text(text.replace("DEEP", DEEP))
     code, _, err = call(capsys, "generate", folder, "--prompt", "the", "--no-progress")
-    assert code == 1 and "tokenizer" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == 1 and f"{folder}: the tokenizer cannot be loaded" in line, line
 
 
 def test_interrupt(

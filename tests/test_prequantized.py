@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import leanstream
 from leanstream.cpu_layout import is_packed
-from models import edit_tensor, write_model
+from models import edit_tensor, make_config, stored, write_model
 
 #: (setting, architecture) pairs saved by transformers: llama (plain), gpt2 (Conv1D), opt (tied)
 # the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
@@ -266,6 +266,28 @@ def test_invalid_quant_state(saved: dict[tuple[str, str], Path], tmp_path: Path)
     with pytest.raises(leanstream.UnsupportedCheckpointError, match="statistics of") as err:
         _load(folder)
     assert err.value.tensor == "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize(
+    ("arch", "setting", "stat"), [("mixtral", "nf4", "absmax"), ("gpt_oss", "int8", "SCB")]
+)
+def test_non_finite_experts_statistics_are_refused(
+    tmp_path: Path, arch: str, setting: str, stat: str
+) -> None:
+    """Regression: a NaN among a quantized experts weight's statistics loaded (NaN
+    outputs). The linears' are in the hostile corpus (tests/hostile.py)."""
+    source = tmp_path / "src"
+    model = AutoModelForCausalLM.from_config(make_config(arch), dtype=torch.bfloat16)
+    model.save_pretrained(source)
+    quantized = _load(source, **SETTINGS[setting])
+    folder = leanstream.save(quantized, tmp_path / "q", max_shard_size="60KB", progress=False)
+    name = f"model.layers.0.mlp.experts.gate_up_proj.{stat}"
+    values = stored(folder)[name].clone()
+    values[0] = float("nan")
+    edit_tensor(folder, name, values)
+    with pytest.raises(leanstream.UnsupportedCheckpointError, match="NaN") as err:
+        _load(folder)
+    assert err.value.tensor == name and err.value.file.endswith("config.json")
 
 
 def test_neither_4bit_nor_8bit_is_refused(

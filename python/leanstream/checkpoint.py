@@ -42,6 +42,11 @@ HUB_PATTERNS = [
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 #: Largest config.json read (real ones are a few KB; a larger one is not a config).
 MAX_CONFIG_SIZE = 16 << 20
+#: Deepest nesting of arrays and objects in a JSON file leanstream reads (config.json,
+#: generation_config.json, model_index.json, a 4-bit quant state). Real ones nest a few
+#: levels; a deep one would exhaust Python's recursion limit, in ``json`` or later in
+#: transformers (``copy.deepcopy`` of the config).
+MAX_JSON_DEPTH = 100
 
 #: Single-file weights preferred over other files of the same variant (transformers', diffusers').
 _MAIN_WEIGHTS = ("model", "diffusion_pytorch_model")
@@ -242,26 +247,63 @@ def _shown(present: list[str | None]) -> str:
     return ", ".join("no variant" if v is None else repr(v) for v in present)
 
 
-def read_config_dict(folder: Path) -> dict[str, Any]:
-    """Parse ``config.json`` strictly: it must exist and be a JSON object with a
-    ``model_type`` (transformers) or, without one, a ``_class_name`` (a diffusers
-    component, e.g. ``FluxTransformer2DModel``)."""
-    path = folder / "config.json"
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads(text)``, refusing nesting deeper than :data:`MAX_JSON_DEPTH`; any
+    failure is a ``ValueError`` saying what is wrong (for the caller to name the file)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8: {err}") from err
+    if _deeper_than(data, MAX_JSON_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether ``data``'s lists and dicts nest more than ``limit`` levels (no recursion)."""
+    stack = [(data, 1)] if isinstance(data, dict | list) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    return False
+
+
+def read_json(path: Path, *, max_size: int = MAX_CONFIG_SIZE) -> Any:
+    """Read and parse the JSON file ``path`` (see :func:`parse_json`); a file that is
+    missing, not a regular file (a FIFO would block the read, a device never end it),
+    larger than ``max_size`` bytes, unreadable or invalid is a :class:`ConfigError`
+    naming it."""
     if path.exists() and not path.is_file():
-        # a FIFO would block the read, a device (/dev/zero) never end it
         raise ConfigError(f"{path}: not a regular file")
     try:
-        if path.stat().st_size > MAX_CONFIG_SIZE:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_SIZE} bytes: not a config")
+        if path.stat().st_size > max_size:
+            raise ConfigError(f"{path}: larger than {max_size} bytes: not a config")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: missing; a checkpoint folder needs its config.json") from None
+        raise ConfigError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: unreadable: {err}") from err
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: invalid JSON: {err}") from err
+        return parse_json(text)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def read_config_dict(folder: Path) -> dict[str, Any]:
+    """Parse ``config.json`` strictly (:func:`read_json`): it must exist and be a JSON
+    object with a ``model_type`` (transformers) or, without one, a ``_class_name`` (a
+    diffusers component, e.g. ``FluxTransformer2DModel``)."""
+    path = folder / "config.json"
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{path}: missing; a checkpoint folder needs its config.json")
+    data = read_json(path)
     if not isinstance(data, dict) or not (
         isinstance(data.get("model_type"), str)
         or ("model_type" not in data and isinstance(data.get("_class_name"), str))
@@ -288,9 +330,12 @@ def load_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
 
 __all__ = [
     "HUB_PATTERNS",
+    "MAX_JSON_DEPTH",
     "check_weights_format",
     "load_config",
+    "parse_json",
     "read_config_dict",
+    "read_json",
     "resolve",
     "variants",
     "weight_files",

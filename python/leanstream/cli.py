@@ -634,7 +634,7 @@ def inspect_checkpoint(
         "model_type": getattr(config, "model_type", None),
         "class_name": diffusers_class.__name__ if diffusers_class is not None else None,
         "dtype": str(model_dtype).removeprefix("torch."),
-        "quantization": describe(quant) if quant is not None else None,
+        "quantization": None if quant is None else describe(quant, str(folder / "config.json")),
         "shards": shards,
         "tensors": tensors,
         "tensor_bytes": tensor_bytes,
@@ -1031,7 +1031,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise ConfigError(f"{folder}: the tokenizer cannot be loaded: {err}") from err
     bits = None if args.bits == "16" else args.bits if args.bits == "auto" else int(args.bits)
     options = {**_load_options(args, bits), "subfolder": None}  # resolved

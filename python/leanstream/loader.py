@@ -26,11 +26,11 @@ import ctypes
 import dataclasses
 import functools
 import gc
-import json
 import os
 import re
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ from .checkpoint import (
     check_weights_format,
     load_config,
     read_config_dict,
+    read_json,
     resolve,
     weight_files,
 )
@@ -1125,10 +1126,7 @@ def _refuse_pipeline_folder(folder: Path) -> None:
     index = folder / "model_index.json"
     if (folder / "config.json").exists() or not index.is_file():
         return
-    try:
-        entries = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{index}: unreadable: {err}") from err
+    entries = read_json(index)
     components = sorted(
         name
         for name, value in (entries.items() if isinstance(entries, dict) else [])
@@ -1189,10 +1187,30 @@ def _saved_quantization(folder: Path) -> Any:
 
 
 def _load_generation_config(model: Any, folder: Path) -> None:
-    if (folder / "generation_config.json").is_file():
-        from transformers import GenerationConfig
+    """``folder``'s ``generation_config.json`` as ``model.generation_config``. One that
+    cannot be used is a warning naming it, and the model keeps the generation config
+    made from ``config.json``: what transformers' ``from_pretrained`` falls back on
+    (``GenerationMixin.adjust_generation_fn``), a damaged file there is no reason to
+    refuse the weights."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return
+    from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+    try:
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: not a JSON object")
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except Exception as err:  # whatever a hostile value makes transformers raise
+            raise ConfigError(f"{path}: {type(err).__name__}: {err}") from err
+    except ConfigError as err:
+        warnings.warn(
+            f"{err}; ignored: the model keeps the generation config made from config.json",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 __all__ = ["KeyMap", "likely_order", "load", "load_into"]

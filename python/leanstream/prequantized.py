@@ -36,6 +36,7 @@ before ``save_pretrained``; it is put back in order (:func:`_unpack_cpu_absmax`)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from . import cpu_layout
+from .checkpoint import parse_json
 from .errors import ConfigError, MismatchError, UnsupportedCheckpointError, checkpoint_error
 from .quantize import QuantSpec, default_skip_modules, params_4bit
 from .save import LEANSTREAM_METHOD, leanstream_extras
@@ -65,6 +67,15 @@ STATS_8BIT = ("SCB", "weight_format")
 STATS_EXPERTS_4BIT = tuple(s.removeprefix("weight.") for s in STATS_4BIT)
 QUANT_STATE_EXPERTS = tuple(s.removeprefix("weight.") for s in QUANT_STATE_4BIT)
 STATS_EXPERTS_8BIT = ("SCB",)
+#: Fields of ``quantization_config`` that list module names: transformers'
+#: (``BitsAndBytesConfig`` refuses anything but a list) and leanstream's own (see
+#: :func:`leanstream.save`).
+MODULE_LISTS = (
+    "llm_int8_skip_modules",
+    "leanstream_quantized_embeddings",
+    "leanstream_quantized_lm_head",
+    "leanstream_quantized_experts",
+)
 
 _DEFAULT = QuantSpec()
 
@@ -79,11 +90,26 @@ def quantization_dict(config: Any) -> dict[str, Any] | None:
     return {"quant_method": str(getattr(quant, "quant_method", type(quant).__name__))}
 
 
-def describe(quant: Mapping[str, Any]) -> str:
-    """``"bitsandbytes 4-bit nf4, double quant"``, ``"bitsandbytes 8-bit"``, ``"awq"``..."""
+def check_module_lists(quant: Mapping[str, Any], config_file: str) -> None:
+    """Refuse a ``quantization_config`` whose :data:`MODULE_LISTS` fields are not lists
+    of module names (strings): :class:`ConfigError` naming ``config_file`` and the field."""
+    for field in MODULE_LISTS:
+        value = quant.get(field)
+        if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            continue
+        raise ConfigError(
+            f"{config_file}: quantization_config.{field} must be a list of module names "
+            f"(strings), got {_short(value)}"
+        )
+
+
+def describe(quant: Mapping[str, Any], config_file: str = "config.json") -> str:
+    """``"bitsandbytes 4-bit nf4, double quant"``, ``"bitsandbytes 8-bit"``, ``"awq"``...
+    (:func:`check_module_lists` first: ``config_file`` names the config in its error)."""
     method = str(quant.get("quant_method", "unknown method"))
     if method not in ("bitsandbytes", LEANSTREAM_METHOD):
         return method
+    check_module_lists(quant, config_file)
     extra = leanstream_extras(quant)
     more = ""
     if extra:
@@ -142,7 +168,7 @@ class Prequantized:
         """
         path = str(folder / "config.json")
         quant = quantization_dict(config) or {}
-        what = describe(quant)
+        what = describe(quant, path)
         if quant.get("quant_method") not in ("bitsandbytes", LEANSTREAM_METHOD) or not (
             quant.get("load_in_4bit") or quant.get("load_in_8bit")
         ):
@@ -398,6 +424,7 @@ class Prequantized:
                     file=self.config_file,
                     tensor=scb_name,
                 )
+            _check_finite(self.config_file, scb_name, scb)
             param = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
             param.CB = param.data
             (param.SCB,) = to_device_at_once([scb], device)
@@ -463,25 +490,36 @@ class Prequantized:
                     file=self.config_file,
                     tensor=scb_name,
                 )
+            _check_finite(self.config_file, scb_name, scb)
             (scb,) = to_device_at_once([scb], device)
             param = QuantizedExperts.eight_bit(data, scb, dtype)
         module._parameters[attr] = param
 
     def _quant_state(self, name: str, stats: Mapping[str, torch.Tensor]) -> Any:
         """The host ``QuantState`` of 4-bit statistics (what ``Params4bit.from_prequantized``
-        builds); :class:`UnsupportedCheckpointError` naming ``name`` if malformed."""
+        builds); :class:`UnsupportedCheckpointError` naming ``name`` if malformed. The
+        packed JSON is parsed here (:func:`_unpack_quant_state`), not by bitsandbytes."""
         import bitsandbytes.functional as F
 
-        try:
-            return F.QuantState.from_dict(qs_dict=dict(stats), device=torch.device("cpu"))
-        except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as err:
-            raise checkpoint_error(
+        def invalid(what: str) -> UnsupportedCheckpointError:
+            return checkpoint_error(
                 UnsupportedCheckpointError,
-                f"{self.config_file}: the quantization statistics of {name!r} are invalid "
-                f"({type(err).__name__}: {err})",
+                f"{self.config_file}: the quantization statistics of {name!r} are invalid ({what})",
                 file=self.config_file,
                 tensor=name,
-            ) from err
+            )
+
+        items: dict[str, Any] = dict(stats)
+        packed = [key for key in items if "quant_state" in key]
+        if len(packed) == 1:  # else QuantState.from_dict says what is wrong
+            try:
+                items.update(_unpack_quant_state(items.pop(packed[0])))
+            except ValueError as err:
+                raise invalid(f"{packed[0]}: {err}") from err
+        try:
+            return F.QuantState.from_dict(qs_dict=items, device=torch.device("cpu"))
+        except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as err:
+            raise invalid(f"{type(err).__name__}: {err}") from err
 
     def _check_blocksize(self, name: str, state: Any) -> None:
         asked = self.spec.blocksize
@@ -530,7 +568,9 @@ def _state_to(state: Any, device: torch.device) -> None:
 def _check_4bit(config_file: str, name: str, state: Any, *, rank: int = 2) -> None:
     """Refuse 4-bit statistics that bitsandbytes would accept but read out of bounds
     (or misread) at the first matmul: every length follows from the shape and block
-    sizes, and the values' types from the format (``QuantState.from_dict`` checks none).
+    sizes, and the values' types from the format (``QuantState.from_dict`` checks none);
+    no floating-point statistic holds a NaN or an infinity (NaN outputs). The JSON's
+    dtypes and ``nested_offset`` were checked by :func:`_unpack_quant_state`.
     ``rank``: 2 for a linear's or embedding's weight, 3 for an experts weight."""
 
     def invalid(what: str) -> UnsupportedCheckpointError:
@@ -548,8 +588,6 @@ def _check_4bit(config_file: str, name: str, state: Any, *, rank: int = 2) -> No
 
     if state.quant_type not in ("nf4", "fp4"):
         raise invalid(f"quant_type {state.quant_type!r} is neither 'nf4' nor 'fp4'")
-    if not state.dtype.is_floating_point:
-        raise invalid(f"dtype {state.dtype} is not a floating-point dtype")
     shape = tuple(state.shape or ())
     if len(shape) != rank or not all(isinstance(d, int) and d > 0 for d in shape):
         raise invalid(f"shape {list(shape)} is not {rank} positive sizes")
@@ -581,6 +619,57 @@ def _check_4bit(config_file: str, name: str, state: Any, *, rank: int = 2) -> No
     for key, tensor, _, dtype in expected:
         if tensor.dtype != dtype:
             raise invalid(f"{key} is {tensor.dtype}, not {dtype}")
+        if tensor.is_floating_point():
+            _check_finite(config_file, key, tensor)
+
+
+def _unpack_quant_state(packed: torch.Tensor) -> dict[str, Any]:
+    """The JSON of a 4-bit weight's packed quant state (``quant_state.bitsandbytes__nf4``,
+    what bitsandbytes' ``unpack_tensor_to_dict`` reads), parsed with leanstream's limits
+    (:func:`~leanstream.checkpoint.parse_json`), with the values ``QuantState.from_dict``
+    converts unchecked checked first: ``dtype`` and ``nested_dtype`` (``getattr(torch,
+    ...)``) name floating-point dtypes, ``nested_offset`` (``float(...)``) is a finite
+    number. ``ValueError`` saying what is wrong."""
+    raw = packed.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    items = parse_json(raw)
+    if not isinstance(items, dict):
+        raise ValueError("not a JSON object")
+    for key in ("dtype", "nested_dtype"):
+        value = items.get(key)
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        if key in items and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            shown = dtype if isinstance(dtype, torch.dtype) else _short(value)
+            raise ValueError(f"{key} {shown} is not a floating-point torch dtype")
+    if "nested_offset" in items and not _finite(items["nested_offset"]):
+        raise ValueError(f"nested_offset {_short(items['nested_offset'])} is not a finite number")
+    return items
+
+
+def _finite(value: Any) -> bool:
+    """Whether a JSON value is a finite number (``10**400`` is not: no float holds it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_finite(config_file: str, key: str, tensor: torch.Tensor) -> None:
+    """Refuse floating-point statistics with a NaN or an infinity (NaN outputs at the
+    first forward): :class:`UnsupportedCheckpointError` naming ``key``."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise checkpoint_error(
+            UnsupportedCheckpointError,
+            f"{config_file}: {key!r} holds NaN or infinite values",
+            file=config_file,
+            tensor=key,
+        )
 
 
 def _unpack_cpu_absmax(state: Any) -> None:

@@ -342,14 +342,15 @@ def test_failure_mid_save_leaves_the_previous_folder_intact(
         real(tensors, path)
 
     monkeypatch.setattr(save_module, "_write_shard", fail_on_second)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(leanstream.CheckpointError, match="simulated") as info:
         _save(_load(sources["llama"], "int8"), folder, max_shard_size="100KB")
+    assert isinstance(info.value.__cause__, OSError)  # the operating system's, as the cause
     # shards went to a hidden folder inside the target, named like no weight file
     assert calls[0].parent.parent == folder and calls[0].parent.name.startswith(".leanstream-")
     assert _files(folder) == before
     assert assert_same_weights(model, leanstream.load(folder, device="cpu", progress=False))
     # a new target: nothing at all is left behind
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(leanstream.CheckpointError, match="simulated"):
         calls.clear()
         _save(model, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -386,7 +387,7 @@ def test_failure_while_renaming_undoes_the_renames_done(
         monkeypatch.setattr(save_module, "_rename", fail_at)
         try:
             _save(int8, folder, max_shard_size="100KB")
-        except (KeyboardInterrupt, OSError):
+        except (KeyboardInterrupt, leanstream.CheckpointError):
             assert _files(folder) == before, f"failed at rename {failed_at}: {renames}"
             continue
         break

@@ -313,6 +313,7 @@ def load(
     )
     if family(model) == "transformers":
         _load_generation_config(model, folder)
+    _record_source(model, folder)
     return model
 
 
@@ -451,7 +452,7 @@ def load_into(
 
         return make, _saved_quantization(folder)
 
-    return _run(
+    loaded = _run(
         folder,
         weights,
         build,
@@ -464,6 +465,8 @@ def load_into(
         ignore_unexpected=ignore_unexpected,
         placing=_placing(chosen, max_memory),
     )
+    _record_source(loaded, folder)
+    return loaded
 
 
 def _placing(chosen: dict[str, Any], max_memory: dict[Any, int | str] | None) -> Placing | None:
@@ -1118,6 +1121,13 @@ def _as_dtype(value: torch.dtype | str, what: str) -> torch.dtype:
     if not isinstance(result, torch.dtype) or not result.is_floating_point:
         raise ConfigError(f"{what} must be a floating-point torch dtype, got {value!r}")
     return result
+
+
+def _record_source(model: nn.Module, folder: Path) -> None:
+    """Remember the folder the weights were read from (``_leanstream_source``), so that
+    :func:`leanstream.save` refuses to write over it whatever ``config.name_or_path``
+    says by then."""
+    model._leanstream_source = folder.resolve()
 
 
 def _refuse_pipeline_folder(folder: Path) -> None:

@@ -7,7 +7,9 @@ model: safetensors shards whose keys are bitsandbytes' own serialization
 LLM.int8: ``weight``, ``SCB``, ``weight_format``), tied weights stored once,
 ``model.safetensors.index.json`` when there are several shards, ``config.json``
 with a ``quantization_config``, ``generation_config.json``, and the tokenizer
-files of the folder the model was loaded from.
+files of the folder the model was loaded from: by name (:data:`TOKENIZER_PATTERNS`),
+regular files inside that folder only (a hub snapshot's links into its repo's
+``blobs/`` included), never what a link points to elsewhere (:func:`_tokenizer_candidates`).
 
 Quantized embeddings, lm_head and mixture-of-experts weights, which transformers
 cannot load, make it leanstream's format: ``quant_method: "leanstream"`` and the
@@ -21,7 +23,8 @@ cloned hub repo, a previous save) replaces the files it writes and removes only
 stale weight files of its own naming; ``.git``, ``README.md``, ``LICENSE`` and
 everything else stay as they were. Each file is written under a temporary name,
 synced, and renamed into place only once all of them are complete, so a failure
-leaves the previous content whole. Streamed: tensors are copied to the CPU one
+leaves the previous content whole (:func:`_commit`: undone by renames, with or
+without hard links). Streamed: tensors are copied to the CPU one
 shard at a time.
 """
 
@@ -29,31 +32,66 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import json
 import os
 import re
 import shutil
+import stat
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import cpu_layout
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, checkpoint_error
 from .progress import byte_progress
 
-#: Files copied from the source folder along with the weights (tokenizer and chat template).
+#: The tokenizer (and chat template) files copied from the source folder along with the
+#: weights, by name (``fnmatch``, case-sensitive): those transformers' tokenizers read and
+#: write (``PreTrainedTokenizerBase.from_pretrained``/``save_pretrained``: ``tokenizer.json``,
+#: ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json``,
+#: ``chat_template.jinja``/``.json``; the tokenizer classes' ``VOCAB_FILES_NAMES``, all of
+#: them as of transformers 5), mistral-common's (``tekken.json``, ``tokenizer.model.v3``)
+#: and tiktoken vocabularies. A file named otherwise is never copied.
 TOKENIZER_PATTERNS = (
-    "tokenizer*",
-    "*.model",
-    "*.tiktoken",
+    "tokenizer.json",
+    "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    # VOCAB_FILES_NAMES
     "vocab.json",
-    "vocab.txt",
     "merges.txt",
-    "chat_template.*",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "sentencepiece.model",
+    "spm.model",
+    "spm_char.model",
+    "source.spm",
+    "target.spm",
+    "bpe.codes",
+    "dict.txt",
+    "entity_vocab.json",
+    "vocab-src.json",
+    "vocab-tgt.json",
+    "target_vocab.json",
+    "emoji.json",
+    "normalizer.json",
+    "byte_maps.json",
+    "word_shape.json",
+    "word_pronunciation.json",
+    "prophetnet.tokenizer",
+    # mistral-common, tiktoken
+    "tekken.json",
+    "tokenizer.model.v*",
+    "tiktoken.model",
+    "*.tiktoken",
 )
 
 
@@ -82,7 +120,15 @@ def save(
             keeps every file this save does not write (see *Existing folders*).
         max_shard_size: largest shard, in bytes or as ``"4GB"``, ``"500MB"``.
         tokenizer_from: folder whose tokenizer files are copied; default: the folder
-            the model was loaded from (``model.config.name_or_path``), when it exists.
+            the model was loaded from (the one :func:`leanstream.load` read, else
+            ``model.config.name_or_path``), when it exists. Copied: the files named as
+            transformers' tokenizers name theirs (:data:`TOKENIZER_PATTERNS`:
+            ``tokenizer.json``, ``tokenizer_config.json``, ``tokenizer.model``,
+            ``vocab.json``, ``merges.txt``, ``chat_template.jinja`` ...), each a regular
+            file inside that folder, or a link to one (in a hub cache snapshot: to its
+            repo's ``blobs/``); a tokenizer-named link to a file outside the folder
+            (``tokenizer.model -> /proc/self/environ``), a FIFO or a folder is not copied,
+            and a ``UserWarning`` names it and says why.
         progress: show a progress bar (bytes written).
 
     Existing folders, as ``save_pretrained`` treats them:
@@ -100,15 +146,23 @@ def save(
       of other names, a stale ``generation_config.json``.
     * Order: every file is first written completely, and synced, into a hidden
       ``.leanstream-tmp-*`` folder inside ``folder``; then each is renamed over its
-      name (an atomic replace; readers see the old file or the new one), shards
-      first, then the index, then stale weights are moved out, then ``config.json``,
-      ``generation_config.json`` and the tokenizer files. A failure or Ctrl-C at any
-      point, renames included, leaves the previous content as it was (the renames
-      done are undone: a replaced file is kept as a hard link until the end, on file
-      systems that have them); a killed process may leave the hidden folder, holding
-      the new files and, during the renames, the previous ones (recoverable).
+      name, shards first, then the index, then stale weights are moved out, then
+      ``config.json``, ``generation_config.json`` and the tokenizer files. A replaced
+      file is kept in the hidden folder until the end: as a hard link where the file
+      system has them (the replace is then one atomic rename: readers see the old file
+      or the new one), else moved there by a rename just before the new file's (for
+      that moment the name is missing). A failure or Ctrl-C at any point, renames
+      included, puts the previous files back, on every file system (each step is a
+      rename, undone by a rename); a killed process may leave the hidden folder,
+      holding the new files and, during the renames, the previous ones in
+      ``.previous/`` (recoverable).
+    * Errors: a folder that cannot be created (under a file, no permission) raises
+      :class:`ConfigError`; a write that fails (a full disk, an I/O error) a
+      :class:`CheckpointError` naming the file (``.file``) and the cause (the
+      ``OSError`` or safetensors' error as its ``__cause__``), the folder as it was.
     * Refused (:class:`ConfigError`), the folder untouched: the folder the model was
-      loaded from (``model.config.name_or_path``, compared with ``os.path.samefile``),
+      loaded from (the one :func:`leanstream.load` read, and ``model.config.name_or_path``,
+      compared with ``os.path.samefile``),
       even though a leanstream model no longer reads it, because the save would
       replace the source checkpoint (its ``config.json`` and weights); a folder whose
       files the model's tensors are still memory-mapped from (a transformers model
@@ -144,39 +198,70 @@ def save(
     split = _split(state, max_shard_size, names)
 
     created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"{target}: cannot create this folder ({err.strerror or err}); "
+            "choose a folder to save into"
+        ) from err
     tmp = target / f".leanstream-tmp-{uuid.uuid4().hex[:12]}"
     try:
         tmp.mkdir()
-        _write_shards(state, split, tmp, model, progress, target.name, names)
+        _write_shards(state, split, tmp, model, progress, target, names)
         write_config(tmp)
         if getattr(model, "generation_config", None) is not None and _can_generate(model):
             model.generation_config.save_pretrained(tmp)
         if tokenizer_source is not None:
             _copy_tokenizer(tokenizer_source, tmp)
         _commit(tmp, target, set(split.filename_to_tensors), names)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # only this save's files (and undone backups)
         if created:
             with contextlib.suppress(OSError):
                 target.rmdir()  # only if empty
+        if isinstance(err, OSError):  # a full disk, an I/O error, a read-only folder
+            raise _write_error(target, err) from err
         raise
     shutil.rmtree(tmp, ignore_errors=True)  # the replaced and stale files moved aside
     return target
 
 
+def _write_error(target: Path, err: BaseException, file: Path | None = None) -> CheckpointError:
+    """A :class:`CheckpointError` for a write that failed (``.file``: the file written,
+    else ``target``); the save has put the folder back as it was."""
+    if file is None and isinstance(err, OSError) and err.filename:
+        file = Path(os.fsdecode(err.filename))
+    cause = (err.strerror if isinstance(err, OSError) else None) or str(err) or type(err).__name__
+    where = f" writing {file.name}" if file is not None else ""
+    return checkpoint_error(
+        CheckpointError,
+        f"{target}: the save failed{where}: {cause}; the folder was left as it was before the save",
+        file=str(file if file is not None else target),
+    )
+
+
 def _check_target(target: Path, model: Any) -> None:
     if not target.exists():
+        # the first part of the path that exists must be a folder to create it in
+        existing = target.parent
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(
+                f"{target}: cannot create this folder: {existing} is not a folder; "
+                "choose a folder to save into"
+            )
         return
     if not target.is_dir():
         raise ConfigError(f"{target}: exists and is not a folder; choose a folder to save into")
-    source = _source_folder(model)
-    if source is not None and os.path.samefile(source, target):
-        raise ConfigError(
-            f"{target}: the model was loaded from this folder ({source}); saving would "
-            "replace the checkpoint it came from (its config.json and weights). "
-            "Save to another folder"
-        )
+    for source in _source_folders(model):
+        if os.path.samefile(source, target):
+            raise ConfigError(
+                f"{target}: the model was loaded from this folder ({source}); saving would "
+                "replace the checkpoint it came from (its config.json and weights). "
+                "Save to another folder"
+            )
     mapped = _mapped_files(model, target)
     if mapped:
         raise ConfigError(
@@ -198,15 +283,21 @@ def _check_target(target: Path, model: Any) -> None:
         )
 
 
-def _source_folder(model: Any) -> Path | None:
-    """The local folder the model was loaded from, if it still exists."""
+def _source_folders(model: Any) -> list[Path]:
+    """The local folders the model was loaded from that still exist: the one the loader
+    read (``model._leanstream_source``, recorded by :func:`leanstream.load` and
+    ``load_into``), then the one its config names (``name_or_path``, which anyone can
+    change, and which is all a transformers model has)."""
     config = getattr(model, "config", None)
     # transformers' name_or_path; diffusers' _name_or_path
     name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
-    if not name:
-        return None
-    path = Path(name).expanduser()
-    return path if path.is_dir() else None
+    found = []
+    for where in (getattr(model, "_leanstream_source", None), name):
+        if where:
+            path = Path(where).expanduser()
+            if path.is_dir():
+                found.append(path)
+    return found
 
 
 def _mapped_files(model: Any, folder: Path) -> list[str]:
@@ -520,17 +611,22 @@ def _write_shards(
     tmp: Path,
     model: Any,
     progress: bool,
-    label: str,
+    target: Path,
     names: _Names,
 ) -> None:
     """Write each shard in turn; only one shard's CPU copies exist at a time."""
+    from safetensors import SafetensorError
+
     with byte_progress(
-        split.metadata["total_size"], f"leanstream save {label}", enabled=progress
+        split.metadata["total_size"], f"leanstream save {target.name}", enabled=progress
     ) as bar:
         for filename, keys in split.filename_to_tensors.items():
             shard = {key: _to_cpu(state.pop(key)) for key in keys}
             nbytes = sum(t.numel() * t.element_size() for t in shard.values())
-            _write_shard(shard, tmp / filename)
+            try:
+                _write_shard(shard, tmp / filename)
+            except (OSError, SafetensorError) as err:  # safetensors': "I/O error: No space ..."
+                raise _write_error(target, err, target / filename) from err
             del shard
             bar.update(nbytes)
     if split.is_sharded:
@@ -566,32 +662,104 @@ def _tokenizer_source(model: Any, tokenizer_from: str | os.PathLike[str] | None)
         if not source.is_dir():
             raise ConfigError(f"tokenizer_from={os.fspath(tokenizer_from)!r}: no such folder")
         return source
-    name = getattr(getattr(model, "config", None), "name_or_path", None)
-    if name and Path(name).is_dir():
-        return Path(name)
-    return None
+    sources = _source_folders(model)
+    return sources[0] if sources else None
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
-    """The tokenizer (and chat template) files of ``folder``, as :func:`save` copies them."""
-    found: dict[str, Path] = {}
-    for pattern in TOKENIZER_PATTERNS:
-        for path in folder.glob(pattern):
-            if path.is_file() and not path.name.endswith((".safetensors", ".index.json")):
-                found[path.name] = path
-    return [found[name] for name in sorted(found)]
+    """The tokenizer (and chat template) files of ``folder``, as :func:`save` copies them:
+    named as in :data:`TOKENIZER_PATTERNS`, regular files, in ``folder`` (see
+    :func:`_tokenizer_candidates`)."""
+    return [path for path, _ in _tokenizer_candidates(folder)[0]]
+
+
+def _tokenizer_candidates(folder: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """``([(file, what to read)], [(file, why not)])`` for the tokenizer-named entries of
+    ``folder``.
+
+    A file is read where it resolves (``os.path.realpath``): only a regular file inside
+    ``folder`` (a symlink to another of its files is the folder's own content, read by
+    transformers too) or, for a hub snapshot (``.../models--org--name/snapshots/<rev>/``),
+    in that repo's ``blobs/``, where the hub cache keeps every file. Never one outside
+    (``tokenizer.model -> /proc/self/environ``, ``-> ~/.ssh/id_rsa``): a downloaded folder
+    must not make the save copy the user's files into a checkpoint that may be uploaded.
+    Not a FIFO, device or folder either (reading a FIFO would block the save).
+    """
+    home = os.path.realpath(folder)
+    roots = [home]
+    parts = Path(home).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            roots.append(os.path.join(*parts[:i], "blobs"))
+            break
+    take: list[tuple[Path, str]] = []
+    skip: list[tuple[Path, str]] = []
+    for name in sorted(os.listdir(folder)):
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in TOKENIZER_PATTERNS):
+            continue
+        path = folder / name
+        real = os.path.realpath(path)
+        if not any(os.path.commonpath([real, root]) == root != real for root in roots):
+            skip.append((path, f"it links to {real}, outside the folder"))
+            continue
+        try:
+            regular = stat.S_ISREG(os.stat(real).st_mode)
+        except OSError:
+            regular = False
+        if regular:
+            take.append((path, real))
+        else:
+            skip.append((path, "not a regular file"))
+    return take, skip
 
 
 def _copy_tokenizer(source: Path, tmp: Path) -> None:
-    for path in tokenizer_files(source):
-        if not (tmp / path.name).exists():
-            shutil.copyfile(path, tmp / path.name)  # follows hub-cache symlinks
+    """Copy :func:`tokenizer_files` of ``source`` into ``tmp``, and warn, naming each,
+    about the tokenizer-named files that are not copied (see
+    :func:`_tokenizer_candidates`)."""
+    take, skip = _tokenizer_candidates(source)
+    for path, real in take:
+        if (tmp / path.name).exists():
+            continue
+        # the resolved path, opened without following a link, checked again once open:
+        # what was checked is what is read
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(real, flags)
+        except OSError as err:
+            skip.append((path, f"cannot be read ({err.strerror or err})"))
+            continue
+        with os.fdopen(fd, "rb") as reader:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                skip.append((path, "not a regular file"))
+                continue
+            with open(tmp / path.name, "xb") as writer:
+                shutil.copyfileobj(reader, writer)
+    for path, why in skip:
+        warnings.warn(
+            f"{path}: not copied with the tokenizer files: {why}", UserWarning, stacklevel=3
+        )
 
 
 def _commit(tmp: Path, target: Path, shards: set[str], names: _Names = _TRANSFORMERS) -> None:
-    """Rename the complete files of ``tmp`` into ``target`` and move its stale weight
-    files aside into ``tmp`` (see :func:`save`, *Order*); undo every step on failure."""
+    """Move the complete files of ``tmp`` into ``target`` and its stale weight files aside
+    into ``tmp/.previous`` (see :func:`save`, *Order*); undo every step on failure.
+
+    A file replaced is kept in ``.previous`` (same file system) until the end: as a hard
+    link where the file system has them, so that the new file replaces it in one rename
+    (readers see the old file or the new one); elsewhere it is moved there by a rename
+    first (then, until the next rename, the name is missing). Either way every step is a
+    rename that a rename undoes, and each undo is recorded before its step: an interrupt
+    right after a step cannot leave it done but unrecorded (undoing a step not taken fails,
+    harmlessly: its file is not there).
+    """
     written = sorted(p.name for p in tmp.iterdir())
+    in_the_way = [n for n in written if (target / n).is_dir() and not (target / n).is_symlink()]
+    if in_the_way:
+        raise ConfigError(
+            f"{target / in_the_way[0]}: a folder has the name of a file the save writes; "
+            "move it, or save to another folder"
+        )
     for name in written:
         _fsync(tmp / name)
     stale = [
@@ -604,34 +772,40 @@ def _commit(tmp: Path, target: Path, shards: set[str], names: _Names = _TRANSFOR
     aside = tmp / ".previous"  # replaced and stale files, until the end (or an undo)
     aside.mkdir()
     weights = [n for n in written if n in shards] + [n for n in written if n == names.index]
-    steps = [
-        *((tmp / n, target / n) for n in weights),
-        *((target / n, aside / n) for n in stale),
-        *((tmp / n, target / n) for n in written if n not in weights),
-    ]
-    undo: list[tuple[Path, Path]] = []  # (move this, back to here)
+    undo: list[tuple[Path, Path]] = []  # (move this, back to here), recorded first
+    name = ""
     try:
-        for source, dest in steps:
-            if dest.parent != target:  # a stale file moved aside
-                _rename(source, dest)
-                undo.append((dest, source))
-            elif dest.exists() or dest.is_symlink():  # replaced: keep the old one linked
-                try:
-                    os.link(dest, aside / dest.name, follow_symlinks=False)
-                    undo.append((aside / dest.name, dest))
-                except OSError:
-                    pass  # no hard links on this file system: this replace cannot be undone
-                _rename(source, dest)
-            else:
-                _rename(source, dest)
-                undo.append((dest, source))
-    except BaseException:
+        for name in weights:
+            _move_in(tmp / name, target / name, aside / name, undo)
+        for name in stale:
+            undo.append((aside / name, target / name))
+            _rename(target / name, aside / name)
+        for name in written:
+            if name not in weights:
+                _move_in(tmp / name, target / name, aside / name, undo)
+    except BaseException as err:
         for what, where in reversed(undo):
             with contextlib.suppress(OSError):
                 _rename(what, where)
+        if isinstance(err, OSError):
+            raise _write_error(target, err, target / name) from err
         raise
     with contextlib.suppress(OSError):  # some file systems cannot sync a folder
         _fsync(target)
+
+
+def _move_in(new: Path, dest: Path, keep: Path, undo: list[tuple[Path, Path]]) -> None:
+    """Rename ``new`` to ``dest``, keeping a previous ``dest`` as ``keep`` (see
+    :func:`_commit`)."""
+    if os.path.lexists(dest):
+        undo.append((keep, dest))
+        try:
+            os.link(dest, keep, follow_symlinks=False)
+        except OSError:  # no hard links on this file system: moved aside instead
+            _rename(dest, keep)
+    else:
+        undo.append((dest, new))
+    _rename(new, dest)
 
 
 def _rename(source: Path, dest: Path) -> None:

@@ -13,6 +13,12 @@
 //! tensor (a polyglot file hides its second payload there), every empty tensor
 //! at a boundary between two tensors.
 //!
+//! Errors never show the file's bytes until they are known to be a
+//! safetensors header (a plausible length, then a JSON object): the file may
+//! be anything a model folder links to, a file of secrets included. So an
+//! impossible header length is not printed, and a JSON error gives a position,
+//! not text. Past that point errors name the tensor, as everywhere.
+//!
 //! Pure Rust, no pyo3: `cargo test --no-default-features` covers it.
 
 use crate::error::{Error, ErrorKind, Result};
@@ -179,15 +185,18 @@ pub fn parse(file: &[u8]) -> Result<Header> {
     len_bytes.copy_from_slice(prefix);
     let n = u64::from_le_bytes(len_bytes);
     if n > MAX_HEADER_SIZE {
+        // Not shown: such a "length" is usually the first 8 bytes of some
+        // other file (8 characters of a text file read as a number).
         return Err(Error::new(
             ErrorKind::HeaderTooLarge,
             format!(
-                "header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit: \
-                 not a safetensors file, or corrupt"
+                "the 8-byte header length this file starts with is impossible (larger than \
+                 the {MAX_HEADER_SIZE}-byte limit): not a safetensors file, or corrupt"
             ),
         ));
     }
-    // n <= 1e8, so 8 + n cannot overflow.
+    // n <= 1e8, so 8 + n cannot overflow. A plausible length is shown: a cut
+    // copy of a real shard is the usual story.
     if 8 + n > file_len {
         return Err(Error::new(
             ErrorKind::HeaderTooLarge,
@@ -210,7 +219,7 @@ pub fn parse(file: &[u8]) -> Result<Header> {
     let json: Json = serde_json::from_str(text).map_err(|e| {
         Error::new(
             ErrorKind::InvalidHeader,
-            format!("header is not valid JSON: {e}"),
+            format!("header is not valid JSON: {}", json_error(&e)),
         )
     })?;
     let Json::Object(entries) = json else {
@@ -687,6 +696,23 @@ impl<'de> Visitor<'de> for JsonVisitor {
     }
 }
 
+/// What is wrong with JSON text, by position only: the text may be another
+/// file's bytes (a secret), so none of it is quoted. serde_json's syntax
+/// errors are fixed phrases plus a position ("expected `:` at line 1 column
+/// 15"); its data errors (`invalid type: string "..."`) quote the value and are
+/// replaced by one phrase. [`Json`] accepts any value, so those arise only for
+/// typed targets.
+pub fn json_error(e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => e.to_string(),
+        serde_json::error::Category::Data | serde_json::error::Category::Io => format!(
+            "a value of the wrong kind at line {} column {}",
+            e.line(),
+            e.column()
+        ),
+    }
+}
+
 /// Parse JSON text into a [`Json`] that keeps duplicate keys.
 pub fn parse_json(text: &str) -> Result<Json, serde_json::Error> {
     serde_json::from_str(text)
@@ -889,6 +915,61 @@ pub(crate) mod tests {
         let e = parse(&bytes).unwrap_err();
         assert_eq!(e.kind, ErrorKind::HeaderTooLarge);
         assert!(e.message.contains("past the end"), "{e}");
+        // a plausible length (within the limit) is shown: a cut copy's story
+        assert!(e.message.contains("header length 100 "), "{e}");
+    }
+
+    /// Regression (issue 24): a text file in place of a shard (e.g. a link to a
+    /// file of secrets) was reported as "header length 5927657758933604161",
+    /// which is its first 8 bytes, b"AWS_SECR", as a number. An impossible
+    /// length is named as such, never shown.
+    #[test]
+    fn impossible_header_length_is_not_echoed() {
+        let secret = b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n";
+        let n = u64::from_le_bytes(secret[..8].try_into().unwrap());
+        let e = parse(secret).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::HeaderTooLarge);
+        assert!(!e.message.contains(&n.to_string()), "{e}");
+        assert!(!e.message.contains(&format!("{n:x}")), "{e}");
+        assert!(!e.message.contains("AWS"), "{e}");
+        assert!(e.message.contains("8-byte header length"), "{e}");
+        assert!(e.message.contains("limit"), "{e}");
+        for n in [MAX_HEADER_SIZE + 1, u64::MAX] {
+            let mut bytes = n.to_le_bytes().to_vec();
+            bytes.extend_from_slice(b"{}");
+            let e = parse(&bytes).unwrap_err();
+            assert!(!e.message.contains(&n.to_string()), "{e}");
+        }
+    }
+
+    /// Regression (issue 24): a header that is not JSON is reported by
+    /// position, never by quoting the text (it may be another file's bytes).
+    #[test]
+    fn json_errors_do_not_quote_the_header() {
+        for text in [
+            r#"{"s3cr3t_k3y": tru}"#,
+            r#"{"s3cr3t_k3y" 1}"#,
+            "{\"a\": \"s3cr3t_k3y\u{1}\"}",
+            r#"{"a": "s3cr3t_k3y\q"}"#,
+            r#"{"a": "\ud800s3cr3t_k3y"}"#,
+            r#"{} "s3cr3t_k3y""#,
+            r#"{"a": s3cr3t_k3y}"#,
+            r#"{"a": 1e99999, "s3cr3t_k3y": 1}"#,
+            "s3cr3t_k3y",
+        ] {
+            let e = err_of(text, 0);
+            assert_eq!(e.kind, ErrorKind::InvalidHeader, "{text}: {e}");
+            assert!(e.message.contains("not valid JSON"), "{text}: {e}");
+            assert!(e.message.contains(" at line 1 column "), "{text}: {e}");
+            assert!(!e.message.contains("s3cr3t"), "{text}: {e}");
+        }
+        // serde_json's data errors quote the value: not passed on
+        let e = serde_json::from_str::<u8>(r#""s3cr3t_k3y""#).unwrap_err();
+        assert!(e.to_string().contains("s3cr3t"), "{e}");
+        assert_eq!(
+            json_error(&e),
+            "a value of the wrong kind at line 1 column 12"
+        );
     }
 
     #[test]

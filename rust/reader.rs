@@ -550,8 +550,12 @@ impl Checkpoint {
                 "index is larger than {MAX_INDEX_SIZE} bytes"
             )));
         }
-        let json = header::parse_json(&text)
-            .map_err(|e| mismatch(format!("index is not valid JSON: {e}")))?;
+        let json = header::parse_json(&text).map_err(|e| {
+            mismatch(format!(
+                "index is not valid JSON: {}",
+                header::json_error(&e)
+            ))
+        })?;
         let Json::Object(top) = json else {
             return Err(mismatch(format!(
                 "index is a JSON {}, not an object with a weight_map",
@@ -563,8 +567,14 @@ impl Checkpoint {
         let mut seen = BTreeSet::new();
         for (key, value) in top {
             if !seen.insert(key.clone()) {
+                // Only the keys leanstream reads are named: the file may be
+                // any JSON (a link to some other file), its keys not ours to show.
+                let which = match key.as_str() {
+                    "weight_map" | "metadata" => format!("key '{key}'"),
+                    _ => "a key".to_owned(),
+                };
                 return Err(mismatch(format!(
-                    "key '{key}' appears twice in the index (duplicate JSON key)"
+                    "{which} appears twice in the index (duplicate JSON key)"
                 )));
             }
             match key.as_str() {
@@ -1356,6 +1366,31 @@ pub(crate) mod tests {
             assert_eq!(e.kind, ErrorKind::IndexMismatch, "{bad}: {e}");
             assert_eq!(e.tensor.as_deref(), Some("a"));
         }
+    }
+
+    /// Regression (issue 24): an index that is some other JSON file (a link to
+    /// a file of secrets) is refused without quoting its keys or text.
+    #[test]
+    fn index_errors_do_not_quote_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in [
+            r#"{"s3cr3t_k3y": "v", "s3cr3t_k3y": "w"}"#,
+            r#"{"s3cr3t_k3y": tru}"#,
+            "s3cr3t_k3y=v\n",
+        ] {
+            std::fs::write(dir.path().join(INDEX_FILE), text).unwrap();
+            let e = Checkpoint::open(dir.path()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::IndexMismatch, "{text}: {e}");
+            assert!(!e.to_string().contains("s3cr3t"), "{text}: {e}");
+            assert!(e.file.unwrap().ends_with(INDEX_FILE));
+        }
+        std::fs::write(
+            dir.path().join(INDEX_FILE),
+            r#"{"weight_map": {}, "weight_map": {}}"#,
+        )
+        .unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert!(e.message.contains("key 'weight_map' appears twice"), "{e}");
     }
 
     #[test]

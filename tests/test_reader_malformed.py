@@ -409,3 +409,63 @@ def test_file_modified_after_open_is_an_error(tmp_path: Path) -> None:
         ckpt.view("b")
     with pytest.raises(E.TruncatedFileError, match="modified"), ckpt.stream(["a"]) as stream:
         next(stream)
+
+
+SECRET = b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\nAWS_REGION=eu-west-1\n"
+
+
+def secret_fragments(secret: bytes) -> list[str]:
+    """What an error must not show of ``secret``: any 8 of its characters, and its first
+    8 bytes read as a header length (decimal and hex)."""
+    text = secret.decode()
+    (as_length,) = struct.unpack("<Q", secret[:8])
+    chunks = [text[i : i + 8] for i in range(len(text) - 7)]
+    return [*chunks, str(as_length), f"{as_length:x}", f"{as_length:X}"]
+
+
+@pytest.mark.parametrize("how", ["file", "link", "link in folder"])
+def test_a_text_file_as_a_shard_is_not_echoed(tmp_path: Path, how: str) -> None:
+    """Regression (issue 24): ``model.safetensors`` that is (or links to) a file of
+    secrets was refused with "header length 5927657758933604161", its first 8 bytes
+    (b"AWS_SECR") as a number. The error names the file and the problem, not the bytes."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shard = folder / "model.safetensors"
+    if how == "file":
+        shard.write_bytes(SECRET)
+    else:
+        secrets = tmp_path / "credentials.env"
+        secrets.write_bytes(SECRET)
+        shard.symlink_to(secrets)
+    with pytest.raises(E.HeaderTooLargeError) as exc:
+        _core.Checkpoint(folder if how == "link in folder" else shard)
+    message = str(exc.value)
+    for fragment in secret_fragments(SECRET):
+        assert fragment not in message, (fragment, message)
+    assert "model.safetensors" in message
+    assert Path(exc.value.file).name == "model.safetensors"
+    assert "header length" in message and "limit" in message
+
+
+def test_a_json_file_as_an_index_is_not_echoed(tmp_path: Path) -> None:
+    """Regression (issue 24): an index that links to another JSON file (of secrets) is
+    refused without quoting its keys or text."""
+    secrets = tmp_path / "secrets.json"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").symlink_to(secrets)
+    for text in ['{"aws_secret_key": "x", "aws_secret_key": "y"}', '{"aws_secret_key": tru}']:
+        secrets.write_text(text)
+        with pytest.raises(E.IndexMismatchError) as exc:
+            _core.Checkpoint(folder)
+        assert "aws_secret_key" not in str(exc.value)
+        assert "model.safetensors.index.json" in str(exc.value)
+
+
+def test_json_errors_give_a_position_not_the_text(tmp_path: Path) -> None:
+    path = raw_shard(tmp_path / "m.safetensors", '{"aws_secret_key": tru}')
+    with pytest.raises(E.InvalidHeaderError) as exc:
+        _core.Checkpoint(path)
+    assert "aws_secret_key" not in str(exc.value)
+    assert "not valid JSON" in str(exc.value)
+    assert "line 1 column" in str(exc.value)

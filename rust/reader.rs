@@ -598,7 +598,7 @@ impl Checkpoint {
                 "index has no weight_map object (tensor name -> shard file)".to_owned(),
             ));
         };
-        // tensor -> shard file name, as written in the index.
+        // tensor -> shard file name, normalized (see `shard_name`).
         let mut listed: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in entries {
             let Json::String(file) = value else {
@@ -614,16 +614,13 @@ impl Checkpoint {
                 )
                 .for_tensor(&name));
             }
-            let inside = Path::new(&file)
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if file.is_empty() || !inside {
+            let Some(file) = shard_name(&file) else {
                 return Err(mismatch(format!(
                     "weight_map names the shard {file:?}, which is not a file name inside \
-                     the checkpoint folder (absolute, or with '..')"
+                     the checkpoint folder (absolute, with '..', or naming a folder)"
                 ))
                 .for_tensor(&name));
-            }
+            };
             listed.insert(name, file);
         }
         if listed.is_empty() {
@@ -834,6 +831,29 @@ fn strip_shard_suffix(stem: &str) -> &str {
         }
     }
     stem
+}
+
+/// The shard file an index's weight_map names, as a path relative to the
+/// index's folder with its harmless spellings made one: `./x`, `././x`, `a/./x`
+/// and `a//x` are `x` and `a/x` (transformers joins the name to the folder as
+/// written, so it loads them; two spellings of one file are one shard, opened
+/// once). `None` for a name that is not a file inside the folder: empty,
+/// absolute, with a `..` segment (even one that would come back in), or
+/// ending in `/` or `/.` (a folder). A backslash is part of a file name, as on
+/// any Unix.
+fn shard_name(written: &str) -> Option<String> {
+    if written.starts_with('/') || written.ends_with('/') || written.ends_with("/.") {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for part in written.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            part => parts.push(part),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {
@@ -1360,11 +1380,90 @@ pub(crate) mod tests {
         let sub = dir.path().join("ckpt");
         std::fs::create_dir(&sub).unwrap();
         write_shard(&dir.path().join("out.safetensors"), &[("a", b"a")]);
-        for bad in ["../out.safetensors", "/etc/hostname", ""] {
+        for bad in [
+            "../out.safetensors",
+            "./../out.safetensors",
+            "x/../../out.safetensors",
+            "/etc/hostname",
+            "/./etc/hostname",
+            "",
+            ".",
+            "./",
+            "out.safetensors/",
+            "out.safetensors/.",
+        ] {
             write_index(&sub, &[("a", bad)]);
             let e = Checkpoint::open(&sub).unwrap_err();
             assert_eq!(e.kind, ErrorKind::IndexMismatch, "{bad}: {e}");
             assert_eq!(e.tensor.as_deref(), Some("a"));
+        }
+    }
+
+    /// Regression (issue 24): transformers loads an index whose weight_map
+    /// writes `./model-00001-of-00002.safetensors` (it joins the name to the
+    /// folder as written); such names were refused. Names that differ only by
+    /// `./` segments or doubled slashes are one shard, opened once.
+    #[test]
+    fn index_names_with_dot_segments_are_one_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        write_shard(
+            &dir.path().join("s1.safetensors"),
+            &[("a", b"a"), ("c", b"c")],
+        );
+        write_shard(&dir.path().join("s2.safetensors"), &[("b", b"b")]);
+        write_shard(&dir.path().join("sub/s3.safetensors"), &[("d", b"d")]);
+        write_index(
+            dir.path(),
+            &[
+                ("a", "./s1.safetensors"),
+                ("c", "s1.safetensors"),
+                ("b", "././s2.safetensors"),
+                ("d", ".//sub/./s3.safetensors"),
+            ],
+        );
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(
+            opened(&ckpt),
+            ["s1.safetensors", "s2.safetensors", "s3.safetensors"]
+        );
+        let files: Vec<&Path> = ckpt.files().collect();
+        assert_eq!(files[2], dir.path().join("sub/s3.safetensors"));
+        for name in ["a", "b", "c", "d"] {
+            assert_eq!(ckpt.view(name).unwrap().bytes(), name.as_bytes());
+        }
+        // Still checked both ways, with the name normalized.
+        write_index(
+            dir.path(),
+            &[
+                ("a", "./s2.safetensors"),
+                ("c", "s1.safetensors"),
+                ("b", "s2.safetensors"),
+                ("d", "sub/s3.safetensors"),
+            ],
+        );
+        let e = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::IndexMismatch);
+        assert_eq!(e.tensor.as_deref(), Some("a"));
+        assert!(e.message.contains("puts it in s2.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn shard_names_are_normalized_inside_the_folder_only() {
+        for (written, name) in [
+            ("x.safetensors", Some("x.safetensors")),
+            ("./x.safetensors", Some("x.safetensors")),
+            ("a/./b//x", Some("a/b/x")),
+            ("a\\x", Some("a\\x")),
+            ("..x", Some("..x")),
+            ("a/../x", None),
+            ("..", None),
+            ("/x", None),
+            ("x/", None),
+            ("x/.", None),
+            ("", None),
+        ] {
+            assert_eq!(shard_name(written).as_deref(), name, "{written:?}");
         }
     }
 

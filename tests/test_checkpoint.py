@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import leanstream
 from leanstream.checkpoint import resolve
@@ -128,3 +131,33 @@ def test_hub_patterns_never_fetch_pickles() -> None:
         assert not any(fnmatch(name, p) for p in HUB_PATTERNS), name
     for name in ["model-00001-of-00002.safetensors", "config.json", "tokenizer.json"]:
         assert any(fnmatch(name, p) for p in HUB_PATTERNS), name
+
+
+def test_index_naming_shards_with_dot_slash_loads(tmp_path: Path) -> None:
+    """Regression (issue 24): an index whose weight_map writes
+    ``./model-00001-of-00002.safetensors`` (transformers loads it: it joins the name to
+    the folder as written) was refused with IndexMismatchError. It loads the same model
+    as the plain index, even with one shard spelled both ways."""
+    plain = write_model(tmp_path / "plain", "llama")
+    dotted = tmp_path / "dotted"
+    shutil.copytree(plain, dotted)
+    index_path = dotted / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
+    assert len(set(weight_map.values())) > 1, "the fixture must be sharded"
+    spellings = ["./{}", "{}", "././{}", ".//{}"]
+    index["weight_map"] = {
+        name: spellings[i % len(spellings)].format(file)
+        for i, (name, file) in enumerate(weight_map.items())
+    }
+    assert any(f.startswith("./") for f in index["weight_map"].values())
+    index_path.write_text(json.dumps(index))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(dotted)  # the reference takes it
+
+    want = leanstream.load(plain, device="cpu", progress=False).state_dict()
+    got = leanstream.load(dotted, device="cpu", progress=False).state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name

@@ -150,10 +150,26 @@ def _quiet_libraries(*, enabled: bool) -> Iterator[None]:
         with warnings.catch_warnings():
             for module, start in QUIET_WARNINGS.items() if enabled else ():
                 warnings.filterwarnings("ignore", re.escape(start), module=re.escape(module))
+            warnings.showwarning = _show_warning(warnings.showwarning)
             yield
     finally:
         for logger, drop in filters:
             logger.removeFilter(drop)
+
+
+def _show_warning(show: Any) -> Any:
+    """``warnings.showwarning`` that prints leanstream's own warnings (a tokenizer file not
+    copied, a broken ``generation_config.json``) as one ``leanstream: warning:`` line, and
+    the other libraries' through ``show``."""
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def showwarning(message: Any, category: Any, filename: str, *args: Any, **kw: Any) -> None:
+        if os.path.abspath(filename).startswith(package + os.sep):
+            print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, *args, **kw)
+
+    return showwarning
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from test_load import SETTINGS, assert_same_weights, logits
 
 import leanstream
 from leanstream import ConfigError, placement
+from leanstream.experts import QuantizedExperts
 from leanstream.footprint import footprint
 from leanstream.meta import build_empty_model
 from leanstream.quantize import QuantSpec, default_skip_modules, replace_linears
@@ -207,22 +208,133 @@ def test_moe_experts_follow_the_plan(tmp_path: Path) -> None:
     assert got.config.quantization_config.leanstream_quantized_experts
 
 
-def test_hooks_across_devices_run_forward_and_generate(sources: dict[str, Path]) -> None:
+@pytest.fixture(scope="module")
+def folders(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny llama, and a tiny MoE whose experts load as :class:`QuantizedExperts`."""
+    return {**sources, "qwen3_moe": write_model(tmp_path_factory.mktemp("moe"), "qwen3_moe")}
+
+
+def where_of(plan: dict[str, Any]) -> placement.Where:
+    """The plan's :class:`Where`, with the main device :class:`Placing` gives it."""
+    return placement.Where(placement.as_device(placement._main_entry(plan)), plan)
+
+
+def assert_runs_as_planned(model: Any, where: placement.Where) -> None:
+    """After the dispatch: the root's hook sends the inputs to the main device (and the
+    outputs back), every module that holds tensors has a hook whose execution device is
+    where they are planned, no hook runs a module elsewhere, every tensor is where
+    planned."""
+    assert model._hf_hook.execution_device == where.main and model._hf_hook.io_same_device
+    for name, module in model.named_modules():
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        hook = getattr(module, "_hf_hook", None)
+        if not name or (hook is None and not own):  # the root; a module split between blocks
+            continue
+        assert hook is not None, name
+        entry = placement.device_for(where.device_map, f"{name}.{own[0][0]}" if own else name)
+        assert torch.device(hook.execution_device) == where.by_entry.get(entry), (name, hook)
+    assert not placement.misplaced(model, where)
+
+
+def on_meta(model: Any, where: placement.Where) -> None:
+    """Every tensor planned on ``meta`` (the stand-in for a GPU) moved there, as the load
+    leaves a split model: each tensor on its planned device before the dispatch."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for table, wrap in ((module._parameters, True), (module._buffers, False)):
+            for attr, tensor in list(table.items()):
+                if tensor is not None and where(prefix + attr).type == "meta":
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                    table[attr] = torch.nn.Parameter(empty, requires_grad=False) if wrap else empty
+
+
+SPLITS = {
+    # accelerate's plans: the first modules on the GPU, the rest on the CPU
+    "gpu-then-cpu": {
+        "model.embed_tokens": "meta",
+        "model.rotary_emb": "meta",
+        "model.layers.0": "meta",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    },
+    # a dict written by hand: entries inside another's module
+    "nested": {"": "meta", "model.layers.1": "cpu", "lm_head": "cpu"},
+    "cpu-inside-gpu-inside-cpu": {"": "cpu", "model.layers": "meta", "model.layers.1.mlp": "cpu"},
+}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_a_split_runs_each_module_where_planned_and_moves_no_tensor(
+    folders: dict[str, Path], arch: str, setting: str, split: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 25): the dispatch of a GPU + CPU plan gave the root a hook that
+    placed the whole model on the GPU (out of memory where a split was needed;
+    ``TypeError: __new__() got an unexpected keyword argument 'requires_grad'`` for CPU
+    experts) and every module a hook running it on the GPU. On the CPU, ``meta`` stands
+    in for the GPU: each module's hook runs it where planned, and no tensor is moved or
+    rebuilt (the weights are in place after the load; the hooks move activations)."""
+    import accelerate.hooks
+
+    plan = SPLITS[split]
+    with monkeypatch.context() as patched:
+        patched.setattr(placement, "as_device", torch.device)  # which refuses "meta"
+        where = where_of(plan)
+    model = load(folders[arch], setting, device="cpu")
+    on_meta(model, where)
+    if arch == "qwen3_moe":  # the experts of a CPU layer are the quantized parameter
+        experts = model.model.layers[1].mlp.experts.gate_up_proj
+        assert isinstance(experts, QuantizedExperts) and where("model.layers.1.mlp").type == "cpu"
+    before = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    moves: list[tuple[str, torch.device, Any]] = []
+    set_device = accelerate.hooks.set_module_tensor_to_device
+
+    def spy(module: Any, name: str, device: Any, *args: Any, **kwargs: Any) -> None:
+        owner, _, attr = name.rpartition(".")
+        holder = module.get_submodule(owner)
+        tensor = holder._parameters.get(attr, holder._buffers.get(attr))
+        if tensor.device != torch.device(device):
+            moves.append((name, tensor.device, device))
+        set_device(module, name, device, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.hooks, "set_module_tensor_to_device", spy)
+    where.dispatch(model)
+    assert moves == []
+    after = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert [n for n in before if after[n] is not before[n]] == []
+    assert model.hf_device_map == plan
+    assert_runs_as_planned(model, where)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "": "cpu"},
+        {"": "cpu", "model.layers.1": "cpu", "lm_head": "cpu"},
+    ],
+    ids=["blocks", "nested"],
+)
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_hooks_across_devices_run_forward_and_generate(
+    folders: dict[str, Path], arch: str, plan: dict[str, Any]
+) -> None:
     """The dispatch a plan over several devices gets (accelerate's hooks, each block run
     on its device, CPU blocks quantized on the CPU), exercised here with every block on
     the CPU: outputs equal to the undispatched model's."""
-    from leanstream.placement import Where
-
-    ref = load(sources["llama"], device="cpu")
-    got = load(sources["llama"], device="cpu")
-    plan = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "": "cpu"}
-    where = Where(torch.device("cpu"), plan)
+    ref = load(folders[arch], device="cpu")
+    got = load(folders[arch], device="cpu")
+    where = where_of(plan)
     where.several = True  # as on a GPU + CPU plan
     where.dispatch(got)
     assert got.hf_device_map == plan
-    assert hasattr(got.model.layers, "_hf_hook")  # accelerate's hooks are attached
-    assert torch.equal(logits(ref), logits(got))
-    ids = torch.tensor([[1, 5, 9, 42]])
+    assert hasattr(got.model.layers[1], "_hf_hook")  # accelerate's hooks are attached
+    assert_runs_as_planned(got, where)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 100, 11, 2]])  # within the MoE's vocabulary
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=ids).logits, got(input_ids=ids).logits)
+    ids = ids[:, :4]
     assert torch.equal(
         got.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
         ref.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
@@ -249,12 +361,18 @@ def test_a_gpu_cpu_split_runs_as_the_gpu_model(sources: dict[str, Path], setting
     planned_gpu = placement.per_device(got.hf_device_map, sizes)[0]
     largest = max(sizes.values()) * 4  # a full-precision tensor in flight (fp32 at most)
     assert torch.cuda.max_memory_allocated() - base <= planned_gpu + largest
+    where = where_of(got.hf_device_map)
+    assert_runs_as_planned(got, where)  # each module runs where planned, nothing copied
     one = load(sources["llama"], setting, device="cuda")
     ids = torch.tensor([[1, 5, 9, 42, 7, 300, 11, 2]], device="cuda")
     with torch.no_grad():
         a = one(input_ids=ids).logits.float().cpu()
         b = got(input_ids=ids).logits.float().cpu()
-    assert (a - b).norm() / a.norm() < 2e-2
+        c = got(input_ids=ids.cpu()).logits  # outputs return to the inputs' device
+    assert (a - b).norm() / a.norm() < 2e-2 and c.device.type == "cpu"
+    out = got.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4) and out.device == ids.device
+    assert_runs_as_planned(got, where)  # the forwards moved no weight
 
 
 def test_a_load_across_devices_streams_one_run_per_device() -> None:

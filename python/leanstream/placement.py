@@ -339,25 +339,82 @@ class Where:
         return stack
 
     def dispatch(self, model: Any) -> None:
-        """Across devices, as transformers (its ``accelerate_dispatch``, only then),
-        attach accelerate's hooks that move each block's inputs to its device and
-        record the plan as ``hf_device_map``. Unlike ``dispatch_model``, which runs CPU
-        modules on the GPU (their weights copied over at every call), CPU modules run
-        on the CPU, quantized."""
-        from accelerate.hooks import attach_align_device_hook_on_blocks
-
+        """Across devices, as transformers (its ``accelerate_dispatch``, only then):
+        :func:`attach_hooks` for the plan, recorded as ``hf_device_map``."""
         if not self.several:
             return
         model.hf_device_map = dict(self.device_map)  # type: ignore[arg-type]
-        execution = {name: torch_device(e) for name, e in self.device_map.items()}  # type: ignore[union-attr]
-        execution.setdefault("", self.main)
-        attach_align_device_hook_on_blocks(
-            model,
-            execution_device=execution,
-            offload=dict.fromkeys(execution, False),
-            offload_buffers=False,
-            weights_map=None,
-        )
+        devices = {name: self.by_entry[e] for name, e in self.device_map.items()}  # type: ignore[union-attr]
+        attach_hooks(model, devices, self.main)
+
+
+def attach_hooks(
+    model: nn.Module, device_map: Mapping[str, torch.device], main: torch.device
+) -> None:
+    """Attach accelerate's hooks that run each module of ``device_map`` (names to the
+    devices its tensors already are on) on its device: the hooks move activations
+    only, never a weight.
+
+    As accelerate's ``dispatch_model`` (what transformers calls): its
+    ``attach_align_device_hook_on_blocks`` with an execution device per entry and one
+    for the root (``main``, where the model's inputs go and from where its outputs
+    return to the caller's device), the root left out of ``offload`` so that its hook
+    places no submodule, and the model's ``_skip_keys_device_placement``. Unlike
+    ``dispatch_model``, whose CPU entries run on the main device (offloaded, their
+    weights copied over at every call), every entry runs where it is, CPU ones
+    quantized on the CPU. Entries inside another's module (``{"": 0, "lm_head":
+    "cpu"}``) are first split into blocks that do not nest (:func:`_blocks`): accelerate
+    would place the outer module's whole subtree on its device, inner ones included.
+    """
+    from accelerate.hooks import (
+        AlignDevicesHook,
+        add_hook_to_module,
+        attach_align_device_hook_on_blocks,
+    )
+
+    skip_keys = getattr(model, "_skip_keys_device_placement", None)
+    blocks, split = _blocks(model, device_map)
+    attach_align_device_hook_on_blocks(
+        model,
+        execution_device={"": main, **blocks},
+        offload=dict.fromkeys(blocks, False),
+        offload_buffers=False,
+        weights_map=None,
+        skip_keys=skip_keys,
+    )
+    for name, device in split.items():  # a split module's own tensors (not the root's)
+        add_hook_to_module(model.get_submodule(name), AlignDevicesHook(device, skip_keys=skip_keys))
+
+
+def _blocks(
+    model: nn.Module, device_map: Mapping[str, torch.device]
+) -> tuple[dict[str, torch.device], dict[str, torch.device]]:
+    """``device_map`` as blocks that do not nest (module name -> device, no block
+    inside another), and the modules split between blocks that hold tensors of their
+    own, with the device of those (all on one device; the root is left to its hook)."""
+    blocks: dict[str, torch.device] = {}
+    split: dict[str, torch.device] = {}
+
+    def visit(name: str, module: nn.Module) -> None:
+        prefix = f"{name}." if name else ""
+        if not any(key.startswith(prefix) and key != name for key in device_map):
+            device = device_for(device_map, name)
+            if device is not None:  # else it holds no tensor (the plan covers them all)
+                blocks[name] = device
+            return
+        own = {device_for(device_map, prefix + attr) for attr, _ in _own_tensors(module)}
+        if name and len(own) == 1:
+            split[name] = own.pop()
+        for child_name, child in module.named_children():
+            visit(prefix + child_name, child)
+
+    visit("", model)
+    return blocks, split
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    tensors = [(a, t) for a, t in module._parameters.items() if t is not None]
+    return tensors + [(a, t) for a, t in module._buffers.items() if t is not None]
 
 
 def entry_of(device: torch.device) -> str | int:
@@ -428,6 +485,7 @@ __all__ = [
     "Placing",
     "Where",
     "as_device",
+    "attach_hooks",
     "device_for",
     "entry_of",
     "misplaced",

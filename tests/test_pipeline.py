@@ -8,6 +8,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import os
 import struct
@@ -27,7 +28,7 @@ from test_load import SETTINGS, assert_same_weights, logits, reference
 import leanstream
 from leanstream import _core
 from leanstream.loader import likely_order
-from leanstream.pipeline import Copies, DeviceStream
+from leanstream.pipeline import Copies, CudaCopies, DeviceStream
 from models import stored, write_model
 
 # the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
@@ -261,6 +262,75 @@ def test_closing_lets_the_ring_go(checkpoints: dict[str, Path]) -> None:
         assert next(tensors, None) is None
 
 
+class EmptyingCopies(NoCopies):
+    """:class:`NoCopies` that lets the ring go as :class:`CudaCopies` does."""
+
+    release = CudaCopies.release
+
+
+class FailingClose:
+    """A reader whose ``close`` joins the threads, then raises."""
+
+    def __init__(self, reader: _core.TensorPipeline) -> None:
+        self.reader = reader
+
+    def close(self) -> None:
+        self.reader.close()
+        raise OSError("close failed")
+
+
+def test_a_failing_close_still_lets_the_ring_go(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 25, item 5): when the reader's ``close`` raised, the ring was
+    kept and the pinned cache not emptied (128 MiB page-locked for good on CUDA)."""
+    emptied: list[None] = []
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: emptied.append(None), raising=False)
+    folder = checkpoints["llama"]
+    names = likely_order(list(stored(folder)))
+    copies = EmptyingCopies()
+    with _core.Checkpoint(folder) as ckpt:
+        stream = DeviceStream(ckpt, names, copies.device, slot_bytes=100, slots=3, copies=copies)
+        ring = [weakref.ref(buffer) for buffer in stream._ring]
+        next(iter(stream))
+        stream._reader = FailingClose(stream._reader)  # type: ignore[assignment]
+        with pytest.raises(OSError, match="close failed"):
+            stream.close()
+        assert [r() for r in ring] == [None] * 3
+        assert stream.ring_bytes == 0 and len(emptied) == 1
+    assert not reader_threads()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("ending", ["finished", "interrupted"])
+def test_a_mapped_cuda_run_empties_the_pinned_cache(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, device: str, ending: str
+) -> None:
+    """Regression (issue 25, item 5): the mapped path on CUDA copies statistics and code
+    tables from pinned memory (``to_device_at_once``, ``_code``); torch kept those blocks
+    page-locked for good. Its run now empties the cache when it ends, however it ends
+    (no CUDA needed: the run only takes host views here)."""
+    from leanstream.loader import _Source
+
+    emptied: list[None] = []
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: emptied.append(None), raising=False)
+    source = _Source(pipeline=False, window=2, threads=None, ring_bytes=SMALL_RING)
+    with _core.Checkpoint(checkpoints["llama"]) as ckpt:
+        names = likely_order(ckpt.keys())
+        with contextlib.ExitStack() as stack:
+            if ending == "interrupted":
+                stack.enter_context(pytest.raises(KeyboardInterrupt))
+            with source.open(ckpt, names, torch.device(device), set()) as tensors:
+                for name in names:
+                    tensors.take(name)
+                    tensors.used()
+                    if ending == "interrupted":
+                        raise KeyboardInterrupt
+                assert not emptied
+                tensors.finish()
+    assert len(emptied) == (device == "cuda")
+
+
 # --- asynchronous copies, emulated on the CPU -------------------------------------------
 
 
@@ -310,6 +380,11 @@ class DeferredCopies(Copies):
     def hand_over(self, flat: torch.Tensor, last: Any) -> None:
         self.run_upto(last)  # the host plays the compute stream: it waits here
 
+    def handed_back(self) -> Deferred | None:
+        # the compute stream's work so far waited for every copy queued: it is done
+        # once they have run
+        return self.queue[-1][0] if self.queue else None
+
     def synchronize(self) -> None:
         while self.queue:
             self.run_upto(self.queue[-1][0])
@@ -323,11 +398,14 @@ class Careless(DeviceStream):
             self._reader.release(self._pending.popleft()[0])
 
 
+@pytest.mark.parametrize("budget", [None, 10**12])
 @pytest.mark.parametrize("polls", [1, 3, 10**9])
 @pytest.mark.parametrize("slots", [1, 2, 5])
 def test_deferred_copies_release_slots_only_once_copied(
-    checkpoints: dict[str, Path], polls: int, slots: int
+    checkpoints: dict[str, Path], polls: int, slots: int, budget: int | None
 ) -> None:
+    """Also with an unlimited device budget (issue 25, item 6): a budget's waits for
+    earlier tensors' work (which waited for their copies) would hide a missing wait."""
     folder = checkpoints["llama"]
     expected = stored(folder)
     names = likely_order(list(expected))
@@ -335,7 +413,13 @@ def test_deferred_copies_release_slots_only_once_copied(
     with (
         _core.Checkpoint(folder) as ckpt,
         DeviceStream(
-            ckpt, names, torch.device("cpu"), slot_bytes=300, slots=slots, copies=copies
+            ckpt,
+            names,
+            torch.device("cpu"),
+            slot_bytes=300,
+            slots=slots,
+            device_budget=budget,
+            copies=copies,
         ) as stream,
     ):
         for name, tensor in stream:
@@ -393,30 +477,110 @@ class Budgeted(DeferredCopies):
         return Done(self, self.sizes.popleft())
 
 
-@pytest.mark.parametrize("budget", [None, 10**12])
+def two_in_flight(sizes: list[int]) -> int:
+    """The default device budget: the largest two consecutive tensors together."""
+    return max((a + b for a, b in itertools.pairwise(sizes)), default=max(sizes))
+
+
+@pytest.mark.parametrize("budget", ["default", "largest", "unlimited"])
 def test_full_precision_bytes_in_flight_stay_within_the_budget(
-    checkpoints: dict[str, Path], budget: int | None
+    checkpoints: dict[str, Path], budget: str
 ) -> None:
-    """Default budget: the largest tensor. An unbounded one is the control: the
-    bytes in flight then grow past it."""
+    """Default budget: room for two consecutive tensors (one quantized while the next
+    is copied). A budget of one tensor holds too; an unbounded one is the control:
+    the bytes in flight then grow past both."""
     folder = checkpoints["llama"]
     expected = stored(folder)
     names = likely_order(list(expected))
     largest = max(t.nbytes for t in expected.values())
+    default = two_in_flight([expected[name].nbytes for name in names])
+    given = {"default": None, "largest": largest, "unlimited": 10**12}[budget]
     cpu = torch.device("cpu")
     copies = Budgeted(cpu)
     with (
         _core.Checkpoint(folder) as ckpt,
         DeviceStream(
-            ckpt, names, cpu, slot_bytes=300, slots=4, device_budget=budget, copies=copies
+            ckpt, names, cpu, slot_bytes=300, slots=4, device_budget=given, copies=copies
         ) as stream,
     ):
         for name, tensor in stream:
             assert torch.equal(tensor, expected[name]), name
-    if budget is None:
+    if budget == "default":
+        assert largest < copies.peak <= default
+    elif budget == "largest":
         assert copies.peak <= largest
     else:
-        assert copies.peak > 2 * largest
+        assert copies.peak > 2 * default
+
+
+class Logged(Budgeted):
+    """:class:`Budgeted` that logs, in order, what the pipeline does on the "device":
+    ``("alloc", k, h)``, tensor k's buffer allocated when h tensors had been handed
+    out (on CUDA the copies into it wait for the work queued on those: the allocation's
+    ``wait_stream``); ``("copy", k)``; ``("waited", k)``, the host waited for the work
+    on tensor k (its quantization). The caller logs ``("quantize", k)``."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.log: list[tuple[Any, ...]] = []
+        self.buffers: list[int] = []  # data pointer of tensor k's buffer
+        self.handed = 0
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        buffer = super().allocate(nbytes)
+        self.log.append(("alloc", len(self.buffers), self.handed))
+        self.buffers.append(buffer.data_ptr())
+        return buffer
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> Deferred:
+        # the latest buffer at that address (a freed one's may be reused)
+        base = dst.untyped_storage().data_ptr()
+        self.log.append(("copy", len(self.buffers) - 1 - self.buffers[::-1].index(base)))
+        return super().copy(dst, src)
+
+    def handed_back(self) -> Done:
+        k = self.handed
+        self.handed += 1
+        copies = self
+
+        class Waited(Done):
+            def synchronize(self) -> None:
+                copies.log.append(("waited", k))
+                super().synchronize()
+
+        return Waited(self, self.sizes.popleft())
+
+
+def test_the_next_tensor_is_copied_while_one_is_quantized(
+    checkpoints: dict[str, Path],
+) -> None:
+    """Regression (issue 25, item 4): tensor N+1's buffer was allocated after tensor N
+    was handed out, so its copies waited (on the GPU) for N's quantization, and with a
+    budget of one tensor the host waited for it too: copy N, quantize N, copy N+1. Now
+    N+1's buffer is allocated before N is handed out, and the host waits for N's work
+    only after queueing N+1's copies (here each tensor is one chunk: slots of 1 MiB)."""
+    folder = checkpoints["llama"]
+    expected = stored(folder)
+    names = likely_order(list(expected))
+    copies = Logged(torch.device("cpu"))
+    with (
+        _core.Checkpoint(folder) as ckpt,
+        DeviceStream(ckpt, names, copies.device, slot_bytes=1 << 20, slots=4, copies=copies) as s,
+    ):
+        for k, (name, tensor) in enumerate(s):
+            assert torch.equal(tensor, expected[name]), name
+            copies.log.append(("quantize", k))
+    log = copies.log
+    assert [e[1] for e in log if e[0] == "alloc"] == list(range(len(names)))
+    for k in range(1, len(names)):
+        alloc = next(e for e in log if e[:2] == ("alloc", k))
+        # the copies into k wait for the work on tensors 0..k-2 at most, never k-1's
+        assert alloc[2] <= k - 1, alloc
+        # and the host queues them before it waits for k-1's quantization, if ever
+        if ("waited", k - 1) in log:
+            assert log.index(("copy", k)) < log.index(("waited", k - 1))
+    default = two_in_flight([expected[name].nbytes for name in names])
+    assert copies.peak <= default
 
 
 def test_pipelined_load_with_deferred_copies_is_bit_identical(
@@ -571,6 +735,97 @@ def test_two_pipelined_loads_in_two_threads(checkpoints: dict[str, Path]) -> Non
     assert not errors
     for model in results.values():
         assert assert_same_weights(reference, model) > 0
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_initialized_tensors_are_quantized_in_the_kernel_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipeline: bool
+) -> None:
+    """Regression (issue 25, item 3): tensors made by ``init_missing`` were quantized
+    after the load's ``kernel_stream`` had exited: on CUDA, under a user's stream,
+    bitsandbytes' kernels (on the default stream) then raced the user's stream."""
+    from test_load_into import Net, NetWithAdapters, random_state
+
+    import leanstream.loader
+    import leanstream.placement
+
+    path = tmp_path / "net.safetensors"
+    save_file(random_state(Net()), path)
+    depth = 0
+    kernel_stream = leanstream.placement.kernel_stream
+
+    @contextlib.contextmanager
+    def counted(device: torch.device) -> Iterator[None]:
+        nonlocal depth
+        with kernel_stream(device):
+            depth += 1
+            try:
+                yield
+            finally:
+                depth -= 1
+
+    seen: list[tuple[torch.nn.Module, str, bool]] = []
+    materialize = leanstream.loader.materialize
+
+    def spied(module: torch.nn.Module, attr: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append((module, attr, depth > 0))
+        return materialize(module, attr, *args, **kwargs)
+
+    monkeypatch.setattr(leanstream.placement, "kernel_stream", counted)
+    monkeypatch.setattr(leanstream.loader, "materialize", spied)
+    model = leanstream.load_into(
+        NetWithAdapters,
+        path,
+        init_missing=[r"^adapters\.", r"^new_head\."],
+        bits=4,
+        device="cpu",
+        progress=False,
+        pipeline=pipeline,
+        ring_bytes=SMALL_RING,
+    )
+    names = {module: name for name, module in model.named_modules()}
+    inside = {f"{names[module]}.{attr}": within for module, attr, within in seen}
+    assert {"new_head.weight", "adapters.0.down.weight", "blocks.0.fc1.weight"} <= set(inside)
+    assert all(inside.values()), sorted(n for n, within in inside.items() if not within)
+
+
+def test_kernel_stream_waits_for_the_callers_stream_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (issue 25, item 3): tensors ``init_missing`` made on the device were
+    initialized on the caller's stream before the load's work moved to the kernels'
+    stream, which did not wait for it: their quantization could read them unwritten.
+    The kernels' stream now waits for the caller's on entry (on the GPU), as the
+    caller's waits for it on exit. Fake streams: no CUDA needed."""
+    from leanstream.quantize import kernel_stream
+
+    log: list[Any] = []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait_stream(self, other: Stream) -> None:
+            log.append(f"{self.name} waits for {other.name}")
+
+    caller, kernels = Stream("caller"), Stream("kernels")
+
+    @contextlib.contextmanager
+    def current(stream: Stream) -> Iterator[None]:
+        log.append(f"on {stream.name}")
+        yield
+        log.append(f"off {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: kernels)
+    monkeypatch.setattr(torch.cuda, "stream", current)
+    with kernel_stream(torch.device("cuda")):
+        log.append("work")
+    assert log == [
+        "kernels waits for caller",
+        "on kernels",
+        "work",
+        "off kernels",
+        "caller waits for kernels",
+    ]
 
 
 def test_ring_bytes_must_hold_the_slots(checkpoints: dict[str, Path]) -> None:

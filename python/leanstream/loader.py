@@ -76,7 +76,7 @@ from .matching import (
     to_initialize,
 )
 from .meta import build_diffusers_model, build_empty_model, empty_parameters, meta_tensors
-from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream
+from .pipeline import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, DeviceStream, empty_pinned_cache
 from .placement import Placing, Where, as_device, entry_of, misplaced, place_buffers, runs
 from .prequantized import Prequantized
 from .progress import byte_progress
@@ -735,24 +735,25 @@ def _fill(
                     if trim is not None:
                         trim.freed(nbytes)
                 tensors.finish()
+        # the initialized tensors too: on the stream the kernels run on (kernel_stream)
+        for name, tensor in initialized.items():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            materialize(
+                module,
+                attr,
+                tensor,
+                device=where(name),
+                dtype=(torch.float32 if keep_fp32(module_name, attr) else model_dtype)
+                if tensor.is_floating_point()
+                else None,
+                spec=spec,
+                transpose=replaced.get(module_name, False) and attr == "weight",
+                buffer=attr in module._buffers,
+                owned=True,
+            )
+        initialized.clear()
     assert not merging, sorted(merging)
-    for name, tensor in initialized.items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        materialize(
-            module,
-            attr,
-            tensor,
-            device=where(name),
-            dtype=(torch.float32 if keep_fp32(module_name, attr) else model_dtype)
-            if tensor.is_floating_point()
-            else None,
-            spec=spec,
-            transpose=replaced.get(module_name, False) and attr == "weight",
-            buffer=attr in module._buffers,
-            owned=True,
-        )
-    initialized.clear()
     _tie(model, ties)
     _share_quantized(model, output)
     left = meta_tensors(model)
@@ -871,8 +872,14 @@ class _Source:
             ) as stream:
                 yield _Pipelined(stream)
         else:
-            with ckpt.stream(names, window=self.window) as stream:
-                yield _Mapped(stream)
+            try:
+                with ckpt.stream(names, window=self.window) as stream:
+                    yield _Mapped(stream)
+            finally:
+                if device.type == "cuda":
+                    # statistics and code tables went to the device from pinned memory
+                    # (to_device_at_once, _code): give back the blocks torch cached
+                    empty_pinned_cache()
 
 
 class _Mapped:

@@ -21,20 +21,31 @@ being read and copied:
   buffer is allocated on the compute stream, where the tensor lives (a kept
   tensor, such as a norm or the embeddings, stays in that stream's pool; a
   freed one is reused there): the side stream first waits for the compute
-  stream's earlier work (which may still read that memory) and is recorded as
-  a user of the buffer, so the caching allocator never gives the memory away
-  while a copy into it is pending. A new tensor's buffer is allocated only
-  once the full-precision tensors still in use on the device (handed out,
-  their quantization not yet run) leave room for it within ``device_budget``
-  bytes (default: the largest tensor), so the GPU never holds more than the
-  final model plus that budget (plus the quantizer's own temporaries).
+  stream's work queued so far (which may still read memory freed into that
+  pool: the caching allocator hands it out at once) and is recorded as a user
+  of the buffer, so the allocator never gives the memory away while a copy
+  into it is pending.
+- The next device tensor's buffer is allocated before the current tensor is
+  handed out, so that wait never includes the current tensor's quantization
+  (queued only once it is handed out, its temporaries freed into the pool
+  then): tensor N+1 is copied while tensor N is quantized. A buffer is
+  allocated only once the full-precision tensors still in use on the device
+  (handed out, their quantization not known to have run: the oldest is waited
+  for) leave room for it within ``device_budget`` bytes, so the GPU never holds
+  more than the final model plus that budget (plus the quantizer's own
+  temporaries). The default budget is the largest two consecutive device
+  tensors together: room for the one being quantized and the next. With a
+  budget too small for two, the next buffer is allocated only once the
+  current tensor was handed out, and its copies then wait for its
+  quantization.
 - Names in ``host`` (small statistics of pre-quantized weights, which are
   parsed or packed on the host) are copied out of the ring into ordinary host
   memory instead: no device allocation, copy or event of their own.
 - Closing joins the readers, waits for the copies still reading the ring, and
   lets the ring go; on CUDA the pinned blocks torch cached for it are handed
-  back to the driver (``torch._C._host_emptyCache``), so rings do not pile up
-  from load to load.
+  back to the driver (:func:`empty_pinned_cache`), so rings do not pile up
+  from load to load. The ring goes, and the cache is emptied, even when
+  joining the readers or waiting for the copies raises.
 
 On the CPU the same pipeline runs with ordinary memory and synchronous copies
 (the default CPU load maps the file and quantizes from the mapping instead,
@@ -52,6 +63,7 @@ full-precision tensors in flight.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
@@ -70,6 +82,7 @@ __all__ = [
     "DeviceStream",
     "copies_for",
     "default_threads",
+    "empty_pinned_cache",
 ]
 
 DEFAULT_SLOT_BYTES = 8 << 20
@@ -89,6 +102,18 @@ def default_threads() -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(8, cores))
+
+
+def empty_pinned_cache() -> None:
+    """Hand the pinned host blocks torch caches and no longer uses back to the driver.
+
+    torch keeps freed pinned blocks for good (``torch._C._host_emptyCache`` is the
+    only way to return them), so a load's pinned buffers (the ring, small
+    statistics copied from pinned memory) would otherwise stay page-locked after
+    it. Blocks still in use, or read by a copy not yet run, stay."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 class Copies:
@@ -148,7 +173,9 @@ class CudaCopies(Copies):
         # where the tensor lives: see the module's docstring
         with torch.cuda.stream(self.compute):
             buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        # the memory may have been freed by compute-stream work not yet run
+        # the memory may have been freed by compute-stream work not yet run: the copies
+        # wait for the work queued so far (DeviceStream allocates a tensor before
+        # handing out the one before it, so never for that one's quantization)
         self.stream.wait_stream(self.compute)
         # and must not be given away while a copy into it is pending
         buffer.record_stream(self.stream)
@@ -173,11 +200,8 @@ class CudaCopies(Copies):
         self.stream.synchronize()
 
     def release(self) -> None:
-        # torch caches freed pinned blocks for good (rings of other sizes would pile
-        # up): give back those no longer in use, the ring's included
-        empty = getattr(torch._C, "_host_emptyCache", None)
-        if empty is not None:
-            empty()
+        # rings of other sizes would pile up: give back the ring's pinned blocks
+        empty_pinned_cache()
 
 
 def copies_for(device: torch.device) -> Copies:
@@ -230,6 +254,13 @@ class DeviceStream:
             self._layouts.append((dtype, tuple(info.shape), info.nbytes))
         largest = max((n for _, _, n in self._layouts), default=0)
         total = sum(n for _, _, n in self._layouts)
+        # the device tensors (not on the host, not empty), in order; for each item, the
+        # next of them after it (its buffer is allocated before the item is handed out)
+        on_device = [i for i, (_, _, n) in enumerate(self._layouts) if n and not self._host[i]]
+        self._next_on_device: list[int | None] = [None] * len(self.names)
+        for before, after in itertools.pairwise(on_device):
+            for i in range(before, after):
+                self._next_on_device[i] = after
         slot_bytes = max(1, min(slot_bytes, largest, -(-total // slots)))
         self._copies = copies or copies_for(device)
         self._ring = [
@@ -239,9 +270,12 @@ class DeviceStream:
         # chunks copied out of the ring, their slot not yet released: (seq, event)
         self._pending: collections.deque[tuple[int, Any]] = collections.deque()
         # tensors handed out whose device memory may still be read: (event, bytes)
-        self._budget = largest if device_budget is None else device_budget
+        sizes = [self._layouts[i][2] for i in on_device]
+        two = max((a + b for a, b in itertools.pairwise(sizes)), default=largest)
+        self._budget = two if device_budget is None else device_budget
         self._inflight: collections.deque[tuple[Any, int]] = collections.deque()
-        self._inflight_bytes = 0
+        self._inflight_bytes = 0  # allocated, handed back or not
+        self._handed_bytes = 0  # of those, in self._inflight
         self._reader = ckpt.pipeline(
             self.names,
             [buf.numpy() for buf in self._ring],
@@ -268,14 +302,20 @@ class DeviceStream:
         slots = len(self._ring)
         flat: torch.Tensor | None = None
         last: Any = None  # the event of the current tensor's latest chunk copy
+        # the next device tensor's buffer, allocated before the one before it was handed
+        # out (its copies then need not wait for that one's quantization): (item, buffer)
+        ahead: tuple[int, torch.Tensor] | None = None
         for seq, item, offset, nbytes, slot in self._reader:
             dtype, shape, total = self._layouts[item]
             on_host = self._host[item]
             if offset == 0:
-                flat, last = (
-                    (torch.empty(total, dtype=torch.uint8) if on_host else self._allocate(total)),
-                    None,
-                )
+                last = None
+                if on_host:
+                    flat = torch.empty(total, dtype=torch.uint8)
+                elif ahead is not None and ahead[0] == item:
+                    flat, ahead = ahead[1], None
+                else:
+                    flat = self._allocate(total)
             assert flat is not None
             event = None
             if nbytes:
@@ -295,6 +335,11 @@ class DeviceStream:
                 continue
             if last is not None:
                 self._copies.hand_over(flat, last)
+            following = self._next_on_device[item]
+            if ahead is None and following is not None:
+                buffer = self._allocate_ahead(self._layouts[following][2])
+                if buffer is not None:
+                    ahead = (following, buffer)
             if total:
                 tensor = flat.view(dtype).reshape(shape)
             else:
@@ -304,17 +349,31 @@ class DeviceStream:
             del tensor
             if self._copies.asynchronous and total and not on_host:
                 self._inflight.append((self._copies.handed_back(), total))
+                self._handed_bytes += total
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
+        """A device buffer of ``nbytes``, once the tensors in flight leave room for it
+        within the budget (the oldest handed back waited for first)."""
         if self._copies.asynchronous:
-            # wait until the tensors in flight leave room within the budget
             while self._inflight and self._inflight_bytes + nbytes > self._budget:
                 done, size = self._inflight.popleft()
                 if done is not None:
                     done.synchronize()
                 self._inflight_bytes -= size
+                self._handed_bytes -= size
             self._inflight_bytes += nbytes
         return self._copies.allocate(nbytes)
+
+    def _allocate_ahead(self, nbytes: int) -> torch.Tensor | None:
+        """The next tensor's buffer, while the current one (not yet handed out, so
+        not to be waited for) is still in flight: only if both fit in the budget,
+        else None (it is allocated once the current one is handed out). Only
+        asynchronous copies need it."""
+        if not self._copies.asynchronous:
+            return None
+        if self._inflight_bytes - self._handed_bytes + nbytes > self._budget:
+            return None
+        return self._allocate(nbytes)
 
     def _retire(self, need: int) -> None:
         """Release every chunk whose copy has finished, and wait for those up
@@ -329,16 +388,23 @@ class DeviceStream:
 
     def close(self) -> None:
         """Join the reader threads, wait for copies still reading the ring, and
-        let the ring go (its pinned memory is given back on CUDA)."""
-        for iterator in self._iterators:
-            iterator.close()  # type: ignore[attr-defined]
-        self._iterators.clear()
-        self._reader.close()
-        self._copies.synchronize()
-        self._pending.clear()
-        if self._ring:
-            self._ring.clear()
-            self._copies.release()
+        let the ring go (its pinned memory is given back on CUDA): each step runs
+        even when one before it raised."""
+        try:
+            iterators, self._iterators = self._iterators, []
+            for iterator in iterators:
+                iterator.close()  # type: ignore[attr-defined]
+        finally:
+            try:
+                self._reader.close()
+            finally:
+                try:
+                    self._copies.synchronize()
+                finally:
+                    self._pending.clear()
+                    if self._ring:
+                        self._ring.clear()
+                        self._copies.release()
 
     def __enter__(self) -> DeviceStream:
         return self

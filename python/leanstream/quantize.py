@@ -479,15 +479,18 @@ def kernel_stream(device: torch.device) -> Iterator[None]:
     is current, while the torch operations around them (allocating their
     inputs and outputs, the mean of double quantization) follow the current
     stream. Inside a user's ``with torch.cuda.stream(s):`` the two would race.
-    So the load's device work goes to the default stream, and the caller's
-    current stream then waits for it (the GPU waits, not the host).
-    Elsewhere than CUDA: nothing to do.
+    So the load's device work goes to the default stream, after the work
+    already queued on the caller's current stream (tensors ``init_missing``
+    made there), and the caller's stream then waits for it (the GPU waits, not
+    the host). Elsewhere than CUDA: nothing to do.
     """
     if device.type != "cuda":
         yield
         return
     caller = torch.cuda.current_stream(device)
     kernels = torch.cuda.default_stream(device)
+    if caller != kernels:
+        kernels.wait_stream(caller)
     try:
         with torch.cuda.stream(kernels):
             yield

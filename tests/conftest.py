@@ -52,6 +52,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def _no_cuda_unless_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with CUDA, a test not marked ``gpu`` runs as on the CPU machines it was
+    written for: ``torch.cuda.is_available()`` says False and ``device_count()`` 0 for it,
+    so that the defaults (``load``'s device, ``device_map="auto"``/``"balanced"``/
+    ``"sequential"``, transformers' references) plan the CPU, as its CPU references and its
+    checks of where tensors are expect. The ``gpu`` tests see the GPU; a full ``pytest`` on
+    a GPU machine is both."""
+    if request.node.get_closest_marker("gpu") is None and torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny llama, tied llama and gpt2 checkpoints (the llama one with a tokenizer)."""

@@ -277,6 +277,7 @@ def test_pipelined_load_is_bit_identical_to_transformers(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("budget", ["default", "unlimited"])
 @pytest.mark.parametrize("where", ["current-stream", "user-stream"])
 @pytest.mark.parametrize("setting", ["nf4", "int8"])
 def test_late_gpu_work_cannot_corrupt_the_load(
@@ -285,14 +286,24 @@ def test_late_gpu_work_cannot_corrupt_the_load(
     monkeypatch: pytest.MonkeyPatch,
     setting: str,
     where: str,
+    budget: str,
 ) -> None:
     """With every copy and quantization delayed on the GPU, the host gets far ahead:
     a slot handed back to the readers before its copy ran, a quantization not made to
     wait for its tensor's last copy (or queued on another stream than the one that
     waited: bitsandbytes' 4-bit kernels run on the default stream, whatever stream is
     current), or a device buffer given to a new copy while the quantization reading
-    it is still queued, all change the bytes. Inside a user's stream too."""
+    it is still queued, all change the bytes. Inside a user's stream too. With an
+    unlimited device budget nothing but the streams' waits orders a new buffer after the
+    work that last used its memory (the default budget would hide a missing one)."""
     made: list[Sleepy] = []
+    if budget == "unlimited":
+
+        class Unlimited(leanstream.pipeline.DeviceStream):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **{**kwargs, "device_budget": 1 << 50})
+
+        monkeypatch.setattr(leanstream.loader, "DeviceStream", Unlimited)
 
     def sleepy(device: torch.device) -> Sleepy:
         made.append(Sleepy(device))
@@ -316,9 +327,10 @@ def test_late_gpu_work_cannot_corrupt_the_load(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", ["nf4", "int8"])
-def test_gpu_peak_is_the_model_plus_the_largest_tensor(big: Big, setting: str) -> None:
-    """Full-precision tensors in flight are capped at the largest one, and the caching
-    allocator keeps no second pool (a side stream's) holding a freed copy of it."""
+def test_gpu_peak_is_the_model_plus_two_tensors(big: Big, setting: str) -> None:
+    """Full-precision tensors in flight are capped at the two largest consecutive ones
+    (the one quantized and the next, copied meanwhile: at most twice the largest), and the
+    caching allocator keeps no second pool (a side stream's) holding a freed copy of one."""
     gc.collect()  # models of earlier tests, in reference cycles, are not freed mid-load
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -335,7 +347,7 @@ def test_gpu_peak_is_the_model_plus_the_largest_tensor(big: Big, setting: str) -
         f"{setting}: allocated peak growth {mib(peak)}, final model {mib(final)}, "
         f"largest tensor {mib(big.largest)}, reserved peak growth {mib(reserved_peak)}"
     )
-    assert peak <= final + big.largest + 2 * MIB, numbers
+    assert peak <= final + 2 * big.largest + 2 * MIB, numbers
     assert reserved_peak <= peak + big.largest, numbers
 
 
@@ -343,7 +355,7 @@ def test_gpu_peak_is_the_model_plus_the_largest_tensor(big: Big, setting: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["nf4", "int8"])
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "fp4", "int8"])
 def test_pipelined_load_never_waits_on_the_gpu_per_tensor(
     big: Big, references: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
@@ -356,6 +368,53 @@ def test_pipelined_load_never_waits_on_the_gpu_per_tensor(
         torch.cuda.set_sync_debug_mode(0)
     assert calls["materialize"] > 0 and calls["finish"] == 1, calls
     assert_same(references(setting), got)
+
+
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8"])
+def test_pipelined_experts_load_never_waits_on_the_gpu_per_tensor(
+    moe_folder: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """Mixture-of-experts weights, streamed expert by expert into one quantized tensor
+    on the device: no host wait either."""
+    calls = forbid_host_syncs(monkeypatch)
+    try:
+        got = ours(moe_folder, SETTINGS[setting], pipeline=True, ring_bytes=TINY_RING)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert calls["materialize"] > 0 and calls["finish"] == 1, calls
+    assert_on_cuda(got)
+
+
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+def test_a_gpu_cpu_split_never_waits_on_the_gpu_per_tensor(
+    sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """A ``device_map`` split: the GPU part is pipelined without a host wait (the CPU
+    part, quantized on the host, makes no CUDA call)."""
+    from test_device_map import quantized_meta, sizes_of
+
+    from leanstream.quantize import QuantSpec
+
+    spec = QuantSpec(bits=SETTINGS[setting]["bits"])
+    sizes = sizes_of(quantized_meta("llama", spec), spec)
+    gpu_share = sum(v for k, v in sizes.items() if not k.startswith("model.layers.1"))
+    extra = {"compute_dtype": torch.bfloat16} if SETTINGS[setting]["bits"] == 4 else {}
+    calls = forbid_host_syncs(monkeypatch)
+    try:
+        got = leanstream.load(
+            sources["llama"],
+            progress=False,
+            pipeline=True,
+            ring_bytes=TINY_RING,
+            device_map="sequential",
+            max_memory={0: gpu_share + 4096, "cpu": "1GiB"},
+            **SETTINGS[setting],
+            **extra,
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert set(got.hf_device_map.values()) == {0, "cpu"}, got.hf_device_map
+    assert calls["materialize"] > 0 and calls["finish"] >= 1, calls
 
 
 @pytest.mark.slow
@@ -461,19 +520,32 @@ def test_every_tensor_is_on_the_device(
 # --- mixture-of-experts ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8"])
-def test_moe_experts_are_quantized_on_the_gpu(
-    tmp_path_factory: pytest.TempPathFactory, setting: str
-) -> None:
-    """Experts streamed piece by piece and quantized on the device with bitsandbytes' CUDA
-    ops: bit-identical to bitsandbytes quantizing transformers' merged tensor on CUDA."""
-    from test_moe import IDS, bnb_quantized, expert_weights, merged_reference, ours_as_dict
-
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("gpu-moe") / "mixtral"
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(make_config("mixtral"), dtype=torch.bfloat16).save_pretrained(
         folder, max_shard_size="60KB"
     )
+    return folder
+
+
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8"])
+def test_moe_experts_are_quantized_on_the_gpu(moe_folder: Path, setting: str) -> None:
+    """Experts streamed piece by piece and quantized on the device with bitsandbytes' CUDA
+    ops: bit-identical to bitsandbytes quantizing transformers' merged tensor on CUDA; the
+    logits those of transformers' model computing with the same quantized experts (made on
+    the CPU: CPU and GPU kernels round differently, hence the tolerance of the CPU test)."""
+    from test_moe import (
+        IDS,
+        bnb_quantized,
+        dequantized_reference,
+        expert_weights,
+        merged_reference,
+        ours_as_dict,
+    )
+
+    folder = moe_folder
     got = ours(folder, SETTINGS[setting], pipeline=True, ring_bytes=TINY_RING)
     assert_on_cuda(got)
     for name, weight in expert_weights(merged_reference(folder)).items():
@@ -481,8 +553,12 @@ def test_moe_experts_are_quantized_on_the_gpu(
         actual = ours_as_dict(got.get_parameter(name))
         for key, value in expected.items():
             assert torch.equal(actual[key].reshape(value.shape), value), (name, key)
+    ref = dequantized_reference(folder, SETTINGS[setting])
     with torch.no_grad():
-        assert torch.isfinite(got(input_ids=IDS.cuda()).logits).all()
+        a = ref(input_ids=IDS).logits.float()
+        b = got(input_ids=IDS.cuda()).logits.float().cpu()
+    assert torch.isfinite(b).all()
+    assert torch.allclose(a, b, rtol=0, atol=2e-2 * a.abs().max().item()), (a - b).abs().max()
     out = got.generate(IDS.cuda(), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, IDS.shape[1] + 4)
 

@@ -403,3 +403,54 @@ def test_bad_arguments_are_named(net_file: Path) -> None:
         leanstream.load_into(
             Net, net_file, key_map=lambda k: None, bits=4, device="cpu", progress=False
         )  # type: ignore[arg-type, return-value]
+
+
+def bnb_linear(weight: torch.Tensor, bias: torch.Tensor, bits: int) -> nn.Module:
+    """bitsandbytes' own layer for ``weight`` / ``bias``, quantized by bitsandbytes."""
+    out_features, in_features = weight.shape
+    if bits == 4:
+        layer: nn.Module = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            True,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=False,
+            quant_type="nf4",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type="nf4", compress_statistics=False
+        )
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, True, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer.to("cpu").eval()  # bitsandbytes quantizes here
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("form", ["factory", "module"])
+def test_a_bare_layer_is_returned_quantized(tmp_path: Path, bits: int, form: str) -> None:
+    """Regression (issue 26, item 8): the model IS the Linear; it cannot replace itself
+    ("Cannot set the submodule without a target name!"), so the bitsandbytes layer that
+    replaces it is returned."""
+    path = tmp_path / "linear.safetensors"
+    gen = torch.Generator().manual_seed(2)
+    weight = (torch.randn(256, 128, generator=gen) * 0.05).to(torch.bfloat16)
+    bias = (torch.randn(256, generator=gen) * 0.05).to(torch.bfloat16)
+    save_file({"weight": weight, "bias": bias}, path)
+    if form == "factory":
+        model: Any = lambda: nn.Linear(128, 256)  # noqa: E731
+    else:
+        with leanstream.empty_parameters():
+            model = nn.Linear(128, 256)
+    extra = {"compute_dtype": torch.bfloat16} if bits == 4 else {}
+    got = leanstream.load_into(model, path, bits=bits, device="cpu", progress=False, **extra)
+    ref = bnb_linear(weight, bias, bits)
+    assert type(got) is type(ref) and not got.training
+    assert assert_same_weights(ref, got) == 1
+    x = torch.randn(3, 128, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(got(x), ref(x))
+    assert got.quantization_config.load_in_4bit == (bits == 4)
+    if form == "module":
+        assert got is not model and model.weight.is_meta  # the one given is left as it was

@@ -88,6 +88,7 @@ from .quantize import (
     materialize,
     replace_embeddings,
     replace_linears,
+    replace_root,
 )
 from .reader import DTYPES, as_tensor
 
@@ -96,12 +97,12 @@ def load(
     source: str | os.PathLike[str],
     *,
     bits: int | Literal["auto"] | None = "auto",
-    quant_type: QuantType = "nf4",
-    double_quant: bool = False,
+    quant_type: QuantType = options.LEFT_OUT["quant_type"],
+    double_quant: bool = options.LEFT_OUT["double_quant"],
     compute_dtype: torch.dtype | str | None = None,
-    blocksize: int = 64,
-    quant_storage: torch.dtype = torch.uint8,
-    threshold: float = 6.0,
+    blocksize: int = options.LEFT_OUT["blocksize"],
+    quant_storage: torch.dtype = options.LEFT_OUT["quant_storage"],
+    threshold: float = options.LEFT_OUT["threshold"],
     skip_modules: list[str] | None = None,
     dtype: torch.dtype | str = "auto",
     device: str | torch.device | None = None,
@@ -200,7 +201,9 @@ def load(
         quantization_config: a ``BitsAndBytesConfig`` (or its dict) as the source of
             ``bits``, ``quant_type``, ``double_quant``, ``compute_dtype`` (its own
             default: float32), ``quant_storage``, ``threshold`` and ``skip_modules``;
-            an explicit option that contradicts it is a :class:`ConfigError`.
+            an option given explicitly (even as its default: ``quant_type="nf4"``
+            against ``bnb_4bit_quant_type="fp4"``) that contradicts it is a
+            :class:`ConfigError` naming both values; one that agrees is fine.
         load_in_4bit, load_in_8bit: ``bits=4`` / ``bits=8``.
         low_cpu_mem_usage: accepted and ignored: leanstream always streams.
         device_map: one device (``"cuda:0"``, ``0``, ``{"": "cpu"}``), or modules across
@@ -325,12 +328,12 @@ def load_into(
     init_missing: list[str] | None = None,
     ignore_unexpected: list[str] | None = None,
     bits: int | Literal["auto"] | None = "auto",
-    quant_type: QuantType = "nf4",
-    double_quant: bool = False,
+    quant_type: QuantType = options.LEFT_OUT["quant_type"],
+    double_quant: bool = options.LEFT_OUT["double_quant"],
     compute_dtype: torch.dtype | str | None = None,
-    blocksize: int = 64,
-    quant_storage: torch.dtype = torch.uint8,
-    threshold: float = 6.0,
+    blocksize: int = options.LEFT_OUT["blocksize"],
+    quant_storage: torch.dtype = options.LEFT_OUT["quant_storage"],
+    threshold: float = options.LEFT_OUT["threshold"],
     skip_modules: list[str] | None = None,
     dtype: torch.dtype | str = "auto",
     device: str | torch.device | None = None,
@@ -392,7 +395,10 @@ def load_into(
 
     Returns:
         ``model`` (or what the factory built), in eval mode, with parameters and
-        buffers on ``device``.
+        buffers on ``device``. A model that is itself a layer to quantize (a bare
+        ``nn.Linear``; an ``nn.Embedding`` with ``quantize_embeddings=True``) cannot
+        replace itself: the bitsandbytes layer that replaces it is returned (the
+        module given is left on ``meta``).
     """
     chosen, spec = _choose(
         dict(
@@ -588,7 +594,7 @@ def _run(
         model_dtype = _model_dtype(chosen["dtype"], config, ckpt)
         model = make_model()
         try:
-            _fill(
+            model = _fill(
                 model,
                 ckpt,
                 folder,
@@ -627,10 +633,11 @@ def _fill(
     warm: _core.Warmup | None = None,
     names: Names | None = None,
     placing: Placing | None = None,
-) -> None:
+) -> Any:
     """Replace the layers of the meta ``model``, plan where each tensor goes (``device``,
     or ``placing``'s device_map), stream the checkpoint into it, and leave on it what its
-    library's bitsandbytes loading leaves."""
+    library's bitsandbytes loading leaves. Returns the model: ``model``, or the
+    bitsandbytes layer that replaces it when it is itself a layer to quantize."""
     names = names or Names()
     kind = family(model)
     expected = expected_shapes(model)
@@ -662,7 +669,12 @@ def _fill(
         to_initialize(model, expected, by_name, merged, names),
         device if placing is None else torch.device("cpu"),  # moved where planned below
     )
-    replaced = replace_linears(model, spec, skip) if spec.quantized else {}
+    replaced: dict[str, bool] = {}
+    if spec.quantized:
+        # a bare layer (the model is the Linear) cannot replace itself: its
+        # bitsandbytes layer is the model from here on
+        model, replaced = replace_root(model, spec, skip, embeddings, model_dtype)
+        replaced.update(replace_linears(model, spec, skip))
     if embeddings:
         replace_embeddings(model, spec, embeddings, model_dtype)
         replaced.update(dict.fromkeys(embeddings, False))
@@ -791,7 +803,7 @@ def _fill(
         where.dispatch(model)
     # the bitsandbytes layers were created after the model's eval(): LLM.int8 takes
     # another code path in training mode
-    model.eval()
+    return model.eval()
 
 
 def _put(

@@ -30,9 +30,51 @@ DEFAULTS: dict[str, Any] = {
     "device": None,
 }
 
+#: the ``BitsAndBytesConfig`` field each option is read from (:func:`_from_bnb_config`)
+CONFIG_FIELDS = {
+    "bits": "load_in_4bit/load_in_8bit",
+    "quant_type": "bnb_4bit_quant_type",
+    "double_quant": "bnb_4bit_use_double_quant",
+    "compute_dtype": "bnb_4bit_compute_dtype",
+    "quant_storage": "bnb_4bit_quant_storage",
+    "threshold": "llm_int8_threshold",
+    "skip_modules": "llm_int8_skip_modules",
+}
+
 #: options that only mean something for 4-bit (``bits=4``) or LLM.int8 (``bits=8``)
 FOUR_BIT = ("quant_type", "double_quant", "compute_dtype", "blocksize", "quant_storage")
 EIGHT_BIT = ("threshold",)
+
+
+class Default:
+    """An option's default, told apart from the same value given explicitly.
+
+    ``quant_type="nf4"`` typed by the caller contradicts a ``quantization_config``
+    that says fp4; ``quant_type`` left out does not. ``load()``'s signature holds
+    ``Default("nf4")`` (its repr is ``'nf4'``, so ``help(load)`` reads as before) and
+    :func:`resolve` replaces it by its value.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+#: ``load()``'s keyword defaults, as :class:`Default` (``LEFT_OUT["quant_type"]``)
+LEFT_OUT: dict[str, Any] = {key: Default(value) for key, value in DEFAULTS.items()}
+
+
+def _unset(key: str, value: Any) -> bool:
+    """Whether ``value`` leaves option ``key`` to another source: a :class:`Default`,
+    or a default that means "choose for me" (``None``, ``"auto"``) given as such."""
+    if isinstance(value, Default):
+        return True
+    chooses = DEFAULTS[key] is None or DEFAULTS[key] == "auto"
+    return chooses and _same(value, DEFAULTS[key])
 
 
 def resolve(
@@ -46,15 +88,19 @@ def resolve(
 ) -> dict[str, Any]:
     """``options`` (leanstream's own, as given) updated from transformers' keywords.
 
-    A transformers keyword sets an option left at its default; one given both
-    ways must agree, or it is a :class:`ConfigError` naming both.
+    A transformers keyword sets an option left out (a :class:`Default`, or ``None`` /
+    ``"auto"``); an option given both ways, even one given explicitly as its default
+    (``quant_type="nf4"`` with a ``quantization_config`` that says fp4), must agree,
+    or it is a :class:`ConfigError` naming both values.
     """
-    options = dict(options)
+    unset = {key for key, value in options.items() if _unset(key, value)}
+    options = {k: v.value if isinstance(v, Default) else v for k, v in options.items()}
 
     def merge(key: str, value: Any, source: str) -> None:
         current = options[key]
-        if _same(current, DEFAULTS[key]) or _same(current, value):
+        if key in unset or _same(current, value):
             options[key] = value
+            unset.discard(key)  # set now: a later keyword must agree with it
         else:
             raise ConfigError(f"{key}={current!r} contradicts {source} ({value!r})")
 
@@ -64,7 +110,7 @@ def resolve(
         raise ConfigError("load_in_4bit=True and load_in_8bit=True: pick one")
     if quantization_config is not None:
         for key, value in _from_bnb_config(quantization_config).items():
-            merge(key, value, "quantization_config")
+            merge(key, value, f"quantization_config.{CONFIG_FIELDS[key]}")
     if load_in_4bit:
         merge("bits", 4, "load_in_4bit=True")
     if load_in_8bit:
@@ -186,4 +232,4 @@ def single_device(device_map: Any) -> bool:
     return _one_device(device_map) is not None
 
 
-__all__ = ["DEFAULTS", "check", "resolve", "single_device"]
+__all__ = ["DEFAULTS", "LEFT_OUT", "Default", "check", "resolve", "single_device"]

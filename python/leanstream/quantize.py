@@ -188,29 +188,54 @@ def replace_embeddings(
     model: nn.Module, spec: QuantSpec, names: Iterable[str], dtype: torch.dtype
 ) -> None:
     """Replace the ``nn.Embedding`` modules ``names`` on ``meta`` with bitsandbytes'
-    ``Embedding4bit`` / ``Embedding8bit`` (weights in the model's ``dtype`` at forward)."""
-
+    ``Embedding4bit`` / ``Embedding8bit`` (weights in the model's ``dtype`` at forward).
+    The model itself (name ``""``) is :func:`replace_root`'s."""
     for name in names:
-        module = model.get_submodule(name)
-        if spec.bits == 4:
-            new: nn.Module = embedding4bit_class()(
-                module.num_embeddings,
-                module.embedding_dim,
-                dtype=dtype,
-                quant_type=spec.quant_type,
-                quant_storage=spec.quant_storage,
-                device="meta",
-            )
-            # its constructor leaves these unset, unlike Linear4bit's
-            new.weight.compress_statistics = spec.double_quant
-            new.weight.blocksize = spec.blocksize
-        else:
-            new = embedding8bit_class()(
-                module.num_embeddings, module.embedding_dim, device="meta", dtype=dtype
-            )
-        new.padding_idx = module.padding_idx
-        new.requires_grad_(False)
-        model.set_submodule(name, new)
+        if name:
+            model.set_submodule(name, _quantized_embedding(model.get_submodule(name), spec, dtype))
+
+
+def _quantized_embedding(module: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> nn.Module:
+    if spec.bits == 4:
+        new: nn.Module = embedding4bit_class()(
+            module.num_embeddings,
+            module.embedding_dim,
+            dtype=dtype,
+            quant_type=spec.quant_type,
+            quant_storage=spec.quant_storage,
+            device="meta",
+        )
+        # its constructor leaves these unset, unlike Linear4bit's
+        new.weight.compress_statistics = spec.double_quant
+        new.weight.blocksize = spec.blocksize
+    else:
+        new = embedding8bit_class()(
+            module.num_embeddings, module.embedding_dim, device="meta", dtype=dtype
+        )
+    new.padding_idx = module.padding_idx
+    new.requires_grad_(False)
+    return new
+
+
+def replace_root(
+    model: nn.Module,
+    spec: QuantSpec,
+    skip: Iterable[str],
+    embeddings: Iterable[str],
+    dtype: torch.dtype,
+) -> tuple[nn.Module, dict[str, bool]]:
+    """The bitsandbytes layer that stands for ``model`` when the model itself is a layer
+    to quantize (a bare ``nn.Linear``, or an ``nn.Embedding`` named ``""`` in
+    ``embeddings``), with ``{"": transpose}``; otherwise ``model`` and ``{}``.
+
+    A module cannot replace itself in place: the caller goes on with the returned one
+    (:func:`replace_linears` and :func:`replace_embeddings` leave the root alone).
+    """
+    if "" in embeddings:
+        return _quantized_embedding(model, spec, dtype), {"": False}
+    if _replaceable(model) and not matches_any("", skip):
+        return _quantized_linear(model, spec), {"": _is_conv1d(model)}
+    return model, {}
 
 
 @functools.cache
@@ -306,60 +331,69 @@ def _unflatten_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> 
 
 
 def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> dict[str, bool]:
-    """Replace linear layers on ``meta`` with bitsandbytes layers.
+    """Replace linear layers on ``meta`` with bitsandbytes layers (the model itself, a
+    bare ``nn.Linear``, is :func:`replace_root`'s).
 
     Returns ``{module_name: transpose}`` for every replaced module, ``transpose``
     being True for ``Conv1D`` (whose weight is stored ``(in, out)``).
     """
-    import bitsandbytes as bnb
-
     skip = list(skip)
     replaced: dict[str, bool] = {}
     for name, module in list(model.named_modules()):
-        conv1d = _is_conv1d(module)
-        if not (conv1d or isinstance(module, nn.Linear)) or matches_any(name, skip):
+        if not name or not _replaceable(module) or matches_any(name, skip):
             continue
-        if conv1d:
-            in_features, out_features = module.weight.shape
-        else:
-            in_features, out_features = module.in_features, module.out_features
-        has_bias = module.bias is not None
-        if spec.bits == 4:
-            new: nn.Module = bnb.nn.Linear4bit(
-                in_features,
-                out_features,
-                has_bias,
-                spec.compute_dtype,
-                compress_statistics=spec.double_quant,
-                quant_type=spec.quant_type,
-                quant_storage=spec.quant_storage,
-                device="meta",
-            )
-            new.weight.blocksize = spec.blocksize
-            if spec.cpu_kernel == "plain" or not cpu_layout.fits(
-                out_features, in_features, spec.blocksize
-            ):
-                # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the
-                # first CPU forward, and crashes for a layer whose out_features is not a
-                # multiple of 32 ("N must be divisible by block_n": a MoE shared-expert
-                # gate, Linear(H, 1)) or whose in_features is not whole blocks ("shape
-                # '[512, 0]' is invalid": Jamba's dt_proj): those keep the plain kernel
-                new.support_avx512bf16_for_cpu = False
-            cpu_layout.manage(new)
-        else:
-            new = bnb.nn.Linear8bitLt(
-                in_features,
-                out_features,
-                has_bias,
-                has_fp16_weights=False,
-                threshold=spec.threshold,
-                device="meta",
-            )
-            accept_any_rank(new)
-        new.requires_grad_(False)
-        model.set_submodule(name, new)
-        replaced[name] = conv1d
+        model.set_submodule(name, _quantized_linear(module, spec))
+        replaced[name] = _is_conv1d(module)
     return replaced
+
+
+def _replaceable(module: nn.Module) -> bool:
+    return _is_conv1d(module) or isinstance(module, nn.Linear)
+
+
+def _quantized_linear(module: nn.Module, spec: QuantSpec) -> nn.Module:
+    """The bitsandbytes layer (on ``meta``) that replaces the linear ``module``."""
+    import bitsandbytes as bnb
+
+    if _is_conv1d(module):
+        in_features, out_features = module.weight.shape
+    else:
+        in_features, out_features = module.in_features, module.out_features
+    has_bias = module.bias is not None
+    if spec.bits == 4:
+        new: nn.Module = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            has_bias,
+            spec.compute_dtype,
+            compress_statistics=spec.double_quant,
+            quant_type=spec.quant_type,
+            quant_storage=spec.quant_storage,
+            device="meta",
+        )
+        new.weight.blocksize = spec.blocksize
+        if spec.cpu_kernel == "plain" or not cpu_layout.fits(
+            out_features, in_features, spec.blocksize
+        ):
+            # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the
+            # first CPU forward, and crashes for a layer whose out_features is not a
+            # multiple of 32 ("N must be divisible by block_n": a MoE shared-expert
+            # gate, Linear(H, 1)) or whose in_features is not whole blocks ("shape
+            # '[512, 0]' is invalid": Jamba's dt_proj): those keep the plain kernel
+            new.support_avx512bf16_for_cpu = False
+        cpu_layout.manage(new)
+    else:
+        new = bnb.nn.Linear8bitLt(
+            in_features,
+            out_features,
+            has_bias,
+            has_fp16_weights=False,
+            threshold=spec.threshold,
+            device="meta",
+        )
+        accept_any_rank(new)
+    new.requires_grad_(False)
+    return new
 
 
 def materialize(
@@ -830,4 +864,5 @@ __all__ = [
     "quantize_4bit",
     "replace_embeddings",
     "replace_linears",
+    "replace_root",
 ]

@@ -319,7 +319,7 @@ def test_quantize_embeddings_and_lm_head(
     assert code == 0, err
     code, _, err = call(capsys, "generate", sources["llama"], "--prompt", "hi", "--bits", "16",
                         "--quantize-embeddings", "--no-progress")  # fmt: skip
-    assert code == 1 and "bits=4 or bits=8" in one_error_line(err)
+    assert code == 2 and "--quantize-embeddings: a quantization option" in one_error_line(err)
 
 
 def test_quantize_errors(
@@ -1110,9 +1110,7 @@ def test_inspect_bad_max_memory_is_one_line(
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (("--max-memory", "cpu=1GB"), "max_memory applies with device_map"),
-        (("--bits", "8"), "choose the setting a device_map plans"),
-        (("--device-map", "auto", "--bits", "8", "--quant-type", "fp4"), "4-bit option"),
+        # (--max-memory or --bits without --device-map: usage errors, issue 26)
         (("--device-map", "auto", "--max-memory", "disk=100GB"), "'disk' offload"),
         # and no warning from accelerate's planner about buffers of offloaded layers
         (("--device-map", "auto", "--max-memory", "0=10KB,cpu=20KB"), "(the whole model) would"),
@@ -1200,3 +1198,108 @@ def test_inspect_plan_loads_no_weights(
     args = ("--device-map", "balanced", "--max-memory", "0=100KB,1=100KB,cpu=1MB")
     code, _, err = call(capsys, "inspect", sources["llama"], *args)
     assert code == 0, err
+
+
+# --- issue 26: command-line friction -----------------------------------------------------
+
+
+@pytest.fixture
+def no_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
+    """``leanstream.load`` replaced by one that records its call and refuses (so that
+    nothing is loaded and nothing saved): the calls made."""
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def load(source: Any, **options: Any) -> Any:
+        calls.append((source, options))
+        raise leanstream.ConfigError("load called")
+
+    monkeypatch.setattr("leanstream.loader.load", load)
+    return calls
+
+
+def test_skip_modules_leaves_the_positionals_alone(
+    sources: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_load: list[tuple[Any, dict[str, Any]]],
+) -> None:
+    """Regression (issue 26): ``--skip-modules X SRC OUT`` took SRC and OUT as module
+    names. One value per use, comma-separated names, repeatable."""
+    code, _, err = call(
+        capsys, "quantize", "--skip-modules", "lm_head,model.layers.0.mlp",
+        "--skip-modules", "model.layers.1", sources["llama"], tmp_path / "out",
+    )  # fmt: skip
+    assert code == 1 and "load called" in one_error_line(err)
+    ((_, options),) = no_load
+    assert options["skip_modules"] == ["lm_head", "model.layers.0.mlp", "model.layers.1"]
+    code, _, err = call(
+        capsys, "quantize", sources["llama"], tmp_path / "out", "--skip-modules", "a", "b"
+    )
+    assert code == 2 and "unrecognized arguments: b" in one_error_line(err)
+    code, _, err = call(capsys, "quantize", sources["llama"], "out", "--skip-modules", "a,,b")
+    assert code == 2 and "--skip-modules: empty module name in 'a,,b'" in one_error_line(err)
+    assert len(no_load) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("quantize", "S", "O", "--bits", "8", "--double-quant"), "--double-quant: a 4-bit"),
+        (("quantize", "S", "O", "--bits", "8", "--quant-type", "fp4"), "--quant-type: a 4-bit"),
+        (("quantize", "S", "O", "--bits", "8", "--compute-dtype", "float16"), "--compute-dtype"),
+        (("generate", "S", "--prompt", "hi", "--bits", "8", "--double-quant"), "--bits 8"),
+        (("generate", "S", "--prompt", "hi", "--bits", "16", "--skip-modules", "x"), "--bits 16"),
+        (("generate", "S", "--prompt", "hi", "--bits", "16", "--quantize-embeddings"), "--bits 16"),
+        (("inspect", "S", "--max-memory", "cpu=1GB"), "--max-memory needs --device-map"),
+        (("inspect", "S", "--bits", "8"), "--bits: chooses the setting --device-map plans"),
+        (("inspect", "S", "--double-quant"), "--double-quant: chooses the setting"),
+        (("inspect", "S", "--device-map", "auto", "--bits", "8", "--quant-type", "fp4"), "4-bit"),
+        (("inspect", "S", "--device-map", "auto", "--bits", "16", "--double-quant"), "--bits 16"),
+    ],
+)
+def test_option_combinations_that_cannot_work_are_usage_errors(
+    sources: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_load: list[tuple[Any, dict[str, Any]]],
+    args: tuple[str, ...],
+    match: str,
+) -> None:
+    """Regression (issue 26): they exited 1, after the checkpoint was opened. Now a usage
+    error (exit 2, one line naming the command's --help), before anything is read."""
+    where = {"S": str(sources["llama"]), "O": str(tmp_path / "out")}
+    code, out, err = call(capsys, *(where.get(a, a) for a in args))
+    assert code == 2 and out == "" and not no_load
+    line = one_error_line(err)
+    assert match in line and line.endswith(f"(see 'leanstream {args[0]} --help')"), line
+
+
+def test_quantize_checks_out_before_loading(
+    sources: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_load: list[tuple[Any, dict[str, Any]]],
+) -> None:
+    """Regression (issue 26): OUT was checked only by save, after the whole load."""
+    source = sources["llama"]
+    linked = tmp_path / "linked"
+    linked.symlink_to(source)
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    for out, match in [
+        (source, "the model was loaded from this folder"),
+        (linked, "the model was loaded from this folder"),  # the same folder, another name
+        (afile, "exists and is not a folder"),
+        (afile / "out", f"{afile} is not a folder"),
+        (precious, "non-empty folder that is not a checkpoint"),
+    ]:
+        code, _, err = call(capsys, "quantize", source, out, "--no-progress")
+        assert code == 1 and match in one_error_line(err), (out, err)
+    assert not no_load
+    assert afile.read_text() == "x" and [p.name for p in precious.iterdir()] == ["notes.txt"]
+    code, _, err = call(capsys, "quantize", source, tmp_path / "new", "--no-progress")
+    assert code == 1 and "load called" in one_error_line(err)
+    assert [folder for folder, _ in no_load] == [source.resolve()]

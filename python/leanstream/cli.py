@@ -88,6 +88,9 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        conflict = _conflict(args)
+        if conflict is not None:
+            args.command_parser.error(conflict)
     except SystemExit as exit_:  # --help, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else 0
     with _quiet_libraries(enabled=not args.verbose):
@@ -197,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print a JSON object instead")
     _cpu_kernel_argument(inspect)
     _plan_arguments(inspect)
-    inspect.set_defaults(run=_inspect)
+    inspect.set_defaults(run=_inspect, command_parser=inspect)
 
     quantize = commands.add_parser(
         "quantize",
@@ -217,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
         help="largest shard, e.g. 4GB (default; decimal units as transformers'), 500MB, 2GiB",
         metavar="SIZE",
     )
-    quantize.set_defaults(run=_quantize)
+    quantize.set_defaults(run=_quantize, command_parser=quantize)
 
     generate = commands.add_parser(
         "generate",
@@ -238,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--max-new-tokens", type=_positive, default=32, help="default: 32", metavar="N"
     )
-    generate.set_defaults(run=_generate)
+    generate.set_defaults(run=_generate, command_parser=generate)
     return parser
 
 
@@ -298,8 +301,12 @@ def _quant_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="quantize lm_head too (a folder only leanstream loads)",
     )
-    parser.add_argument(
-        "--skip-modules", nargs="+", metavar="NAME", help="modules kept in full precision"
+    parser.add_argument(  # one value per use: nargs="+" would take SOURCE and OUT too
+        "--skip-modules",
+        action="extend",
+        type=_module_names,
+        metavar="NAME[,NAME...]",
+        help="modules kept in full precision (comma-separated, or the option repeated)",
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -387,11 +394,64 @@ def _size_argument(text: str) -> int:
         ) from None
 
 
+def _module_names(text: str) -> list[str]:
+    """``--skip-modules lm_head,model.layers.0.mlp``: the names, in order."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty module name in {text!r}")
+    return names
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+#: options that only mean something for 4-bit, and for 4 or 8 bits (as load's
+#: ``options.check`` and its embeddings / lm_head flags refuse them otherwise)
+_FOUR_BIT_FLAGS = ("--quant-type", "--double-quant", "--compute-dtype")
+_QUANT_FLAGS = (*_FOUR_BIT_FLAGS, "--quantize-embeddings", "--quantize-lm-head", "--skip-modules")
+
+
+def _conflict(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options that cannot work, whatever the
+    checkpoint (a usage error, found before anything is read); None if nothing is.
+    :func:`leanstream.load` and :func:`inspect_checkpoint` refuse the same with a
+    :class:`ConfigError`: this says it in the command line's words."""
+    if args.command == "inspect" and args.device_map is None:
+        if args.max_memory is not None:
+            return "--max-memory needs --device-map (it is the budget of that plan)"
+        given = ["--bits"] if args.bits is not None else []
+        given += _given(args, ("--quant-type", "--double-quant"))
+        if given:
+            return (
+                f"{', '.join(given)}: chooses the setting --device-map plans; without "
+                "--device-map inspect predicts every setting"
+            )
+    bits = str(getattr(args, "bits", None))  # generate's and inspect's are text
+    if bits == "8":
+        given = _given(args, _FOUR_BIT_FLAGS)
+        if given:
+            return f"{', '.join(given)}: a 4-bit option, but --bits 8"
+    if bits == "16":
+        given = _given(args, _QUANT_FLAGS)
+        if given:
+            return f"{', '.join(given)}: a quantization option, but --bits 16 quantizes nothing"
+    return None
+
+
+def _given(args: argparse.Namespace, flags: Sequence[str]) -> list[str]:
+    """Those of ``flags`` (of this command) given a value other than load's default."""
+    defaults = {"quant_type": "nf4"}
+    given = []
+    for flag in flags:
+        key = flag.removeprefix("--").replace("-", "_")
+        value = getattr(args, key, None)
+        if value and value != defaults.get(key):
+            given.append(flag)
+    return given
 
 
 # --- inspect ------------------------------------------------------------------------
@@ -1006,14 +1066,21 @@ def _model_class(name: str | None) -> Any:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve
     from .footprint import footprint
     from .loader import load
     from .save import save
 
+    # OUT as save checks it, before a weight is read (and before a hub download)
+    out = Path(args.out).expanduser().absolute()
+    _check_out(out, None)
+    folder = resolve(args.source, subfolder=args.subfolder, revision=args.revision)
+    _check_out(out, folder)
+    options = {**_load_options(args, args.bits), "subfolder": None}  # resolved
     # the plain layout: nothing runs here, and bitsandbytes' CPU layout keeps absmax in
     # bfloat16 only (a saved checkpoint would lose the float32 scales)
-    model = load(args.source, **_load_options(args, args.bits), cpu_kernel="plain")
-    out = save(model, args.out, max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    model = load(folder, **options, cpu_kernel="plain")
+    out = save(model, out, max_shard_size=args.max_shard_size, progress=not args.no_progress)
     shards = sorted(out.glob("*.safetensors"))
     on_disk = sum(shard.stat().st_size for shard in shards)
     print(
@@ -1021,6 +1088,21 @@ def _quantize(args: argparse.Namespace) -> int:
         f"in memory {format_bytes(footprint(model).total_bytes)}"
     )
     return 0
+
+
+def _check_out(out: Path, source: Path | None) -> None:
+    """What :func:`leanstream.save` refuses of ``out`` that needs no loaded model: a file,
+    a path under a file, a non-empty folder that is not a checkpoint and, given
+    ``source``, the folder the model is loaded from. save.py's own check, which needs the
+    model only for its source folder (``_leanstream_source``, which load records) and for
+    the files its tensors are mapped from: here a stand-in that has the first, and no
+    tensors (save checks again, with the model)."""
+    from types import SimpleNamespace
+
+    from .save import _check_target
+
+    model = SimpleNamespace(_leanstream_source=source) if source is not None else None
+    _check_target(out, model)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -59,15 +59,23 @@ def fp32_rule(model: nn.Module, kind: Family, dtype: torch.dtype) -> Callable[[s
     """``keep(module_name, attr)``: whether this parameter is loaded in float32 when the
     model's dtype is ``dtype``. transformers upcasts ``_keep_in_fp32_modules`` only in
     a float16 model (against bf16 -> fp16 overflow), ``_keep_in_fp32_modules_strict`` in
-    float16 and bfloat16 ones; diffusers always upcasts its ``_keep_in_fp32_modules``."""
+    float16 and bfloat16 ones; diffusers always upcasts its ``_keep_in_fp32_modules``.
+
+    transformers matches an entry anywhere in the parameter's full name (its loader's
+    regex search, ``*`` a wildcard), so that an entry names a module (``"moe_statics"``)
+    or a parameter (Ernie4.5-MoE's ``"gate.weight"``) alike: the same plan
+    (``_get_dtype_plan``) and the same regex (``build_glob_alternation``) here."""
     if kind == "transformers":
-        patterns = []
-        if dtype == torch.float16:
-            patterns += _listed(model, "_keep_in_fp32_modules")
-        if dtype in (torch.float16, torch.bfloat16):
-            patterns += _listed(model, "_keep_in_fp32_modules_strict")
-    else:
-        patterns = fp32_patterns(model)
+        from transformers.core_model_loading import build_glob_alternation
+
+        plan = [p for p, d in model._get_dtype_plan(dtype).items() if d == torch.float32]
+        if not plan:
+            return lambda module_name, attr: False
+        regex = build_glob_alternation(plan)[0]
+        return lambda module_name, attr: (
+            regex.search(f"{module_name}.{attr}" if module_name else attr) is not None
+        )
+    patterns = fp32_patterns(model)
     if not patterns:
         return lambda module_name, attr: False
     if kind == "diffusers":

@@ -153,13 +153,26 @@ def extra_modules(model: Any, spec: QuantSpec, skip: Iterable[str]) -> tuple[set
     A tied pair (input embeddings sharing their weight with ``lm_head``) is one tensor:
     either flag quantizes it, and both modules end up sharing the one quantized weight.
     ``skip`` (the user's ``skip_modules`` and ``_keep_in_fp32_modules``) wins.
+
+    A model whose ``get_input_embeddings`` / ``get_output_embeddings`` raises
+    ``NotImplementedError`` or ``AttributeError`` (CLIPModel: two towers, no one input
+    embedding) has none. With a flag set, that is :class:`ConfigError` where it matters:
+    output embeddings it cannot name, or input embeddings it cannot name beside output
+    embeddings (a tied pair could not be kept whole). CLIPModel, with no output
+    embeddings, quantizes all its ``nn.Embedding`` modules with ``quantize_embeddings``.
     """
     skip = list(skip)
     names = {id(m): n for n, m in model.named_modules()}
     embeddings: set[str] = set()
     output: set[str] = set()
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp, inp_error = _embedding(model, "get_input_embeddings")
+    out, out_error = _embedding(model, "get_output_embeddings")
+    if spec.embeddings or spec.lm_head:
+        flag = "quantize_lm_head" if spec.lm_head else "quantize_embeddings"
+        if out_error is not None:
+            _cannot_name(model, flag, "get_output_embeddings", out_error)
+        if inp_error is not None and out is not None:
+            _cannot_name(model, flag, "get_input_embeddings", inp_error)
     tied = (
         out is not None and inp is not None and _tied(model, names.get(id(inp)), names.get(id(out)))
     )
@@ -176,6 +189,27 @@ def extra_modules(model: Any, spec: QuantSpec, skip: Iterable[str]) -> tuple[set
     if tied and names.get(id(inp)) in embeddings and not output:
         embeddings.discard(names[id(inp)])  # the pair is quantized as one or not at all
     return embeddings, output
+
+
+def _embedding(model: Any, method: str) -> tuple[Any, Exception | None]:
+    """``model.method()`` (its input or output embeddings; ``None`` without such a
+    method) and ``None``, or ``None`` and the error when the method cannot say
+    (raises ``NotImplementedError`` or ``AttributeError``)."""
+    get = getattr(model, method, None)
+    if get is None:
+        return None, None
+    try:
+        return get(), None
+    except (NotImplementedError, AttributeError) as err:
+        return None, err
+
+
+def _cannot_name(model: Any, flag: str, method: str, err: Exception) -> None:
+    raise ConfigError(
+        f"{flag}=True: {type(model).__name__}.{method}() cannot say which module that is "
+        f"({type(err).__name__}: {err}), so a tied pair of input and output embeddings "
+        f"cannot be kept whole; load without {flag}"
+    ) from err
 
 
 def _tied(model: Any, inp: str | None, out: str | None) -> bool:

@@ -636,7 +636,7 @@ def dm() -> Any:
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny BertModel checkpoint: a base model, whose config's default class
+    """A tiny BertModel checkpoint: a base model, whose config's causal LM class
     (BertLMHeadModel) does not match it."""
     from transformers import BertConfig, BertModel
 
@@ -835,12 +835,12 @@ def test_variant(dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_model_class(bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from transformers import AutoModel, BertModel
+    from transformers import AutoModel, AutoModelForCausalLM, BertModel
 
-    # the config's default class (BertLMHeadModel) does not fit: refused, as load refuses it
-    refused = error_of(lambda: loaded(bert, bits=4))
+    # the config's causal LM class (BertLMHeadModel) does not fit: refused, as load refuses it
+    refused = error_of(lambda: loaded(bert, bits=4, model_class=AutoModelForCausalLM))
     assert "cls.predictions" in refused
-    code, _, err = call(capsys, "inspect", bert)
+    code, _, err = call(capsys, "inspect", bert, "--model-class", "AutoModelForCausalLM")
     assert code == 1
     assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
 
@@ -862,6 +862,8 @@ def test_model_class(bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
         )
         assert (row["total_bytes"], row["by_kind"]) == (actual.total_bytes, actual.by_kind), row
     code, out, _ = call(capsys, "inspect", bert, "--model-class", "BertModel", "--json")
+    assert code == 0 and json.loads(out) == report
+    code, out, _ = call(capsys, "inspect", bert, "--json")  # architectures names BertModel
     assert code == 0 and json.loads(out) == report
 
     out_folder = tmp_path / "nf4"

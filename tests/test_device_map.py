@@ -189,6 +189,37 @@ def test_disk_and_unavailable_devices_are_refused(sources: dict[str, Path]) -> N
         load(sources["llama"], device_map="everywhere")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_max_memory_on_a_missing_gpu_is_one_error(
+    sources: dict[str, Path], caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (issue 26): accelerate warned "Device 0 is not available" three times,
+    then the error blamed a ``device=`` the caller never passed."""
+    for max_memory in ({0: "22GiB"}, {"cuda:0": "22GiB", "cpu": "1GiB"}):
+        with caplog.at_level("WARNING"), pytest.raises(ConfigError) as err:
+            load(sources["llama"], device_map="auto", max_memory=max_memory)
+        assert "max_memory" in str(err.value) and "cuda:0 is not available" in str(err.value)
+        assert "device=" not in str(err.value)
+    assert not [r for r in caplog.records if "not available" in r.getMessage()]
+    assert "not available" not in "".join(capfd.readouterr())
+    with pytest.raises(ConfigError) as err:
+        load(sources["llama"], device_map="cuda")
+    assert "device_map='cuda'" in str(err.value) and "device=" not in str(err.value)
+
+
+def test_an_unknown_device_map_lists_the_strategies(sources: dict[str, Path]) -> None:
+    """Regression (issue 26): ``device_map="bogus"`` listed torch's device types."""
+    with pytest.raises(ConfigError) as err:
+        load(sources["llama"], device_map="bogus")
+    message = str(err.value)
+    assert message.startswith("device_map='bogus'")
+    for word in ("'auto'", "'balanced'", "'balanced_low_0'", "'sequential'", "dict", "'cpu'"):
+        assert word in message
+    assert "mkldnn" not in message
+    with pytest.raises(ConfigError, match=r"device_map=\{'': 'bogus'\}: 'bogus' is not a device"):
+        load(sources["llama"], device_map={"": "bogus"})
+
+
 def test_prequantized_and_quantized_embeddings_follow_the_plan(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -516,7 +516,14 @@ def test_checkpoint_of_the_base_model_gets_its_prefix(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
     assert "embed_tokens.weight" in index["weight_map"]
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu")
-    got = leanstream.load(tmp_path / "base", bits=16, device="cpu", progress=False)
+    # its architectures names LlamaModel, the default class: ask for the causal LM
+    got = leanstream.load(
+        tmp_path / "base",
+        bits=16,
+        device="cpu",
+        progress=False,
+        model_class=AutoModelForCausalLM,
+    )
     assert type(got).__name__ == "LlamaForCausalLM"
     assert torch.equal(got.model.embed_tokens.weight, base.embed_tokens.weight)
     assert got.lm_head.weight is got.model.embed_tokens.weight

@@ -46,9 +46,15 @@ def write_tiny(folder: Path, cls: Any, config: Any, max_shard_size: str = "60KB"
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
+    return write_tiny(tmp_path_factory.mktemp("bert"), BertModel, bert_config())
+
+
+def bert_config() -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
         vocab_size=320,
         hidden_size=64,
         num_hidden_layers=2,
@@ -56,7 +62,45 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         intermediate_size=128,
         max_position_embeddings=64,
     )
-    return write_tiny(tmp_path_factory.mktemp("bert"), BertModel, config)
+
+
+@pytest.fixture(scope="module")
+def bert_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertForSequenceClassification
+
+    # 32 labels: bitsandbytes' AVX512-BF16 CPU kernel, which transformers' model takes
+    # at its first forward, asserts a 4-bit layer's out_features % 32 == 0
+    config = bert_config()
+    config.num_labels = 32
+    folder = tmp_path_factory.mktemp("bert-classifier")
+    return write_tiny(folder, BertForSequenceClassification, config)
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=320,
+        num_mel_bins=16,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=16,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    folder = tmp_path_factory.mktemp("whisper")
+    return write_tiny(folder, WhisperForConditionalGeneration, config)
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +177,81 @@ def test_an_encoder_with_model_class(bert: Path, model_class: str, setting: str)
 
 
 def test_an_encoder_is_not_a_causal_lm(bert: Path) -> None:
-    """bert's causal LM class (BertLMHeadModel) has a head this checkpoint lacks."""
+    """bert's causal LM class (BertLMHeadModel) has a head this checkpoint lacks: the
+    error names the class built and what to pass."""
+    from transformers import AutoModelForCausalLM
+
     with pytest.raises(MismatchError) as err:
-        ours(bert, "nf4")
+        ours(bert, "nf4", model_class=AutoModelForCausalLM)
     assert any(name.startswith("cls.predictions") for name in err.value.missing)
+    assert "the model built is a BertLMHeadModel" in str(err.value)
+    assert "model_class=" in str(err.value)
+
+
+def test_a_missing_head_names_the_class_built(bert: Path) -> None:
+    """Regression (issue 26): with tensors missing (none extra) the error did not say
+    which class was built, nor that model_class= chooses another."""
+    from transformers import BertForSequenceClassification
+
+    with pytest.raises(MismatchError) as err:
+        ours(bert, "nf4", model_class=BertForSequenceClassification)
+    assert err.value.missing == ["classifier.bias", "classifier.weight"]
+    assert not err.value.unexpected
+    assert "the model built is a BertForSequenceClassification" in str(err.value)
+    assert "model_class=" in str(err.value)
+
+
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+def test_the_default_class_is_the_one_architectures_names(
+    bert_classifier: Path, bert: Path, setting: str
+) -> None:
+    """Regression (issue 26): a BertForSequenceClassification checkpoint built
+    BertLMHeadModel (the causal LM class of its config) and failed with a
+    MismatchError; as transformers' pipelines, the class the checkpoint was saved from
+    is built."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertForSequenceClassification,
+        BertModel,
+    )
+
+    got = ours(bert_classifier, setting)
+    ref = theirs(AutoModelForSequenceClassification, bert_classifier, setting)
+    assert type(got) is type(ref) is BertForSequenceClassification
+    assert assert_same_weights(ref, got) > 0
+    with torch.no_grad():
+        a, b = ref(input_ids=IDS).logits.float(), got(input_ids=IDS).logits.float()
+    assert torch.isfinite(b).all()
+    assert torch.equal(a, b)
+    assert type(ours(bert, setting)) is BertModel  # saved from BertModel
+
+
+def test_a_whisper_checkpoint_builds_its_own_class(whisper: Path) -> None:
+    """Regression (issue 26): Whisper built WhisperForCausalLM (a decoder only)."""
+    from transformers import AutoModelForSpeechSeq2Seq, WhisperForConditionalGeneration
+
+    got = ours(whisper, "nf4")
+    ref = theirs(AutoModelForSpeechSeq2Seq, whisper, "nf4")
+    assert type(got) is type(ref) is WhisperForConditionalGeneration
+    assert assert_same_weights(ref, got) > 0
+
+
+@pytest.mark.parametrize("architectures", [None, ["NotATransformersClass"]])
+def test_without_a_known_architectures_class_the_causal_lm_is_built(
+    sources: dict[str, Path], tmp_path: Path, architectures: Any
+) -> None:
+    import json
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    folder = Path(shutil.copytree(sources["llama"], tmp_path / "llama"))
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("architectures")
+    if architectures is not None:
+        config["architectures"] = architectures
+    (folder / "config.json").write_text(json.dumps(config))
+    assert type(ours(folder, "nf4")) is LlamaForCausalLM
 
 
 def test_without_a_causal_lm_class_the_architectures_class_is_built(t5: Path) -> None:
@@ -161,11 +276,16 @@ def test_a_multimodal_checkpoint_as_text_only_is_an_explicit_choice(mllama: Path
     from transformers import AutoModelForCausalLM, MllamaForCausalLM
 
     with pytest.raises(MismatchError) as err:
-        ours(mllama, "nf4")
+        ours(mllama, "nf4", model_class=AutoModelForCausalLM)
     assert any("vision_model" in name for name in err.value.unexpected)
     assert "multi_modal_projector.weight" in err.value.unexpected
     assert "ignore_unexpected" in str(err.value) and "model_class" in str(err.value)
-    got = ours(mllama, "nf4", ignore_unexpected=["vision_model", "multi_modal_projector"])
+    got = ours(
+        mllama,
+        "nf4",
+        model_class=AutoModelForCausalLM,
+        ignore_unexpected=["vision_model", "multi_modal_projector"],
+    )
     ref = theirs(AutoModelForCausalLM, mllama, "nf4")  # transformers drops them, warning
     assert type(got) is type(ref) is MllamaForCausalLM
     assert assert_same_weights(ref, got) > 0
@@ -181,6 +301,8 @@ def test_a_multimodal_checkpoint_with_its_own_class(mllama: Path) -> None:
     ref = theirs(AutoModelForImageTextToText, mllama, "nf4")
     assert type(got) is type(ref) is MllamaForConditionalGeneration
     assert assert_same_weights(ref, got) > 0
+    # the class its architectures names, by default
+    assert assert_same_weights(ref, ours(mllama, "nf4")) > 0
 
 
 def test_a_model_class_that_is_not_one(bert: Path) -> None:

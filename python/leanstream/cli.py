@@ -272,8 +272,8 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-class",
         metavar="NAME",
         help="transformers class to build: AutoModel, AutoModelForSeq2SeqLM, BertModel... "
-        "(default: the config's causal LM class, else its architectures[0]; a diffusers "
-        "component is the class its config names)",
+        "(default: the class the config's architectures names, else its causal LM class; "
+        "a diffusers component is the class its config names)",
     )
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument(

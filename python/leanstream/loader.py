@@ -223,8 +223,9 @@ def load(
             (:class:`ConfigError` otherwise, listing them).
         model_class: the transformers class to build: a model class (``BertModel``)
             or an ``Auto*`` class (``AutoModelForSeq2SeqLM``,
-            ``AutoModelForImageTextToText``). Default: the causal LM class of the
-            config, else the first class its ``architectures`` names.
+            ``AutoModelForImageTextToText``). Default: the first class the config's
+            ``architectures`` names (the class the checkpoint was saved from), else
+            the config's causal LM class.
         ignore_unexpected: patterns (regular expressions, searched in checkpoint
             names) of checkpoint tensors the model does not have that may be left
             out, e.g. the vision tower of a multimodal checkpoint loaded as a
@@ -289,16 +290,17 @@ def load(
                     f"config, built as the class it names ({diffusers_class.__name__})"
                 )
             return (
-                lambda: build_diffusers_model(diffusers_class, folder),
+                lambda dtype: build_diffusers_model(diffusers_class, folder),
                 _SavedConfig(config_dict),
             )
         config = load_config(folder, trust_remote_code=trust_remote_code)
         return (
-            lambda: build_empty_model(
+            lambda dtype: build_empty_model(
                 config,
                 trust_remote_code=trust_remote_code,
                 attn_implementation=attn_implementation,
                 model_class=model_class,
+                dtype=dtype,
             ),
             config,
         )
@@ -444,7 +446,7 @@ def load_into(
     factory = model
 
     def build() -> tuple[Any, Any]:
-        def make() -> nn.Module:
+        def make(dtype: torch.dtype) -> nn.Module:
             if given is not None:
                 return given
             with empty_parameters():
@@ -555,7 +557,7 @@ def _gc_paused() -> Iterator[None]:
 def _run(
     folder: Path,
     weights: Path | list[Path],
-    build: Callable[[], tuple[Callable[[], nn.Module], Any]],
+    build: Callable[[], tuple[Callable[[torch.dtype], nn.Module], Any]],
     chosen: dict[str, Any],
     spec: QuantSpec,
     *,
@@ -566,9 +568,9 @@ def _run(
     ignore_unexpected: list[str] | None = None,
     placing: Placing | None = None,
 ) -> Any:
-    """Validate the shards, build the model (``build`` returns the model's factory and
-    the config whose ``quantization_config`` says whether the checkpoint is
-    pre-quantized), and stream the checkpoint into it."""
+    """Validate the shards, build the model (``build`` returns the model's factory,
+    called with the model's dtype, and the config whose ``quantization_config`` says
+    whether the checkpoint is pre-quantized), and stream the checkpoint into it."""
     bits, skip_modules = chosen["bits"], chosen["skip_modules"]
     # validate the shards, then read ahead while transformers imports the model's
     # code, parses config.json and builds the empty model (most of a second)
@@ -592,7 +594,7 @@ def _run(
         else:
             options.check(chosen, spec.bits)
         model_dtype = _model_dtype(chosen["dtype"], config, ckpt)
-        model = make_model()
+        model = make_model(model_dtype)
         try:
             model = _fill(
                 model,

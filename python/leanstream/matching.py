@@ -240,12 +240,17 @@ def plan_targets(
         if not (asked and asked.search(key))
     ]
     if missing or unexpected or mismatched:
-        hint = None
+        built = f"the model built is a {type(model).__name__}"
         if unexpected:
             hint = (
-                f"the model built is a {type(model).__name__}: to leave the extra tensors out "
-                "pass ignore_unexpected=[patterns]; to build a model that has them, pass "
-                "model_class= (load) or build it (load_into)"
+                f"{built}: to leave the extra tensors out pass ignore_unexpected=[patterns]; "
+                "to build a model that has them, pass model_class= (load) or build it "
+                "(load_into)"
+            )
+        else:
+            hint = (
+                f"{built}: if the checkpoint holds another class, pass model_class= (load) "
+                "or build that class (load_into)"
             )
         raise MismatchError(
             str(folder), missing=missing, unexpected=unexpected, mismatched=mismatched, hint=hint

@@ -16,6 +16,13 @@ function that only acts in a thread that is inside :func:`empty_parameters`
 parameter is moved to ``meta`` as it is registered (and marked initialized,
 so that transformers' ``_init_weights`` skips it), while buffers are computed
 for real, exactly as a normally constructed model computes them.
+
+Buffers take the dtype transformers gives them: ``from_pretrained`` builds the
+model under ``torch.set_default_dtype(dtype)``, so a buffer computed in the
+default dtype (XGLM's sinusoidal positions, OpenAI-GPT's causal mask, Falcon-H1's
+``mup_vector``) is in the model's dtype, while one the model computes explicitly
+in float32 (rotary ``inv_freq``) stays float32. :func:`build_empty_model` builds
+under the same switch; it is process-wide, so builds take a lock for its duration.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import ConfigError
@@ -32,6 +40,8 @@ from .errors import ConfigError
 _state = threading.local()
 _install_lock = threading.Lock()
 _original_register_parameter = nn.Module.register_parameter
+#: held while a build has torch's (process-wide) default dtype switched
+_default_dtype_lock = threading.Lock()
 
 
 def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -51,6 +61,27 @@ def _install() -> None:
     with _install_lock:
         if nn.Module.register_parameter is not _register_parameter:
             nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within this block, ``torch.get_default_dtype()`` is ``dtype`` (when it is one
+    torch accepts as default: float16, bfloat16, float32, float64), as in
+    transformers' ``local_torch_dtype``. The switch is process-wide: the lock keeps
+    two builds from restoring each other's dtype."""
+    if dtype is None or dtype not in _DEFAULT_DTYPES:
+        yield
+        return
+    with _default_dtype_lock:
+        original = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(original)
+
+
+_DEFAULT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @contextmanager
@@ -76,22 +107,30 @@ def build_empty_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     model_class: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> Any:
     """Instantiate ``model_class`` (a transformers model class or ``Auto*`` class;
-    default: the causal LM class of ``config``, else the first class its
-    ``architectures`` names) for ``config``, with empty parameters.
+    default: the first transformers class ``config.architectures`` names, the one
+    the checkpoint was saved from, else the causal LM class of ``config``) for
+    ``config``, with empty parameters.
 
     Buffers (persistent or not) are real, on the CPU, with the values the model's
-    ``__init__`` computes. ``attn_implementation`` is passed on, as ``from_pretrained``
-    does. Raises :class:`ConfigError` when transformers has no such class for this
-    config, or refuses the attention implementation.
+    ``__init__`` computes, built (as ``from_pretrained`` builds them) with ``dtype``
+    (default: ``config.dtype``) as torch's default dtype, so that a buffer computed
+    in the default dtype has the model's dtype. ``attn_implementation`` is passed
+    on, as ``from_pretrained`` does. Raises :class:`ConfigError` when transformers
+    has no such class for this config, or refuses the attention implementation.
     """
     cls = model_class if model_class is not None else _default_class(config, trust_remote_code)
-    # dtype=None: from_config would otherwise call torch.set_default_dtype(config.dtype),
-    # a process-wide switch that races with every other thread. Parameters are on
-    # meta (their dtype is chosen when they are loaded); buffers whose dtype matters
-    # (rotary inv_freq) are created with an explicit float32 by the models.
-    dtype = getattr(config, "dtype", None)
+    # dtype=None: from_config would otherwise call torch.set_default_dtype unguarded,
+    # and two builds in two threads could restore each other's default dtype;
+    # _default_dtype switches it under a lock. Parameters are on meta (their dtype
+    # is chosen when they are loaded); buffers get it from the default dtype.
+    configured = getattr(config, "dtype", None)
+    if dtype is None and isinstance(configured, torch.dtype):
+        dtype = configured
+    elif dtype is None and isinstance(configured, str):
+        dtype = getattr(torch, configured, None)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if _is_auto(cls):
         extra["trust_remote_code"] = trust_remote_code
@@ -101,7 +140,7 @@ def build_empty_model(
     if construct is None:
         raise ConfigError(f"model_class={cls!r} is not a transformers model or Auto* class")
     try:
-        with empty_parameters():
+        with _default_dtype(dtype), empty_parameters():
             model = construct(config, dtype=None, **extra)
     except ValueError as err:
         if attn_implementation and attn_implementation in str(err):
@@ -117,8 +156,8 @@ def build_empty_model(
             f"model from it: {type(err).__name__}: {err}"
         ) from err
     finally:
-        config.dtype = dtype
-    model.config.dtype = dtype
+        config.dtype = configured
+    model.config.dtype = configured
     model.eval()
     model.requires_grad_(False)
     return model
@@ -131,21 +170,23 @@ def _is_auto(cls: Any) -> bool:
 
 
 def _default_class(config: Any, trust_remote_code: bool) -> Any:
-    """``AutoModelForCausalLM`` when it knows ``config`` (or the checkpoint's own code
-    names one), else the transformers class ``config.architectures`` names first."""
+    """The class the checkpoint was saved from: the transformers class
+    ``config.architectures`` names first (as transformers' pipelines choose); else
+    ``AutoModelForCausalLM`` when it knows ``config``. With ``trust_remote_code``, a
+    checkpoint whose own code names a causal LM class (``auto_map``) builds that."""
     import transformers
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     auto_map = getattr(config, "auto_map", None) or {}
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or (
-        trust_remote_code and "AutoModelForCausalLM" in auto_map
-    ):
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
         return AutoModelForCausalLM
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
     raise ConfigError(
         f"transformers has no causal LM class for model_type "
         f"{getattr(config, 'model_type', None)!r}, and its config names no transformers "

@@ -117,9 +117,10 @@ def resolve(
         merge("bits", 8, "load_in_8bit=True")
     options["device_map"] = None
     if device_map is not None:
-        one = _one_device(device_map)
+        one = _one_device(device_map, check=False)
         if one is not None:
-            merge("device", one, f"device_map={device_map!r}")
+            merge("device", one, f"device_map={device_map!r}")  # a contradiction first
+            _one_device(device_map)  # then whether that device is there
         elif options["device"] is not None:
             raise ConfigError(
                 f"device={options['device']!r} and device_map={device_map!r}: pass one of them"
@@ -204,27 +205,47 @@ def _from_bnb_config(config: Any) -> dict[str, Any]:
     return out
 
 
-def _one_device(device_map: Any) -> Any:
+def _one_device(device_map: Any, *, check: bool = True) -> Any:
     """The one device a ``device_map`` names, or None when it places modules on several
     devices or names a strategy (``"auto"``, ...): that plan is made by
-    :mod:`leanstream.placement`."""
-    from .placement import STRATEGIES
+    :mod:`leanstream.placement`. ``check``: refuse a CUDA device this machine lacks."""
+    from .placement import EXPECTED, STRATEGIES
 
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) == 1:
             (device,) = devices
-            return torch.device(device) if isinstance(device, int) else device
+            if isinstance(device, int):
+                device = torch.device(device)
+            return _available(device, device_map, f"{device!r} is not a device", check)
         if not devices:
             raise ConfigError("device_map={}: places nothing")
         return None
     if isinstance(device_map, str) and device_map in STRATEGIES:
         return None
     if isinstance(device_map, str):
-        return device_map
+        return _available(device_map, device_map, EXPECTED, check)
     if isinstance(device_map, int | torch.device):
-        return torch.device(device_map) if isinstance(device_map, int) else device_map
-    raise ConfigError(f"device_map={device_map!r}: not a device, a strategy or a dict")
+        device = torch.device(device_map) if isinstance(device_map, int) else device_map
+        return _available(device, device_map, EXPECTED, check)
+    raise ConfigError(f"device_map={device_map!r}: {EXPECTED}")
+
+
+def _available(device: Any, device_map: Any, otherwise: str, check: bool = True) -> Any:
+    """``device``, the one device ``device_map`` names, checked here so that a
+    message names ``device_map`` (the caller's), not ``device``; ``otherwise``: what
+    to say when it is not a device."""
+    from .placement import check_available
+
+    if device == "disk":  # refused with the plans
+        return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device_map={device_map!r}: {otherwise}") from err
+    if check and parsed.type == "cuda":
+        check_available(parsed.index or 0, f"device_map={device_map!r}")
+    return device
 
 
 def single_device(device_map: Any) -> bool:

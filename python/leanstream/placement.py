@@ -13,6 +13,7 @@ CPU modules stay quantized: bitsandbytes runs 4-bit and 8-bit layers on the CPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 
 #: ``device_map`` strategies, as transformers names them
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+#: what a ``device_map`` may be, for messages
+EXPECTED = (
+    f"expected a strategy ({', '.join(repr(s) for s in STRATEGIES)}), a device ('cpu', "
+    "'cuda:0', 0) or a dict of module names to devices"
+)
 
 
 def weight_bytes(
@@ -158,13 +164,10 @@ def plan(
         _refuse_disk(result, sizes, None)
         return result
     if device_map not in STRATEGIES:
-        raise ConfigError(
-            f"device_map={device_map!r}: expected one of {', '.join(STRATEGIES)}, a device, "
-            "or a dict of module names to devices"
-        )
+        raise ConfigError(f"device_map={device_map!r}: {EXPECTED}")
     budget = _max_memory(max_memory)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
-    with _sized(model, sizes):
+    with _sized(model, sizes), _quiet_absent_devices():
         if device_map != "sequential":
             budget = get_balanced_memory(
                 model,
@@ -179,6 +182,25 @@ def plan(
     return result
 
 
+class _DropAbsentDevice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is not available, available devices are" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_absent_devices() -> Iterator[None]:
+    """Within the block, accelerate's planner does not warn (at each of its calls) that
+    a device of ``max_memory`` is absent: it plans for it all the same, and a load
+    refuses it once (:meth:`Placing.plan`)."""
+    logger = logging.getLogger("accelerate.utils.modeling")
+    drop = _DropAbsentDevice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[Any, int | str] | None:
     """``max_memory`` with CUDA devices as indices (``"cuda:1"`` -> 1), or None for
     what accelerate finds free."""
@@ -191,6 +213,21 @@ def _max_memory(max_memory: Mapping[Any, int | str] | None) -> dict[Any, int | s
             raise ConfigError("max_memory: 'disk' offload is not supported by leanstream")
         budget[entry] = value
     return budget
+
+
+def check_available(entry: str | int, option: str) -> None:
+    """Refuse a device_map entry (``"cpu"`` or a CUDA index) that names a CUDA device
+    this machine does not have; ``option`` is what the caller passed, for the message."""
+    if not isinstance(entry, int):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{option}: cuda:{entry} is not available: CUDA is not available")
+    count = torch.cuda.device_count()
+    if entry >= count:
+        raise ConfigError(
+            f"{option}: cuda:{entry} is not available: this machine has {count} CUDA "
+            f"device{'s' if count != 1 else ''} (0 to {count - 1})"
+        )
 
 
 def _device_entry(device: Any) -> str | int:
@@ -448,6 +485,12 @@ class Placing:
 
         sizes = tensor_sizes(model, spec, dtype_of, experts)
         device_map = plan(model, sizes, self.device_map, self.max_memory)
+        # plan() plans for any devices, present or not (inspect predicts plans for
+        # GPUs elsewhere); a load needs them here
+        for key in self.max_memory or {}:
+            check_available(_device_entry(key), f"max_memory={self.max_memory!r}")
+        for entry in device_map.values():
+            check_available(entry, f"device_map={self.device_map!r}")
         where = Where(as_device(torch_device(_main_entry(device_map))), device_map)
         return where
 
@@ -486,6 +529,7 @@ __all__ = [
     "Where",
     "as_device",
     "attach_hooks",
+    "check_available",
     "device_for",
     "entry_of",
     "misplaced",

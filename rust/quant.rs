@@ -852,7 +852,7 @@ mod x86 {
         }
     }
 
-    /// The packing loop of [`pack_batch_bf16`] with [`bucket_cells`] for the bucketize.
+    /// [`pack_blocks_bf16`] with [`bucket_cells`] for the bucketize.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     unsafe fn pack_batch_bf16_cells<C: Code>(
         input: &[u8],
@@ -874,27 +874,9 @@ mod x86 {
                 ),
             )
         };
-        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        let blocks = input
-            .chunks_exact(bs * 2)
-            .zip(packed.chunks_exact_mut(bs / 2))
-            .zip(scales);
-        let mut ahead = next;
-        for ((block, out), &scale) in blocks {
-            let scale = _mm512_set1_ps(scale);
-            for (chunk, dst) in block.chunks_exact(64).zip(out.chunks_exact_mut(16)) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                ahead = ahead.wrapping_add(64);
-                // SAFETY: 64 readable bytes, 16 writable ones
-                let w = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
-                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
-                let odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
-                let hi = unsafe { bucket_cells::<C>(_mm512_mul_ps(even, scale), cells, bounds) };
-                let lo = unsafe { bucket_cells::<C>(_mm512_mul_ps(odd, scale), cells, bounds) };
-                let bytes = _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32::<4>(hi), lo));
-                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
-            }
-        }
+        // SAFETY: `bucket_cells` is inlined here, where the CPU has AVX-512
+        let bucket = |v: __m512| unsafe { bucket_cells::<C>(v, cells, bounds) };
+        unsafe { pack_blocks_bf16(input, bs, scales, packed, next, bucket) };
     }
 
     /// [`bucket_cells`] of each value, for tests: `values.len()` a multiple of 16.
@@ -920,15 +902,12 @@ mod x86 {
         out
     }
 
-    /// The packing loop for BF16 blocks with AVX-512: 32 values (16 packed bytes) at a
-    /// time. A 32-bit load holds two consecutive values (the first in its low half), so
-    /// the even and the odd values are one shift and one mask away as f32 vectors; each
-    /// is scaled (`x * scale`, the same f32 product) and bucketized by a 4-step binary
-    /// search over the 15 sorted midpoints (`vpermps` picks each lane's midpoint) with
-    /// the predicate `!(bound >= v)`, true for NaN as bucketize's count is: for sorted
-    /// midpoints that count is where the search ends. The bucket goes through the code
-    /// book's order (`vpermd`), and `even << 4 | odd` is narrowed to bytes (`vpmovdb`).
-    /// `input` is whole blocks of `bs` values (a multiple of 32), `scales` one per block.
+    /// [`pack_blocks_bf16`] with a 4-step binary search over the 15 sorted midpoints for
+    /// the bucketize (`vpermps` picks each lane's midpoint) with the predicate
+    /// `!(bound >= v)`, true for NaN as bucketize's count is: for sorted midpoints that
+    /// count is where the search ends. The bucket goes through the code book's order
+    /// (`vpermd`). `input` is whole blocks of `bs` values (a multiple of 32), `scales` one
+    /// per block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn pack_batch_bf16<C: Code>(
         input: &[u8],
@@ -944,7 +923,6 @@ mod x86 {
         // SAFETY: 16-element arrays, unaligned loads
         let bounds = unsafe { _mm512_loadu_ps(bounds.as_ptr()) };
         let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
-        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
         let bucket = |v: __m512| -> __m512i {
             let mut idx = _mm512_setzero_si512();
             for step in [8, 4, 2, 1] {
@@ -955,6 +933,26 @@ mod x86 {
             }
             _mm512_permutexvar_epi32(idx, order)
         };
+        unsafe { pack_blocks_bf16(input, bs, scales, packed, next, bucket) };
+    }
+
+    /// The packing loop both bucketizes share, for BF16 blocks with AVX-512: 32 values
+    /// (16 packed bytes) at a time. A 32-bit load holds two consecutive values (the first
+    /// in its low half), so the even and the odd values are one shift and one mask away
+    /// as f32 vectors; each is scaled (`x * scale`, the same f32 product) and bucketized
+    /// by `bucket`, and `even << 4 | odd` is narrowed to bytes (`vpmovdb`). The line
+    /// `next` points to (the next batch, read one line per line packed) is prefetched.
+    /// Inlined into its callers, which have AVX-512 enabled.
+    #[inline(always)]
+    unsafe fn pack_blocks_bf16(
+        input: &[u8],
+        bs: usize,
+        scales: &[f32],
+        packed: &mut [u8],
+        next: *const u8,
+        bucket: impl Fn(__m512) -> __m512i,
+    ) {
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
         let blocks = input
             .chunks_exact(bs * 2)
             .zip(packed.chunks_exact_mut(bs / 2))
@@ -963,7 +961,8 @@ mod x86 {
         for ((block, out), &scale) in blocks {
             let scale = _mm512_set1_ps(scale);
             for (chunk, dst) in block.chunks_exact(64).zip(out.chunks_exact_mut(16)) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                // SAFETY: a prefetch never faults; the address is only formed, not read
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.cast()) };
                 ahead = ahead.wrapping_add(64);
                 // SAFETY: 64 readable bytes, 16 writable ones
                 let w = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };

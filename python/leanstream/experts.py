@@ -154,7 +154,9 @@ class QuantizedExperts(nn.Parameter):
         if self.quant_state is None:
             rows = F.int8_vectorwise_dequant(self.data.reshape(e * r, c), self.SCB)
             return rows.reshape(e, r, c).to(self._dequant_dtype)
-        return F.dequantize_4bit(self.data, self.quant_state).reshape(e, r, c)
+        flat = copy.copy(self.quant_state)  # see _expert_4bit
+        flat.shape = torch.Size((e * r * c,))
+        return F.dequantize_4bit(self.data, flat).reshape(e, r, c)
 
     def _expert(self, index: Any) -> int:
         if isinstance(index, torch.Tensor):
@@ -184,15 +186,19 @@ class QuantizedExperts(nn.Parameter):
         r, c = self.expert_shape
         size = r * c
         blocks = size // state.blocksize
+        # flat: bitsandbytes' CPU kernel reads a 2-D shape's absmax as whole blocks per
+        # row, wrong when c is not a multiple of the block size (the blocks run across
+        # rows); on the flat values every kernel is right, and the same where c is
         expert = F.QuantState(
             absmax=self._absmax(e * blocks, (e + 1) * blocks),
-            shape=torch.Size((r, c)),
+            shape=torch.Size((size,)),
             code=state.code,
             blocksize=state.blocksize,
             quant_type=state.quant_type,
             dtype=state.dtype,
         )
-        return F.dequantize_4bit(self.data[e * size // 2 : (e + 1) * size // 2], expert)
+        packed = self.data[e * size // 2 : (e + 1) * size // 2]
+        return F.dequantize_4bit(packed, expert).reshape(r, c)
 
     def _absmax(self, start: int, end: int) -> torch.Tensor:
         """The float32 ``absmax`` entries ``[start, end)``; with double quantization,

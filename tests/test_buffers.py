@@ -75,10 +75,15 @@ TINY.update(
                 mamba_chunk_size=16,
             ),
         ),
+        # sinusoidal positions recomputed by _init_weights from a float32 inv_freq
+        "gptj": (
+            "GPTJConfig",
+            dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=320, n_positions=128),
+        ),
     }
 )
 
-ARCHS = ["llama", "xglm", "openai-gpt", "musicgen", "falcon_h1"]
+ARCHS = ["llama", "xglm", "openai-gpt", "musicgen", "falcon_h1", "gptj"]
 #: the class transformers loads each with (AutoModelForCausalLM unless named)
 CLASSES = {"musicgen": "MusicgenForCausalLM"}
 
@@ -138,7 +143,8 @@ def test_buffers_have_transformers_dtype_and_values(
     """Regression (issue 26, item 6): XGLM's ``embed_positions.weights``, OpenAI-GPT's
     ``attn.bias`` and MusicGen's positions stayed float32 in a bfloat16 model (the
     first forward failed on mixed dtypes), Falcon-H1's ``mup_vector`` too (other
-    logits)."""
+    logits); GPT-J's positions were computed under the bfloat16 switch, not recomputed
+    by ``_init_weights`` in float32 as ``from_pretrained`` does (other logits)."""
     ref = reference(checkpoints[arch], arch, bits)
     got = ours(checkpoints[arch], bits)
     expected = dict(ref.named_buffers(remove_duplicate=False))

@@ -23,6 +23,9 @@ default dtype (XGLM's sinusoidal positions, OpenAI-GPT's causal mask, Falcon-H1'
 ``mup_vector``) is in the model's dtype, while one the model computes explicitly
 in float32 (rotary ``inv_freq``) stays float32. :func:`build_empty_model` builds
 under the same switch; it is process-wide, so builds take a lock for its duration.
+Their values are those ``from_pretrained`` leaves: it runs ``_init_weights`` on the
+modules holding non-persistent buffers after the switch (GPT-J's sinusoidal positions
+come from a float32 ``inv_freq`` there); so does :func:`build_empty_model`.
 """
 
 from __future__ import annotations
@@ -157,10 +160,29 @@ def build_empty_model(
         ) from err
     finally:
         config.dtype = configured
+    _initialize_buffers(model)
     model.config.dtype = configured
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _initialize_buffers(model: Any) -> None:
+    """What ``from_pretrained`` does last: ``_init_weights`` on every module holding a
+    non-persistent buffer, in the process' default dtype (outside the build's switch),
+    so that a buffer it recomputes has transformers' values: GPT-J's sinusoidal
+    positions from a float32 ``inv_freq``, not the bfloat16 one ``__init__`` made
+    under the switch. The buffer keeps its dtype (``init.copy_`` writes into it);
+    parameters, on meta and marked initialized, are left alone."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if any(
+                module._buffers.get(name) is not None for name in module._non_persistent_buffers_set
+            ):
+                init(module)
 
 
 def _is_auto(cls: Any) -> bool:

@@ -239,6 +239,7 @@ def plan_targets(
         for key, _ in found
         if not (asked and asked.search(key))
     ]
+    _check_ignore_unexpected(names.ignore_unexpected, by_name, merged, expected, claimed, folder)
     if missing or unexpected or mismatched:
         built = f"the model built is a {type(model).__name__}"
         if unexpected:
@@ -256,6 +257,37 @@ def plan_targets(
             str(folder), missing=missing, unexpected=unexpected, mismatched=mismatched, hint=hint
         )
     return targets, ties
+
+
+def _check_ignore_unexpected(
+    patterns: list[str] | None,
+    by_name: dict[str, str],
+    merged: dict[str, list[tuple[str, Piece]]],
+    expected: dict[str, tuple[int, ...]],
+    claimed: set[str],
+    folder: Path,
+) -> None:
+    """An ``ignore_unexpected`` pattern that leaves out no tensor (none of the
+    checkpoint's extra tensors matches it) does nothing: a typo, refused."""
+    if not patterns:
+        return
+    extra = [(key, name) for name, key in by_name.items() if name not in expected]
+    extra = [(key, name) for key, name in extra if name not in claimed]
+    extra += [
+        (key, key) for name, found in merged.items() if name not in expected for key, _ in found
+    ]
+    idle = [
+        p
+        for p in patterns
+        if not any(re.search(p, key) or re.search(p, name) for key, name in extra)
+    ]
+    if idle:
+        what = (
+            f"its extra tensors are {sorted(k for k, _ in extra)[:3]}" if extra else "it has none"
+        )
+        raise ConfigError(
+            f"ignore_unexpected {idle} match no extra tensor of the checkpoint in {folder} ({what})"
+        )
 
 
 def _regex(patterns: Any) -> re.Pattern[str] | None:
@@ -385,8 +417,12 @@ def to_initialize(
     merged: dict[str, list[tuple[str, Piece]]],
     names: Names,
 ) -> list[str]:
-    """The tensors the checkpoint lacks that ``init_missing`` names."""
-    pattern = _regex(names.init_missing)
+    """The tensors the checkpoint lacks that ``init_missing`` names, and those the
+    model's ``_keys_to_ignore_on_load_missing`` says checkpoints leave out (Marian's
+    sinusoidal position embeddings, which ``_init_weights`` computes): made as
+    transformers makes them."""
+    ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    pattern = _regex([*(names.init_missing or []), *ignored])
     if pattern is None:
         return []
     ties = {

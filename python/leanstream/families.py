@@ -28,7 +28,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .quantize import QuantSpec, default_skip_modules, expert_params, matches_any
+from .direct_reads import read_directly
+from .quantize import (
+    QuantSpec,
+    default_skip_modules,
+    expert_params,
+    matches_any,
+    quantizable_modules,
+)
 
 Family = Literal["transformers", "diffusers", "module"]
 
@@ -87,12 +94,16 @@ def fp32_rule(model: nn.Module, kind: Family, dtype: torch.dtype) -> Callable[[s
 
 
 def default_skip(model: nn.Module, kind: Family) -> set[str]:
-    """Modules the library keeps out of quantization by default (as patterns)."""
-    if kind == "transformers":
-        return default_skip_modules(model)
+    """Modules the library keeps out of quantization by default (as patterns), and
+    those whose weight a forward reads directly (:mod:`leanstream.direct_reads`)."""
+    read = read_directly(model, quantizable_modules(model))
+    if kind == "transformers":  # full names, as transformers matches its own list
+        return default_skip_modules(model) | set(read)
+    read_exactly = {_exact(name) for name in read}
     if kind == "diffusers":  # its _keep_in_fp32_modules, matched as diffusers does
-        return resolve_skip(model, kind, fp32_patterns(model))
-    return set(fp32_patterns(model)) | {_exact(name) for name in _shared_weights(model)}
+        return resolve_skip(model, kind, fp32_patterns(model)) | read_exactly
+    shared = {_exact(name) for name in _shared_weights(model)}
+    return set(fp32_patterns(model)) | shared | read_exactly
 
 
 def resolve_skip(model: nn.Module, kind: Family, patterns: Iterable[str]) -> set[str]:

@@ -55,16 +55,12 @@ from .errors import (
     PlacementError,
 )
 from .families import (
-    default_skip,
     family,
-    fp32_patterns,
     fp32_rule,
     quantization_config,
-    quantized_experts,
     record,
-    resolve_skip,
-    shared_parameters,
 )
+from .layers import plan_layers
 from .matching import (
     KeyMap,
     Names,
@@ -84,7 +80,6 @@ from .quantize import (
     ExpertsQuantizer,
     QuantSpec,
     QuantType,
-    extra_modules,
     materialize,
     replace_embeddings,
     replace_linears,
@@ -229,11 +224,18 @@ def load(
         ignore_unexpected: patterns (regular expressions, searched in checkpoint
             names) of checkpoint tensors the model does not have that may be left
             out, e.g. the vision tower of a multimodal checkpoint loaded as a
-            text-only model. Any other extra tensor is a :class:`MismatchError`.
+            text-only model. Any other extra tensor is a :class:`MismatchError`; a
+            pattern that matches no extra tensor is a :class:`ConfigError`.
 
     Options that would do nothing (4-bit options with ``bits=8``, ``threshold`` with
-    ``bits=4``, ``skip_modules`` with ``bits=None`` or naming no module) are a
-    :class:`ConfigError`.
+    ``bits=4``, ``skip_modules`` with ``bits=None`` or matching no layer a load could
+    quantize, ``ignore_unexpected`` matching no extra tensor) are a :class:`ConfigError`.
+
+    Which layers are quantized follows the library's rules (transformers':
+    ``Conv1D`` and exactly ``nn.Linear``, less ``modules_to_not_convert``), and two of
+    leanstream's (:mod:`leanstream.layers`): an ``nn.Linear`` subclass that keeps
+    ``nn.Linear``'s forward is quantized too, and a layer whose weight a forward reads
+    directly (Mamba's ``dt_proj``) stays in full precision; ``inspect`` lists both.
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose
@@ -388,7 +390,8 @@ def load_into(
             then quantized like loaded ones. Any other missing tensor is a
             :class:`MismatchError`.
         ignore_unexpected: patterns of checkpoint tensors the model lacks that may be
-            left out (any other is a :class:`MismatchError`).
+            left out (any other is a :class:`MismatchError`; a pattern matching none
+            is a :class:`ConfigError`).
         bits: 4, 8, or None (16: nothing quantized, streamed the same way);
             ``"auto"`` (the default): 4, or what a pre-quantized bitsandbytes
             checkpoint (one whose ``config.json`` says so) stores, loaded as stored.
@@ -641,28 +644,10 @@ def _fill(
     library's bitsandbytes loading leaves. Returns the model: ``model``, or the
     bitsandbytes layer that replaces it when it is itself a layer to quantize."""
     names = names or Names()
-    kind = family(model)
     expected = expected_shapes(model)
+    plan = plan_layers(model, spec, expected, skip_modules=skip_modules, prequantized=prequantized)
+    kind, skip, embeddings, output = plan.kind, plan.skip, plan.embeddings, plan.output
     keep_fp32 = fp32_rule(model, kind, model_dtype)
-    fp32_modules = fp32_patterns(model)
-    if prequantized is None:
-        _check_skip_modules(model, skip_modules)
-        skip = default_skip(model, kind) | resolve_skip(model, kind, skip_modules or [])
-    elif kind == "transformers":
-        skip = prequantized.skip(model)
-    else:
-        skip = resolve_skip(model, kind, [*(prequantized.skip_modules or []), *fp32_modules])
-    if kind == "module":
-        ties = shared_parameters(model)
-        skip |= {_exact_module(n) for pair in ties.items() for n in pair}
-    embeddings: set[str] = set()
-    output: set[str] = set()
-    if spec.quantized:
-        if prequantized is None:
-            embeddings, output = extra_modules(model, spec, {*(skip_modules or []), *fp32_modules})
-        else:
-            embeddings, output = prequantized.extra_modules(model)
-        skip -= output
     by_name, merged = rename_keys(model, ckpt, folder, expected, names)
     # tensors the checkpoint lacks that the caller asked to initialize: made now, by the
     # modules as built (before their linears are replaced), quantized below like the rest
@@ -682,9 +667,7 @@ def _fill(
         replaced.update(dict.fromkeys(embeddings, False))
     # 3-D experts weights: quantized piece by piece into place (or assembled unquantized),
     # or stored quantized (leanstream format)
-    experts = {}
-    if spec.quantized or prequantized is not None:
-        experts = quantized_experts(model, kind, skip, prequantized, expected)
+    experts = plan.experts
     where = Where(device)
     if placing is not None:
         where = placing.plan(model, spec, experts, keep_fp32, model_dtype)
@@ -852,11 +835,6 @@ def _put(
             buffer=target.buffer,
             owned=owned,
         )
-
-
-def _exact_module(param_name: str) -> str:
-    """A skip pattern for exactly the module that holds ``param_name``."""
-    return re.escape(param_name.rpartition(".")[0]) + "$"
 
 
 @dataclass(frozen=True)
@@ -1082,19 +1060,6 @@ class _Merged:
 
     def result(self) -> nn.Parameter:
         return nn.Parameter(self.tensor, requires_grad=False)
-
-
-def _check_skip_modules(model: nn.Module, skip_modules: list[str] | None) -> None:
-    """A ``skip_modules`` entry that matches no module is a typo: refused."""
-    from .quantize import matches_any
-
-    names = [name for name, _ in model.named_modules()]
-    unmatched = [p for p in skip_modules or [] if not any(matches_any(n, [p]) for n in names)]
-    if unmatched:
-        raise ConfigError(
-            f"skip_modules {unmatched} match no module of {type(model).__name__} "
-            f"(module names look like {names[-1]!r})"
-        )
 
 
 def _set_requires_grad(model: nn.Module, kind: str) -> None:

@@ -382,7 +382,38 @@ def replace_linears(model: nn.Module, spec: QuantSpec, skip: Iterable[str]) -> d
 
 
 def _replaceable(module: nn.Module) -> bool:
-    return _is_conv1d(module) or isinstance(module, nn.Linear)
+    """transformers' rule: ``Conv1D`` and exactly ``nn.Linear``; and beyond it, a
+    subclass of ``nn.Linear`` that provably computes a plain linear (:func:`plain_linear`).
+    A subclass with a forward of its own (PhiMoE's and Llama 4's routers, Falcon's
+    ``FalconLinear``) stays as it is, in full precision."""
+    return _is_conv1d(module) or (isinstance(module, nn.Linear) and plain_linear(module))
+
+
+def plain_linear(module: nn.Linear) -> bool:
+    """``module`` computes ``F.linear(x, weight, bias)`` and nothing else: it is an
+    ``nn.Linear``, or a subclass that keeps ``nn.Linear``'s ``forward`` and ``__call__``
+    and holds only ``weight`` and ``bias`` (no buffers, no submodules)."""
+    cls = type(module)
+    if cls is nn.Linear:
+        return True
+    return (
+        cls.forward is nn.Linear.forward
+        and cls.__call__ is nn.Linear.__call__
+        and set(module._parameters) <= {"weight", "bias"}
+        and not module._buffers
+        and not module._modules
+    )
+
+
+def quantizable_modules(model: nn.Module) -> list[str]:
+    """Names of the modules a load may quantize: the linears :func:`replace_linears`
+    replaces unless skipped, and the ``nn.Embedding`` modules (exactly that class)
+    ``quantize_embeddings`` / ``quantize_lm_head`` may add."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if _replaceable(module) or type(module) is nn.Embedding
+    ]
 
 
 def _quantized_linear(module: nn.Module, spec: QuantSpec) -> nn.Module:
@@ -693,13 +724,21 @@ def expert_params(model: nn.Module, skip: Iterable[str]) -> dict[str, tuple[int,
     """The 3-D experts weights to quantize: ``{name: (E, R, C)}`` for every floating-point
     3-D parameter of an experts module (one that has ``num_experts``: transformers 5
     holds each MoE layer's experts as ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``,
-    or transposed), unless ``skip`` names the module. Their biases (2-D) stay as they are."""
+    or transposed), unless ``skip`` names the module or its forward uses the whole
+    tensor rather than one expert at a time (:func:`leanstream.direct_reads.whole_reads`:
+    it stays in full precision, as transformers keeps it). Their biases (2-D) stay as
+    they are."""
+    from .direct_reads import whole_reads
+
     skip = list(skip)
     found = {}
     for module_name, module in model.named_modules():
         if not hasattr(module, "num_experts") or matches_any(module_name, skip):
             continue
+        whole = whole_reads(type(module))
         for attr, param in module.named_parameters(recurse=False):
+            if attr in whole:
+                continue  # its forward uses the whole 3-D tensor (Llama 4's bmm)
             if param.dim() == 3 and param.is_floating_point():
                 name = f"{module_name}.{attr}" if module_name else attr
                 found[name] = tuple(int(d) for d in param.shape)

@@ -1,0 +1,171 @@
+"""Which layers a load quantizes: one plan, made once, read by ``load``, ``load_into``
+and ``inspect``.
+
+The rules are the model's library's (:mod:`leanstream.families`): transformers'
+``modules_to_not_convert`` (``lm_head``, tied weights, the last module,
+``_keep_in_fp32_modules``, the config's list), diffusers' ``_keep_in_fp32_modules``,
+a plain module's shared weights; the user's ``skip_modules``; the embeddings and
+output embeddings ``quantize_embeddings`` / ``quantize_lm_head`` add; a pre-quantized
+checkpoint's own list. Two rules go beyond the libraries, so that a loaded model never
+crashes or computes garbage where the library's would:
+
+- an ``nn.Linear`` subclass with a forward of its own (PhiMoE's and Llama 4's routers,
+  Falcon's ``FalconLinear``) is not replaced, as in transformers; a subclass that
+  provably computes a plain linear (:func:`leanstream.quantize.plain_linear`) is
+  quantized, where transformers keeps it;
+- a layer whose weight a forward reads directly (:mod:`leanstream.direct_reads`) stays
+  in full precision; transformers quantizes it.
+
+:attr:`LayerPlan.notes` says, layer by layer, where these rules made a difference;
+``inspect`` prints them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .direct_reads import read_directly
+from .errors import ConfigError
+from .families import (
+    Family,
+    default_skip,
+    family,
+    fp32_patterns,
+    quantized_experts,
+    resolve_skip,
+    shared_parameters,
+)
+from .quantize import (
+    QuantSpec,
+    extra_modules,
+    matches_any,
+    plain_linear,
+    quantizable_modules,
+)
+
+
+@dataclass
+class LayerPlan:
+    """What a load does to the model's layers.
+
+    Attributes:
+        kind: the model's library (:func:`leanstream.families.family`).
+        skip: patterns (transformers' matching) of the modules kept in full precision.
+        embeddings: names of the ``nn.Embedding`` modules quantized (the flags, or a
+            pre-quantized checkpoint storing them quantized).
+        output: names of the output embeddings quantized as a linear.
+        experts: ``{name: (E, R, C)}`` of the 3-D experts weights quantized.
+        notes: ``{module name: why}`` for the linears the rules beyond the library
+            decided: kept (a forward of its own, a weight read directly) or quantized
+            where the library keeps it (a subclass that is a plain linear).
+    """
+
+    kind: Family
+    skip: set[str]
+    embeddings: set[str] = field(default_factory=set)
+    output: set[str] = field(default_factory=set)
+    experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def plan_layers(
+    model: nn.Module,
+    spec: QuantSpec,
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    skip_modules: Iterable[str] | None = None,
+    prequantized: Any = None,
+) -> LayerPlan:
+    """The :class:`LayerPlan` of a load of ``model`` (built, on ``meta``, not yet
+    replaced) with ``spec`` and the user's ``skip_modules`` (a :class:`ConfigError` when
+    one matches no layer a load could quantize), or as the pre-quantized checkpoint
+    ``prequantized`` stores it."""
+    kind = family(model)
+    fp32_modules = fp32_patterns(model)
+    user = list(skip_modules or [])
+    if prequantized is None:
+        check_skip_modules(model, user)
+        skip = default_skip(model, kind) | resolve_skip(model, kind, user)
+    elif kind == "transformers":
+        skip = prequantized.skip(model)
+    else:
+        skip = resolve_skip(model, kind, [*(prequantized.skip_modules or []), *fp32_modules])
+    if kind == "module":  # a parameter registered twice: both modules keep it as it is
+        ties = shared_parameters(model)
+        skip |= {_exact_module(name) for pair in ties.items() for name in pair}
+    plan = LayerPlan(kind, skip, notes=notes(model))
+    if spec.quantized:
+        if prequantized is None:
+            # never those whose weight a forward reads (Mamba casts to lm_head's dtype)
+            read = {_exact(name) for name in read_directly(model, quantizable_modules(model))}
+            plan.embeddings, plan.output = extra_modules(model, spec, {*user, *fp32_modules, *read})
+        else:
+            plan.embeddings, plan.output = prequantized.extra_modules(model)
+        plan.skip -= plan.output
+    if spec.quantized or prequantized is not None:
+        plan.experts = quantized_experts(model, kind, plan.skip, prequantized, expected)
+    return plan
+
+
+def notes(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` for the linears of ``model`` that the rules beyond its library
+    decide (see the module docstring)."""
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or type(module) is nn.Linear:
+            continue
+        if _is_conv1d(module) or _is_bitsandbytes(module):
+            continue
+        cls = type(module).__name__
+        if plain_linear(module):
+            found[name] = f"quantized: {cls} computes a plain linear (transformers keeps it)"
+        else:
+            found[name] = f"kept: {cls} has a forward of its own"
+    for name, why in read_directly(model, quantizable_modules(model)).items():
+        found.setdefault(name, f"kept: {why}")
+    return found
+
+
+def check_skip_modules(model: nn.Module, skip_modules: list[str]) -> None:
+    """A ``skip_modules`` entry that matches no layer a load could quantize (a linear,
+    an embedding, an experts module, or a module holding one) does nothing: a typo,
+    refused."""
+    if not skip_modules:
+        return
+    layers = quantizable_modules(model)
+    layers += [n for n, m in model.named_modules() if hasattr(m, "num_experts")]
+    unmatched = [p for p in skip_modules if not any(matches_any(n, [p]) for n in layers)]
+    if unmatched:
+        example = layers[-1] if layers else next(reversed(dict(model.named_modules())))
+        raise ConfigError(
+            f"skip_modules {unmatched} match no layer of {type(model).__name__} a load "
+            f"could quantize (layer names look like {example!r})"
+        )
+
+
+def _exact_module(param_name: str) -> str:
+    """A skip pattern for exactly the module that holds ``param_name``."""
+    return _exact(param_name.rpartition(".")[0])
+
+
+def _exact(name: str) -> str:
+    """A skip pattern for exactly the module ``name``."""
+    return re.escape(name) + "$"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _is_bitsandbytes(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes")
+
+
+__all__ = ["LayerPlan", "check_skip_modules", "notes", "plan_layers"]

@@ -284,6 +284,21 @@ def test_quantize_as_a_process(sources: dict[str, Path], tmp_path: Path) -> None
     assert torch.equal(logits(theirs), logits(expected))
 
 
+def test_progress_bars_end_at_100_and_stay(
+    sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each bar's last state is 100 %, ended by a newline: it stays on the terminal, and a
+    log keeps the last state, not the first (a bar cleared with a carriage return left
+    only the 0 % line in logs)."""
+    out = tmp_path / "out"
+    code, _, err = call(capsys, "quantize", sources["llama"], out, "--device", "cpu")
+    assert code == 0, err
+    lines = err.split("\n")
+    finals = [line.rsplit("\r", 1)[-1] for line in lines if line.strip()]
+    assert [bar.split(":")[0] for bar in finals] == ["leanstream llama", "leanstream save out"]
+    assert all("100%" in bar for bar in finals), finals
+
+
 def test_quantize_in_process(
     sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -372,7 +387,7 @@ def test_generate_from_a_prequantized_folder_as_a_process(
     assert result.stdout.startswith("the meaning ") and len(result.stdout.split()) == 2 + 3
     result = run("generate", str(folder), "--prompt", "the", "--bits", "4")
     assert result.returncode == 1
-    assert "bits=4 was asked" in one_error_line(result.stderr)
+    assert "--bits 4 was asked" in one_error_line(result.stderr)  # as the command spells it
 
 
 def test_generate_without_a_tokenizer(
@@ -656,6 +671,16 @@ def loaded(source: Path, **options: Any) -> Any:
     return leanstream.load(source, device="cpu", progress=False, **options)
 
 
+def typed(message: str, *options: tuple[str, str]) -> str:
+    """``message`` on one line, with the keyword arguments it suggests written as the
+    command line's options (``options``: (keyword, option) pairs, checked to be there)."""
+    line = " ".join(message.split())
+    for keyword, option in options:
+        assert keyword in line, (keyword, line)
+        line = line.replace(keyword, option)
+    return line
+
+
 def error_of(call: Any) -> str:
     """The message of the LeanstreamError ``call()`` raises."""
     with pytest.raises(leanstream.LeanstreamError) as err:
@@ -761,10 +786,12 @@ def test_subfolder_of_a_pipeline(
     root = dm.write_pipeline_repo(tmp_path / "repo", "flux")
     refused = error_of(lambda: loaded(root, bits=4))
     assert "subfolder='transformer'" in refused
+    # on the command line, the option as the command line spells it
+    flags = " ".join(refused.split()).replace("subfolder='transformer'", "--subfolder transformer")
     for args in (("inspect", root), ("quantize", root, tmp_path / "out", "--no-progress")):
         code, out, err = call(capsys, *args)
         assert (code, out) == (1, "")
-        assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+        assert one_error_line(err) == f"leanstream: error: {flags}"
     assert not (tmp_path / "out").exists()
 
     code, out, err = call(capsys, "inspect", root, "--subfolder", "transformer", "--json")
@@ -809,7 +836,8 @@ def test_variant(dm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for args in (("inspect", folder), ("quantize", folder, tmp_path / "out", "--no-progress")):
         code, _, err = call(capsys, *args)
         assert code == 1
-        assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+        flags = typed(refused, ("variant='fp16'", "--variant fp16"), ("variant=", "--variant"))
+        assert one_error_line(err) == f"leanstream: error: {flags}"
 
     code, out, err = call(capsys, "inspect", folder, "--variant", "fp16", "--json")
     assert code == 0, err
@@ -842,7 +870,10 @@ def test_model_class(bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "cls.predictions" in refused
     code, _, err = call(capsys, "inspect", bert, "--model-class", "AutoModelForCausalLM")
     assert code == 1
-    assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+    assert (
+        one_error_line(err)
+        == f"leanstream: error: {typed(refused, ('model_class=', '--model-class'))}"
+    )
 
     code, out, err = call(capsys, "inspect", bert, "--model-class", "AutoModel", "--json")
     assert code == 0, err
@@ -913,7 +944,10 @@ def test_model_class_with_a_diffusers_component(
     assert "diffusers config" in refused
     code, _, err = call(capsys, "inspect", folder, "--model-class", "AutoModel")
     assert code == 1
-    assert one_error_line(err) == f"leanstream: error: {' '.join(refused.split())}"
+    assert (
+        one_error_line(err)
+        == f"leanstream: error: {typed(refused, ('model_class=', '--model-class'))}"
+    )
 
 
 def test_generate_refuses_a_diffusers_component(

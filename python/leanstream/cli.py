@@ -99,7 +99,10 @@ def _main(argv: Sequence[str] | None) -> int:
         except Exception as err:
             if args.verbose:
                 traceback.print_exc()
-            return _fail(_describe(err, args.command, verbose=args.verbose))
+            message = _describe(err, args.command, verbose=args.verbose)
+            if isinstance(err, LeanstreamError):  # its hints, as this command spells them
+                message = _as_flags(message, args.command_parser)
+            return _fail(message)
 
 
 def _describe(err: Exception, command: str, *, verbose: bool) -> str:
@@ -120,6 +123,22 @@ def _describe(err: Exception, command: str, *, verbose: bool) -> str:
         return f"{command}: {type(err).__name__} in {module}{text} ({hint})"
     hint = "" if verbose else " (--verbose shows the traceback)"
     return f"{command}: {type(err).__name__} in {origin}{text}{hint}"
+
+
+def _as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """``message`` with the keyword arguments it suggests (``pass subfolder='unet'``)
+    written as the command's options (``pass --subfolder unet``), where it has them."""
+    flags = {o for action in parser._actions for o in action.option_strings}
+
+    def flag(match: re.Match[str]) -> str:
+        option = "--" + match["name"].replace("_", "-")
+        if option not in flags:
+            return match[0]
+        value = match["quoted"] if match["quoted"] is not None else match["other"] or ""
+        return f"{option} {value}".rstrip()
+
+    keyword = r"(?<![\w.-])(?P<name>[a-z][a-z_]*)=(?:'(?P<quoted>[^']*)'|(?P<other>[\w.]+))?"
+    return re.sub(keyword, flag, message)
 
 
 def _fail(message: str) -> int:
@@ -502,6 +521,11 @@ def _inspect(args: argparse.Namespace) -> int:
         f"layers       {layers} linear layer(s) quantized at 8/4 bits; "
         f"kept: {', '.join(kept) or 'none'}"
     )
+    by_reason: dict[str, list[str]] = {}
+    for name, why in report["notes"].items():
+        by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():
+        print(f"{'':<13}{', '.join(_condense_numbered(names))}: {why}")
     rows = [("setting", "total", "by kind")] + [
         (
             row["setting"],
@@ -578,6 +602,32 @@ def _condense(names: list[str]) -> list[str]:
     ]
 
 
+def _condense_numbered(names: list[str]) -> list[str]:
+    """``names`` that differ only by one number written as one, the numbers as runs:
+    ``model.layers.0.mlp.gate`` ... ``model.layers.39.mlp.gate`` ->
+    ``model.layers.0-39.mlp.gate``."""
+    groups: dict[str, list[int]] = {}
+    single: list[str] = []
+    for name in names:
+        numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
+        if len(numbers) != 1:
+            single.append(name)
+            continue
+        template = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1{}", name)
+        groups.setdefault(template, []).append(int(numbers[0]))
+    out = []
+    for template, numbers in groups.items():
+        runs: list[list[int]] = []
+        for n in sorted(numbers):
+            if runs and runs[-1][1] + 1 == n:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        text = ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+        out.append(template.format(text))
+    return out + single
+
+
 def inspect_checkpoint(
     source: str | os.PathLike[str],
     *,
@@ -616,6 +666,11 @@ def inspect_checkpoint(
     ``"strategy"`` and ``"max_memory"`` as asked (all None without ``device_map``). A plan
     that does not fit is ``load``'s ConfigError. The GPUs of ``max_memory`` need not be
     present: planning needs none.
+
+    ``"kept_in_full_precision"`` lists the linears no setting quantizes, and ``"notes"``
+    (``{name: why}``) the linears leanstream's rules beyond the library's decided
+    (:mod:`leanstream.layers`): an ``nn.Linear`` subclass with a forward of its own,
+    kept; one that is a plain linear, quantized; a weight a forward reads directly, kept.
     """
     from . import _core
     from .families import family, fp32_rule
@@ -657,7 +712,7 @@ def inspect_checkpoint(
         # what load() refuses (conversions that cannot be streamed), inspect refuses too
         renamed = rename_keys(model, ckpt, folder, expected)
         keep_fp32 = fp32_rule(model, family(model), model_dtype)
-        settings, layers, pre = _choose_layers(
+        settings, layers, pre, notes = _choose_layers(
             model, config, folder, expected, set(renamed[0]), keep_fp32
         )
         planned = None
@@ -718,6 +773,7 @@ def inspect_checkpoint(
         "parameters": parameters,
         "quantizable_layers": quantized,
         "kept_in_full_precision": [name for name in linears if name not in layers.replaced],
+        "notes": notes,
         "memory": [asdict(p) for p in predictions],
         "cpu_layout": on_cpu_layout,
         **plan,
@@ -856,17 +912,16 @@ def _choose_layers(
     expected: dict[str, tuple[int, ...]],
     loaded: set[str],
     keep_fp32: Any,
-) -> tuple[dict[str, Any], _Layers, Any]:
-    """The settings to predict, what each does to the layers (by the rules of the
-    model's library, as the loader applies them; ``model``'s linears are replaced, on
-    meta) and the :class:`~leanstream.prequantized.Prequantized` of a pre-quantized
-    checkpoint (None otherwise)."""
-    from .families import default_skip, family, fp32_patterns, quantized_experts, resolve_skip
+) -> tuple[dict[str, Any], _Layers, Any, dict[str, str]]:
+    """The settings to predict, what each does to the layers (the loader's own plan,
+    :func:`leanstream.layers.plan_layers`; ``model``'s linears are replaced, on meta),
+    the :class:`~leanstream.prequantized.Prequantized` of a pre-quantized checkpoint
+    (None otherwise) and the plan's notes on layers the rules beyond the library
+    decided."""
+    from .layers import plan_layers
     from .prequantized import Prequantized
-    from .quantize import QuantSpec, extra_modules, replace_linears
+    from .quantize import QuantSpec, replace_linears
 
-    kind = family(model)
-    fp32_modules = fp32_patterns(model)
     pre = None
     if getattr(config, "quantization_config", None) is not None:
         pre = Prequantized.from_config(
@@ -877,22 +932,18 @@ def _choose_layers(
             skip_modules=None,
             compute_dtype_given=False,
         )
-        embeddings, output = pre.extra_modules(model)
-        spec = dataclasses.replace(pre.spec, embeddings=bool(embeddings), lm_head=bool(output))
-        settings = {_setting_name(pre.spec.bits, spec): spec}
-        if kind == "transformers":
-            skip = pre.skip(model) - output
-        else:  # as the loader: the checkpoint's list matched the library's way
-            skip = resolve_skip(model, kind, [*(pre.skip_modules or []), *fp32_modules])
-    else:
-        embeddings, output = extra_modules(
-            model, QuantSpec(bits=4, embeddings=True, lm_head=True), fp32_modules
+        plan = plan_layers(model, pre.spec, expected, prequantized=pre)
+        spec = dataclasses.replace(
+            pre.spec, embeddings=bool(plan.embeddings), lm_head=bool(plan.output)
         )
-        settings = _standard_settings(extra=bool(embeddings or output))
-        skip = default_skip(model, kind)
-    replaced = replace_linears(model, pre.spec if pre is not None else QuantSpec(bits=4), skip)
-    experts = quantized_experts(model, kind, skip, pre, expected)
-    return settings, _Layers(replaced, embeddings, output, experts, loaded, keep_fp32), pre
+        settings = {_setting_name(pre.spec.bits, spec): spec}
+    else:  # the flags' embeddings and output embeddings too, for the settings with them
+        plan = plan_layers(model, QuantSpec(bits=4, embeddings=True, lm_head=True), expected)
+        settings = _standard_settings(extra=bool(plan.embeddings or plan.output))
+        plan.skip |= plan.output  # kept, but in the settings with the flags
+    replaced = replace_linears(model, pre.spec if pre is not None else QuantSpec(bits=4), plan.skip)
+    layers = _Layers(replaced, plan.embeddings, plan.output, plan.experts, loaded, keep_fp32)
+    return settings, layers, pre, plan.notes
 
 
 def _standard_settings(*, extra: bool = True) -> dict[str, Any]:

@@ -7,7 +7,9 @@ wherever it appears.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
@@ -17,25 +19,39 @@ _BAR_FORMAT = "{l_bar}{bar}| {n_size}/{total_size} [{elapsed}<{remaining}, {rate
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes in binary units, with at least three significant digits.
+    """``n`` bytes in binary units, with at least three significant digits and never
+    more than three digits before the point: from 1000 of a unit on, the next unit
+    ("0.977 GiB", not "1000.0 MiB").
 
     >>> format_bytes(64), format_bytes(12_800), format_bytes(188_643_328), format_bytes(5 << 30)
     ('64 B', '12.5 KiB', '179.9 MiB', '5.00 GiB')
+    >>> format_bytes(1_072_798_105), format_bytes(1000 << 10)
+    ('0.999 GiB', '0.977 MiB')
     """
-    if abs(round(n)) < 1024:
+    if abs(round(n)) < 1000:
         return f"{n:.0f} B"
     value = float(n)
     for unit in _UNITS:
         value /= 1024
-        text = f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
-        if abs(float(text)) < 1024 or unit == _UNITS[-1]:  # 1023.96 KiB is 1.00 MiB
+        text = f"{value:.3f}"
+        if abs(float(text)) >= 1:  # 0.9996 is 1.00
+            text = _digits(value)
+        if abs(float(text)) < 1000 or unit == _UNITS[-1]:
             return f"{text} {unit}"
     raise AssertionError("unreachable")
 
 
-def byte_progress(total: int, desc: str, *, enabled: bool) -> Any:
-    """A tqdm bar over ``total`` bytes that disappears when closed (a context manager)."""
-    return _byte_bar()(
+def _digits(value: float) -> str:
+    text = f"{value:.2f}"
+    return text if abs(float(text)) < 10 else f"{value:.1f}"
+
+
+@contextlib.contextmanager
+def byte_progress(total: int, desc: str, *, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar over ``total`` bytes (a context manager). It stays, at 100 %, once the
+    work is done (a log keeps the last state, not the first); an error clears it, so
+    that the error's message is the last line."""
+    bar = _byte_bar()(
         total=total,
         unit="B",
         bar_format=_BAR_FORMAT,
@@ -43,6 +59,13 @@ def byte_progress(total: int, desc: str, *, enabled: bool) -> Any:
         disable=not enabled,
         leave=False,
     )
+    try:
+        yield bar
+    except BaseException:
+        bar.close()
+        raise
+    bar.leave = True
+    bar.close()
 
 
 @functools.cache

@@ -21,27 +21,18 @@ from torch import nn
 import leanstream
 from leanstream import ConfigError
 from leanstream.cli import inspect_checkpoint
+from models import _DECODER
 
 # the outcome depends on bitsandbytes' CPU 4-bit kernel (tests/cpu_kernel.py)
 pytestmark = pytest.mark.cpu_kernel
 
-_SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=320,
-    max_position_embeddings=128,
-)
-
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "phimoe": ("PhimoeConfig", {**_SMALL, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "phimoe": ("PhimoeConfig", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "llama4_text": (
         "Llama4TextConfig",
         {
-            **_SMALL,
-            "intermediate_size_mlp": 128,
+            **_DECODER,
+            "intermediate_size_mlp": 192,
             "head_dim": 16,
             "num_local_experts": 4,
             "num_experts_per_tok": 1,

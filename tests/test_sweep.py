@@ -45,6 +45,7 @@ FAST = [
     Case("seq2seq", "marian"),  # sinusoidal positions the checkpoint leaves out
     Case("causal-lm", "jetmoe"),  # experts of 32-value rows
     Case("causal-lm", "gptj"),  # a buffer _init_weights recomputes in float32
+    Case("vision", "segformer"),  # strided inputs to 4-bit layers
 ]
 EVERY = os.environ.get("LEANSTREAM_SWEEP") == "all"
 RUNS = [

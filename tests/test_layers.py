@@ -105,6 +105,10 @@ def test_experts_whose_forward_uses_the_whole_weight_stay_as_transformers_keeps_
     assert experts.gate_up_proj.dtype == torch.bfloat16
     assert quantized_names(got) == quantized_names(ref)
     assert torch.equal(logits(got), logits(ref))
+    notes = inspect_checkpoint(folders["llama4_text"])["notes"]
+    assert notes["model.layers.0.feed_forward.experts.gate_up_proj"] == (
+        "kept: Llama4TextExperts.forward uses the whole 3-D gate_up_proj, not one expert at a time"
+    )
 
 
 class PlainSubclass(nn.Linear):

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .direct_reads import read_directly
+from .direct_reads import read_directly, whole_reads
 from .errors import ConfigError
 from .families import (
     Family,
@@ -60,9 +60,10 @@ class LayerPlan:
             pre-quantized checkpoint storing them quantized).
         output: names of the output embeddings quantized as a linear.
         experts: ``{name: (E, R, C)}`` of the 3-D experts weights quantized.
-        notes: ``{module name: why}`` for the linears the rules beyond the library
-            decided: kept (a forward of its own, a weight read directly) or quantized
-            where the library keeps it (a subclass that is a plain linear).
+        notes: ``{name: why}`` for the linears (and 3-D experts weights) the rules
+            beyond the library decided: kept (a forward of its own, a weight read
+            directly, experts used whole) or quantized where the library keeps it (a
+            subclass that is a plain linear).
     """
 
     kind: Family
@@ -128,6 +129,16 @@ def notes(model: nn.Module) -> dict[str, str]:
             found[name] = f"kept: {cls} has a forward of its own"
     for name, why in read_directly(model, quantizable_modules(model)).items():
         found.setdefault(name, f"kept: {why}")
+    for name, module in model.named_modules():  # experts used whole (Llama 4's bmm)
+        if not hasattr(module, "num_experts"):
+            continue
+        whole = whole_reads(type(module))
+        for attr, param in module.named_parameters(recurse=False):
+            if attr in whole and param.dim() == 3 and param.is_floating_point():
+                found[f"{name}.{attr}" if name else attr] = (
+                    f"kept: {type(module).__name__}.forward uses the whole 3-D {attr}, "
+                    "not one expert at a time"
+                )
     return found
 
 

@@ -87,7 +87,8 @@ def _whole_reads(cls: type) -> frozenset[str]:
 
 def _forward_nodes(cls: type) -> Iterator[tuple[str, ast.AST]]:
     """``("Class.method", node)`` for every syntax node of ``cls.forward`` and of the
-    methods it calls on ``self``, transitively."""
+    methods it calls on ``self``, transitively (only those are parsed: a causal LM's
+    classes hold hundreds of methods, ``generate``'s among them)."""
     methods = _methods(cls)
     seen: set[str] = set()
     todo = ["forward"]
@@ -96,7 +97,10 @@ def _forward_nodes(cls: type) -> Iterator[tuple[str, ast.AST]]:
         if method in seen or method not in methods:
             continue
         seen.add(method)
-        owner, tree = methods[method]
+        owner, function = methods[method]
+        tree = _parse(function)
+        if tree is None:
+            continue
         for node in ast.walk(tree):
             called = _self_call(node)
             if called is not None:
@@ -104,23 +108,22 @@ def _forward_nodes(cls: type) -> Iterator[tuple[str, ast.AST]]:
             yield f"{owner}.{method}", node
 
 
-def _methods(cls: type) -> dict[str, tuple[str, ast.AST]]:
-    """``{name: (defining class name, parsed function)}`` of the methods ``cls`` gets
-    from its classes but ``nn.Module`` (the most derived definition wins); torch's own
-    count: ``nn.MultiheadAttention`` hands ``self.out_proj.weight`` to its kernel."""
-    methods: dict[str, tuple[str, ast.AST]] = {}
+@functools.cache
+def _methods(cls: type) -> dict[str, tuple[str, object]]:
+    """``{name: (defining class name, function)}`` of the methods ``cls`` gets from its
+    classes but ``nn.Module`` (the most derived definition wins); torch's own count:
+    ``nn.MultiheadAttention`` hands ``self.out_proj.weight`` to its kernel."""
+    methods: dict[str, tuple[str, object]] = {}
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
         for name, value in vars(klass).items():
-            if name in methods or not inspect.isfunction(value):
-                continue
-            tree = _parse(value)
-            if tree is not None:
-                methods[name] = (klass.__qualname__, tree)
+            if name not in methods and inspect.isfunction(value):
+                methods[name] = (klass.__qualname__, value)
     return methods
 
 
+@functools.cache
 def _parse(function: object) -> ast.AST | None:
     try:
         source = inspect.getsource(function)  # type: ignore[arg-type]

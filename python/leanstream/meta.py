@@ -160,7 +160,8 @@ def build_empty_model(
         ) from err
     finally:
         config.dtype = configured
-    _initialize_buffers(model)
+    with _default_dtype_lock:  # the process' default dtype, not another build's switch
+        _initialize_buffers(model)
     model.config.dtype = configured
     model.eval()
     model.requires_grad_(False)

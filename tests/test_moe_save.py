@@ -325,3 +325,25 @@ def test_unquantized_experts_listed_as_quantized(sources: dict[str, Path], tmp_p
         for call in (load, inspect_checkpoint):
             with pytest.raises(leanstream.ConfigError, match=r"names lm_head\.weight, not a 3-D"):
                 call(folder)
+
+
+def test_quantize_says_the_folder_is_for_leanstream(
+    sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 27, item 4: what the command says of the folder is what transformers does
+    with it."""
+    from leanstream.cli import main
+
+    out = tmp_path / "moe"
+    assert main(["quantize", str(sources["mixtral"]), str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "leanstream format (MoE experts quantized): leanstream.load reads it" in printed
+    with pytest.raises(AttributeError, match=r"use_leanstream_load"):
+        AutoModelForCausalLM.from_pretrained(out)
+    # a dense model's folder is bitsandbytes' own: nothing said, transformers loads it
+    assert main(["quantize", str(sources["mixtral"]), str(tmp_path / "dense"), "--no-progress",
+                 "--skip-modules", "experts"]) == 0  # fmt: skip
+    assert "leanstream format" not in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert main(["quantize", "--help"]) == 0
+    assert "only leanstream loads" in " ".join(capsys.readouterr().out.split())

@@ -226,7 +226,10 @@ def _parser() -> argparse.ArgumentParser:
         help="stream-quantize a checkpoint and save it pre-quantized",
         description="Load SOURCE quantized, tensor by tensor, and save it to OUT as a "
         "pre-quantized bitsandbytes checkpoint that transformers (diffusers, for a diffusers "
-        "component) and leanstream load. OUT is replaced atomically.",
+        "component) and leanstream load; with quantized MoE experts (a MoE model at 4 or 8 "
+        "bits), --quantize-embeddings or --quantize-lm-head, in leanstream's format, which "
+        "only leanstream loads (transformers refuses it, naming leanstream.load). OUT is "
+        "replaced atomically.",
     )
     _source_arguments(quantize)
     quantize.add_argument("out", metavar="OUT", help="folder to write")
@@ -1120,7 +1123,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .checkpoint import resolve
     from .footprint import footprint
     from .loader import load
-    from .save import save
+    from .save import leanstream_extras, save
 
     # OUT as save checks it, before a weight is read (and before a hub download)
     out = Path(args.out).expanduser().absolute()
@@ -1138,7 +1141,22 @@ def _quantize(args: argparse.Namespace) -> int:
         f"wrote {out}: {len(shards)} shard(s), {format_bytes(on_disk)}; "
         f"in memory {format_bytes(footprint(model).total_bytes)}"
     )
+    extra = leanstream_extras(getattr(model.config, "quantization_config", None) or {})
+    if extra:
+        what = [w for w, key in _EXTRAS if extra[key]]
+        print(
+            f"leanstream format ({' and '.join(what)} quantized): leanstream.load reads it; "
+            "transformers' from_pretrained refuses it"
+        )
     return 0
+
+
+#: what a folder in leanstream's format holds quantized, by its config field
+_EXTRAS = (
+    ("MoE experts", "leanstream_quantized_experts"),
+    ("embeddings", "leanstream_quantized_embeddings"),
+    ("lm_head", "leanstream_quantized_lm_head"),
+)
 
 
 def _check_out(out: Path, source: Path | None) -> None:

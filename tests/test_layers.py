@@ -60,6 +60,16 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return found
 
 
+def loaded(folder: Path, setting: str) -> Any:
+    """leanstream's load; of Llama 4, with the warning that its experts stay bf16."""
+    if folder.name != "llama4_text":
+        return ours(folder, SETTINGS[setting])
+    with pytest.warns(UserWarning, match=r"4 experts weights .* stay in full precision") as seen:
+        model = ours(folder, SETTINGS[setting])
+    assert "Llama4TextExperts.forward uses the whole 3-D" in str(seen[0].message)
+    return model
+
+
 def bits_of(setting: str) -> int:
     return int(SETTINGS[setting]["bits"])
 
@@ -79,7 +89,7 @@ def quantized_names(model: nn.Module) -> set[str]:
 def test_routers_with_a_forward_of_their_own_stay_as_transformers_keeps_them(
     folders: dict[str, Path], arch: str, router: str, setting: str
 ) -> None:
-    got = ours(folders[arch], SETTINGS[setting])
+    got = loaded(folders[arch], setting)
     ref = reference(folders[arch], SETTINGS[setting])
     routers = [n for n, m in got.named_modules() if type(m).__name__ == router]
     assert routers and all(type(ref.get_submodule(n)).__name__ == router for n in routers)
@@ -97,7 +107,7 @@ def test_experts_whose_forward_uses_the_whole_weight_stay_as_transformers_keeps_
 ) -> None:
     """Llama 4's experts ``bmm`` the whole 3-D weight: not quantized, the model is
     transformers' own, bit for bit."""
-    got = ours(folders["llama4_text"], SETTINGS[setting])
+    got = loaded(folders["llama4_text"], setting)
     ref = reference(folders["llama4_text"], SETTINGS[setting])
     assert not hasattr(got.config.quantization_config, "leanstream_quantized_experts")
     experts = got.model.layers[0].feed_forward.experts
@@ -272,4 +282,36 @@ def test_ignore_unexpected_matching_no_extra_tensor_is_refused(
         )
     leanstream.load_into(
         Subclasses, path, ignore_unexpected=["^vision"], device="cpu", progress=False
+    )
+
+
+def test_experts_held_as_2d_tensors_are_named_where_they_stay_bf16(tmp_path: Path) -> None:
+    """DBRX holds its experts as one 2-D ``w1``/``v1``/``w2`` ``[E * I, H]`` each: neither
+    linears nor 3-D experts weights, they stay in full precision (as in transformers), and
+    load and inspect say so (issue 27, item 3)."""
+    config = transformers.DbrxConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=128,
+        vocab_size=320,
+        # transformers 5.23's defaults cannot build it: no rope_theta, clip_qkv None
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(
+        tmp_path / "dbrx"
+    )
+    with pytest.warns(UserWarning, match=r"6 experts weights of DbrxForCausalLM stay") as seen:
+        got = ours(tmp_path / "dbrx", SETTINGS["nf4"])
+    assert "DbrxExpertGLU holds the 4 experts as one 2-D" in str(seen[0].message)
+    w1 = got.get_parameter("transformer.blocks.0.ffn.experts.mlp.w1")
+    assert w1.dtype == torch.bfloat16 and tuple(w1.shape) == (512, 64)
+    assert "transformer.blocks.0.norm_attn_norm.attn.Wqkv" in quantized_names(got)
+    assert torch.isfinite(logits(got)).all()
+    notes = inspect_checkpoint(tmp_path / "dbrx")["notes"]
+    assert notes["transformer.blocks.1.ffn.experts.mlp.v1"] == (
+        "kept: DbrxExpertGLU holds the 4 experts as one 2-D v1 [512, 64], neither linears "
+        "nor 3-D experts weights"
     )

@@ -129,16 +129,40 @@ def notes(model: nn.Module) -> dict[str, str]:
             found[name] = f"kept: {cls} has a forward of its own"
     for name, why in read_directly(model, quantizable_modules(model)).items():
         found.setdefault(name, f"kept: {why}")
-    for name, module in model.named_modules():  # experts used whole (Llama 4's bmm)
-        if not hasattr(module, "num_experts"):
+    found.update(kept_experts(model))
+    return found
+
+
+def kept_experts(model: nn.Module) -> dict[str, str]:
+    """``{parameter name: why}`` for the experts weights no load quantizes: 3-D ones an
+    experts forward uses whole (Llama 4's ``bmm``), and experts held as one 2-D
+    ``[E * I, H]`` tensor (DBRX's ``w1``/``v1``/``w2``, in an experts module: one whose
+    class is named for them), neither linears nor 3-D."""
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        experts = getattr(module, "num_experts", None)
+        if not isinstance(experts, int) or experts < 2:
             continue
+        prefix = f"{name}." if name else ""
         whole = whole_reads(type(module))
         for attr, param in module.named_parameters(recurse=False):
             if attr in whole and param.dim() == 3 and param.is_floating_point():
-                found[f"{name}.{attr}" if name else attr] = (
+                found[prefix + attr] = (
                     f"kept: {type(module).__name__}.forward uses the whole 3-D {attr}, "
                     "not one expert at a time"
                 )
+        if "Expert" not in type(module).__name__:
+            continue  # a model or MoE block with num_experts holds more than experts
+        for sub, child in module.named_modules():
+            if isinstance(child, nn.Linear):
+                continue
+            for attr, param in child.named_parameters(recurse=False):
+                rows = param.shape[0] if param.dim() == 2 else 0
+                if param.is_floating_point() and rows > experts and rows % experts == 0:
+                    found[f"{prefix}{sub}.{attr}" if sub else prefix + attr] = (
+                        f"kept: {type(child).__name__} holds the {experts} experts as one 2-D "
+                        f"{attr} {list(param.shape)}, neither linears nor 3-D experts weights"
+                    )
     return found
 
 
@@ -179,4 +203,4 @@ def _is_bitsandbytes(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes")
 
 
-__all__ = ["LayerPlan", "check_skip_modules", "notes", "plan_layers"]
+__all__ = ["LayerPlan", "check_skip_modules", "kept_experts", "notes", "plan_layers"]

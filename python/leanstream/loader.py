@@ -60,7 +60,7 @@ from .families import (
     quantization_config,
     record,
 )
-from .layers import plan_layers
+from .layers import kept_experts, plan_layers
 from .matching import (
     KeyMap,
     Names,
@@ -647,6 +647,8 @@ def _fill(
     expected = expected_shapes(model)
     plan = plan_layers(model, spec, expected, skip_modules=skip_modules, prequantized=prequantized)
     kind, skip, embeddings, output = plan.kind, plan.skip, plan.embeddings, plan.output
+    if spec.quantized:
+        _say_kept_experts(model)
     keep_fp32 = fp32_rule(model, kind, model_dtype)
     by_name, merged = rename_keys(model, ckpt, folder, expected, names)
     # tensors the checkpoint lacks that the caller asked to initialize: made now, by the
@@ -789,6 +791,22 @@ def _fill(
     # the bitsandbytes layers were created after the model's eval(): LLM.int8 takes
     # another code path in training mode
     return model.eval()
+
+
+def _say_kept_experts(model: nn.Module) -> None:
+    """A quantized load of a mixture-of-experts model whose experts stay in full precision
+    says so (a ``UserWarning``): they are most of the model."""
+    kept = kept_experts(model)
+    if not kept:
+        return
+    name, why = next(iter(kept.items()))
+    warnings.warn(
+        f"leanstream: {len(kept)} experts weights of {type(model).__name__} stay in full "
+        f"precision, e.g. {name}: {why.removeprefix('kept: ')} (`leanstream inspect` lists "
+        "them all)",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _put(

@@ -28,14 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .direct_reads import read_directly
-from .quantize import (
-    QuantSpec,
-    default_skip_modules,
-    expert_params,
-    matches_any,
-    quantizable_modules,
-)
+from .quantize import QuantSpec, default_skip_modules, expert_params, matches_any
 
 Family = Literal["transformers", "diffusers", "module"]
 
@@ -94,16 +87,21 @@ def fp32_rule(model: nn.Module, kind: Family, dtype: torch.dtype) -> Callable[[s
 
 
 def default_skip(model: nn.Module, kind: Family) -> set[str]:
-    """Modules the library keeps out of quantization by default (as patterns), and
-    those whose weight a forward reads directly (:mod:`leanstream.direct_reads`)."""
-    read = read_directly(model, quantizable_modules(model))
-    if kind == "transformers":  # full names, as transformers matches its own list
-        return default_skip_modules(model) | set(read)
-    read_exactly = {_exact(name) for name in read}
+    """Modules the library keeps out of quantization by default (as patterns)."""
+    if kind == "transformers":
+        return default_skip_modules(model)
     if kind == "diffusers":  # its _keep_in_fp32_modules, matched as diffusers does
-        return resolve_skip(model, kind, fp32_patterns(model)) | read_exactly
-    shared = {_exact(name) for name in _shared_weights(model)}
-    return set(fp32_patterns(model)) | shared | read_exactly
+        return resolve_skip(model, kind, fp32_patterns(model))
+    return set(fp32_patterns(model)) | {_exact(name) for name in _shared_weights(model)}
+
+
+def exact_patterns(kind: Family, names: Iterable[str]) -> set[str]:
+    """Skip patterns for exactly the modules ``names``: their full names for a
+    transformers model (readable in ``llm_int8_skip_modules``, and matched from the start
+    as transformers matches its list), anchored regular expressions otherwise."""
+    if kind == "transformers":
+        return set(names)
+    return {_exact(name) for name in names}
 
 
 def resolve_skip(model: nn.Module, kind: Family, patterns: Iterable[str]) -> set[str]:
@@ -234,6 +232,7 @@ def _mark_diffusers(model: Any, config: Any, skip: list[str], pre_quantized: boo
 __all__ = [
     "Family",
     "default_skip",
+    "exact_patterns",
     "family",
     "fp32_patterns",
     "fp32_rule",

@@ -6,7 +6,7 @@ The rules are the model's library's (:mod:`leanstream.families`): transformers'
 ``_keep_in_fp32_modules``, the config's list), diffusers' ``_keep_in_fp32_modules``,
 a plain module's shared weights; the user's ``skip_modules``; the embeddings and
 output embeddings ``quantize_embeddings`` / ``quantize_lm_head`` add; a pre-quantized
-checkpoint's own list. Two rules go beyond the libraries, so that a loaded model never
+checkpoint's own list. Three rules go beyond the libraries, so that a loaded model never
 crashes or computes garbage where the library's would:
 
 - an ``nn.Linear`` subclass with a forward of its own (PhiMoE's and Llama 4's routers,
@@ -14,7 +14,10 @@ crashes or computes garbage where the library's would:
   provably computes a plain linear (:func:`leanstream.quantize.plain_linear`) is
   quantized, where transformers keeps it;
 - a layer whose weight a forward reads directly (:mod:`leanstream.direct_reads`) stays
-  in full precision; transformers quantizes it.
+  in full precision; transformers quantizes it;
+- experts weights an experts forward uses whole (Llama 4's ``bmm``) stay in full
+  precision, as in transformers, and so do experts held as 2-D tensors (DBRX): a
+  quantized load says so (:func:`kept_experts`).
 
 :attr:`LayerPlan.notes` says, layer by layer, where these rules made a difference;
 ``inspect`` prints them.
@@ -34,6 +37,7 @@ from .errors import ConfigError
 from .families import (
     Family,
     default_skip,
+    exact_patterns,
     family,
     fp32_patterns,
     quantized_experts,
@@ -89,9 +93,11 @@ def plan_layers(
     kind = family(model)
     fp32_modules = fp32_patterns(model)
     user = list(skip_modules or [])
+    read = read_directly(model, quantizable_modules(model))
     if prequantized is None:
         check_skip_modules(model, user)
         skip = default_skip(model, kind) | resolve_skip(model, kind, user)
+        skip |= exact_patterns(kind, read)  # recorded: the library reloads it the same
     elif kind == "transformers":
         skip = prequantized.skip(model)
     else:
@@ -99,12 +105,12 @@ def plan_layers(
     if kind == "module":  # a parameter registered twice: both modules keep it as it is
         ties = shared_parameters(model)
         skip |= {_exact_module(name) for pair in ties.items() for name in pair}
-    plan = LayerPlan(kind, skip, notes=notes(model))
+    plan = LayerPlan(kind, skip, notes=notes(model, kind, read))
     if spec.quantized:
         if prequantized is None:
             # never those whose weight a forward reads (Mamba casts to lm_head's dtype)
-            read = {_exact(name) for name in read_directly(model, quantizable_modules(model))}
-            plan.embeddings, plan.output = extra_modules(model, spec, {*user, *fp32_modules, *read})
+            never = {*user, *fp32_modules, *map(_exact, read)}
+            plan.embeddings, plan.output = extra_modules(model, spec, never)
         else:
             plan.embeddings, plan.output = prequantized.extra_modules(model)
         plan.skip -= plan.output
@@ -113,9 +119,13 @@ def plan_layers(
     return plan
 
 
-def notes(model: nn.Module) -> dict[str, str]:
-    """``{name: why}`` for the linears of ``model`` that the rules beyond its library
-    decide (see the module docstring)."""
+def notes(model: nn.Module, kind: Family, read: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{name: why}`` for the linears (and experts weights) of ``model`` that the rules
+    beyond its library (``kind``) decide (see the module docstring); ``read``: the
+    layers :func:`leanstream.direct_reads.read_directly` found, with why."""
+    if read is None:
+        read = read_directly(model, quantizable_modules(model))
+    library = "diffusers quantizes" if kind == "diffusers" else "transformers keeps"
     found: dict[str, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or type(module) is nn.Linear:
@@ -124,10 +134,13 @@ def notes(model: nn.Module) -> dict[str, str]:
             continue
         cls = type(module).__name__
         if plain_linear(module):
-            found[name] = f"quantized: {cls} computes a plain linear (transformers keeps it)"
+            if kind != "diffusers":  # diffusers quantizes every subclass
+                found[name] = f"quantized: {cls} computes a plain linear ({library} it)"
         else:
             found[name] = f"kept: {cls} has a forward of its own"
-    for name, why in read_directly(model, quantizable_modules(model)).items():
+            if kind == "diffusers":
+                found[name] += f" ({library} it)"
+    for name, why in read.items():
         found.setdefault(name, f"kept: {why}")
     found.update(kept_experts(model))
     return found

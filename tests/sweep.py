@@ -145,14 +145,38 @@ _FIXED = {
     "state_size": 16,
     "ssm_state_size": 16,
     "d_state": 16,
+    "mamba_d_state": 16,
+    "mamba_dt_rank": 64,
 }
 _IMAGE = 32
 _PATCH = 16
 VOCAB = 256
 
-#: per-type overrides where the generic shrinking cannot work (applied last, top level)
+#: an :data:`OVERRIDES` value that removes the key (a value the config derives itself)
+DROP = object()
+#: per-type overrides where the generic shrinking cannot work (applied last; a dict
+#: value is merged into the sub-config dict it names)
 OVERRIDES: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
+    # rope_theta and clip_qkv are read from attn_config, which does not save them
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # no attention layer by default: the second one attends
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "attention"]},
+    # the layer types default to None; the first layer is dense by default (both, at 2)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    # widths derived in __post_init__, saved, then set back over the new ones by from_dict
+    "zamba2": dict.fromkeys(
+        (
+            "attention_head_dim",
+            "attention_hidden_size",
+            "mamba_headdim",
+            "kv_channels",
+            "num_query_groups",
+            "hybrid_layer_ids",
+        ),
+        DROP,
+    ),
 }
 
 
@@ -190,15 +214,22 @@ def _shrink(d: dict[str, Any], hidden: int) -> dict[str, Any]:
             out[key] = None
         elif key in _KV_HEADS:  # multi-head attention stays so (DeepSeek's MLA needs it)
             heads = next((d[k] for k in _HEADS if k in d), None)
+            if value is None and isinstance(heads, int):  # None: as many as the heads
+                value = heads
             out[key] = 4 if isinstance(value, int) and value == heads else _small(value, 2)
         elif key in _HEAD_DIM and isinstance(value, int):
             out[key] = hidden // 4
+        elif key == "head_dim" and value is None and any(k in d for k in _HEADS):
+            out[key] = hidden // 4  # what hidden / heads gives, for the models that read it
         elif key in _POSITIONS:
             out[key] = _small(value, 64)
         elif key in _EXPERTS:
             out[key] = _small(value, 4)
         elif key in _TOP_K:
-            out[key] = _small(value, 2)
+            experts = any(isinstance(d.get(k), int) and d[k] > 1 for k in _EXPERTS)
+            out[key] = 2 if value is None and experts else _small(value, 2)
+        elif str(key).endswith("_layer_period") and isinstance(value, int):
+            out[key] = min(value, 2)  # Jamba: attention / experts every other layer
         elif key == "rotary_dim" and isinstance(value, int):  # a part of the head
             out[key] = hidden // 8
         elif key in _FIXED and isinstance(value, int):
@@ -213,6 +244,15 @@ def _shrink(d: dict[str, Any], hidden: int) -> dict[str, Any]:
             out[key] = min(value, _PATCH)
         elif key == "mrope_section" and isinstance(value, list):
             out[key] = _scaled(value, hidden // 8)
+    for key, value in d.items():  # ... at the offset in that period
+        period = out.get(str(key).replace("_layer_offset", "_layer_period"))
+        if str(key).endswith("_layer_offset") and isinstance(value, int) and period:
+            out[key] = value % period
+    heads, width = out.get("mamba_n_heads"), out.get("mamba_d_head")
+    expanded = int(out.get("mamba_expand", 2) * out.get("hidden_size", hidden))
+    if isinstance(heads, int) and isinstance(width, int) and "mamba_d_ssm" not in out:
+        if heads * width != expanded:  # Bamba: heads of 16 filling the expanded width
+            out["mamba_d_head"], out["mamba_n_heads"] = 16, expanded // 16
     if isinstance(out.get("qk_rope_head_dim"), int):  # MLA: rotary part and query width
         if "head_dim" in out:
             out["head_dim"] = out["qk_rope_head_dim"]
@@ -231,6 +271,11 @@ def _shrink(d: dict[str, Any], hidden: int) -> dict[str, Any]:
             elif str(key).endswith("_layers") and isinstance(value, list):
                 if all(isinstance(v, int) for v in value):
                     out[key] = [v for v in value if v < 2]
+            elif str(key).endswith("types") and isinstance(value, list) and len(value) > 2:
+                # a cycle of layer kinds (RecurrentGemma's block types): one of each two
+                other = next((v for v in value if v != value[0]), None)
+                if other is not None:
+                    out[key] = [value[0], other]
     # special token ids beyond the new vocabulary: remapped to its top
     top = [VOCAB - 1]
     for key, value in list(out.items()):
@@ -269,11 +314,52 @@ def tiny_config(model_type: str, hidden: int = 64) -> Any:
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    shrunk = _shrink(default.to_dict(), hidden)
-    shrunk.update(OVERRIDES.get(model_type, {}))
+    shrunk = _merge(_shrink(default.to_dict(), hidden), OVERRIDES.get(model_type, {}))
     config = type(default).from_dict(shrunk)
     config.dtype = "bfloat16"
+    _mrope(config)
     return config
+
+
+def _merge(d: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with ``override``'s values, merged into sub-config dicts, :data:`DROP` removed."""
+    out = dict(d)
+    for key, value in override.items():
+        if value is DROP:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+#: types whose model code reads ``mrope_section`` though their config does not list it
+_MROPE_UNLISTED = frozenset({"paddleocr_vl"})
+
+
+def _mrope(config: Any) -> None:
+    """Multimodal rotary sections that add up to the tiny rotary half width, where the
+    text config takes an ``mrope_section`` that its default leaves to the model code
+    (Qwen2-VL's [16, 24, 24], GLM-4V's [8, 12, 12]: for 128 wide heads)."""
+    try:
+        text = config.get_text_config()
+    except ValueError:  # MusicGen: several text configs, none with multimodal rotary
+        return
+    listed = "mrope_section" in getattr(text, "ignore_keys_at_rope_validation", ())
+    # PaddleOCR-VL's config does not say so, but its model code reads one
+    if not listed and getattr(config, "model_type", None) not in _MROPE_UNLISTED:
+        return
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = getattr(text, name, None)
+        if not isinstance(rope, dict):
+            continue
+        heads = getattr(text, "num_attention_heads", 1) or 1
+        head = getattr(text, "head_dim", None) or text.hidden_size // heads
+        partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1))
+        half = int(head * (partial or 1)) // 2
+        if half >= 3 and sum(rope.get("mrope_section") or ()) != half:
+            rope["mrope_section"] = _scaled(rope.get("mrope_section") or [2, 3, 3], half)
 
 
 # --- cases -----------------------------------------------------------------------------

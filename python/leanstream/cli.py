@@ -673,7 +673,8 @@ def inspect_checkpoint(
     ``"kept_in_full_precision"`` lists the linears no setting quantizes, and ``"notes"``
     (``{name: why}``) the linears leanstream's rules beyond the library's decided
     (:mod:`leanstream.layers`): an ``nn.Linear`` subclass with a forward of its own,
-    kept; one that is a plain linear, quantized; a weight a forward reads directly, kept.
+    kept; one that is a plain linear, quantized; a weight a forward reads directly, kept;
+    MoE experts weights no load quantizes (used whole, or held as 2-D tensors), kept.
     """
     from . import _core
     from .families import family, fp32_rule

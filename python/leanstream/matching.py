@@ -224,22 +224,24 @@ def plan_targets(
     unexpected_patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
     ignore_unexpected = _regex(unexpected_patterns)
     asked = _regex(names.ignore_unexpected)  # the caller's, searched in checkpoint names too
-    unexpected = [
-        key
-        for name, key in by_name.items()
-        if name not in expected
-        and name not in claimed
-        and not (ignore_unexpected and ignore_unexpected.search(name))
-        and not (asked and (asked.search(key) or asked.search(name)))
+    # (checkpoint key, model name) of every tensor the model has no place for
+    extra = [
+        (key, name) for name, key in by_name.items() if name not in expected and name not in claimed
     ]
-    unexpected += [
-        key
+    pieces = [
+        (key, key)
         for name, found in merged.items()
         if name not in expected or name in experts
         for key, _ in found
-        if not (asked and asked.search(key))
     ]
-    _check_ignore_unexpected(names.ignore_unexpected, by_name, merged, expected, claimed, folder)
+    _check_ignore_unexpected(names.ignore_unexpected, extra + pieces, folder)
+    unexpected = [
+        key
+        for key, name in extra
+        if not (ignore_unexpected and ignore_unexpected.search(name))
+        and not (asked and (asked.search(key) or asked.search(name)))
+    ]
+    unexpected += [key for key, _ in pieces if not (asked and asked.search(key))]
     if missing or unexpected or mismatched:
         built = f"the model built is a {type(model).__name__}"
         if unexpected:
@@ -260,22 +262,13 @@ def plan_targets(
 
 
 def _check_ignore_unexpected(
-    patterns: list[str] | None,
-    by_name: dict[str, str],
-    merged: dict[str, list[tuple[str, Piece]]],
-    expected: dict[str, tuple[int, ...]],
-    claimed: set[str],
-    folder: Path,
+    patterns: list[str] | None, extra: list[tuple[str, str]], folder: Path
 ) -> None:
     """An ``ignore_unexpected`` pattern that leaves out no tensor (none of the
-    checkpoint's extra tensors matches it) does nothing: a typo, refused."""
+    checkpoint's ``extra`` tensors, ``(key, model name)``, matches it) does nothing: a
+    typo, refused."""
     if not patterns:
         return
-    extra = [(key, name) for name, key in by_name.items() if name not in expected]
-    extra = [(key, name) for key, name in extra if name not in claimed]
-    extra += [
-        (key, key) for name, found in merged.items() if name not in expected for key, _ in found
-    ]
     idle = [
         p
         for p in patterns

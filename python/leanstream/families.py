@@ -92,7 +92,7 @@ def default_skip(model: nn.Module, kind: Family) -> set[str]:
         return default_skip_modules(model)
     if kind == "diffusers":  # its _keep_in_fp32_modules, matched as diffusers does
         return resolve_skip(model, kind, fp32_patterns(model))
-    return set(fp32_patterns(model)) | {_exact(name) for name in _shared_weights(model)}
+    return set(fp32_patterns(model)) | {exact_pattern(name) for name in _shared_weights(model)}
 
 
 def exact_patterns(kind: Family, names: Iterable[str]) -> set[str]:
@@ -101,7 +101,7 @@ def exact_patterns(kind: Family, names: Iterable[str]) -> set[str]:
     as transformers matches its list), anchored regular expressions otherwise."""
     if kind == "transformers":
         return set(names)
-    return {_exact(name) for name in names}
+    return {exact_pattern(name) for name in names}
 
 
 def resolve_skip(model: nn.Module, kind: Family, patterns: Iterable[str]) -> set[str]:
@@ -115,11 +115,11 @@ def resolve_skip(model: nn.Module, kind: Family, patterns: Iterable[str]) -> set
     for name, _ in model.named_modules():
         short = name.rpartition(".")[2]
         if any(short == p or name == p or f"{p}." in name for p in patterns):
-            found.add(_exact(name))
+            found.add(exact_pattern(name))
     return found
 
 
-def _exact(name: str) -> str:
+def exact_pattern(name: str) -> str:
     """A pattern that :func:`leanstream.quantize.matches_any` matches to ``name`` only."""
     return f"{re.escape(name)}$"
 
@@ -232,6 +232,7 @@ def _mark_diffusers(model: Any, config: Any, skip: list[str], pre_quantized: boo
 __all__ = [
     "Family",
     "default_skip",
+    "exact_pattern",
     "exact_patterns",
     "family",
     "fp32_patterns",

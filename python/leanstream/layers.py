@@ -25,7 +25,6 @@ crashes or computes garbage where the library's would:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from .errors import ConfigError
 from .families import (
     Family,
     default_skip,
+    exact_pattern,
     exact_patterns,
     family,
     fp32_patterns,
@@ -64,10 +64,12 @@ class LayerPlan:
             pre-quantized checkpoint storing them quantized).
         output: names of the output embeddings quantized as a linear.
         experts: ``{name: (E, R, C)}`` of the 3-D experts weights quantized.
-        notes: ``{name: why}`` for the linears (and 3-D experts weights) the rules
-            beyond the library decided: kept (a forward of its own, a weight read
-            directly, experts used whole) or quantized where the library keeps it (a
-            subclass that is a plain linear).
+        kept_experts: ``{name: why}`` of the experts weights no load quantizes
+            (:func:`kept_experts`).
+        notes: ``{name: why}`` for the linears (and experts weights) the rules beyond
+            the library decided: kept (a forward of its own, a weight read directly,
+            ``kept_experts``) or quantized where the library keeps it (a subclass that
+            is a plain linear).
     """
 
     kind: Family
@@ -75,6 +77,7 @@ class LayerPlan:
     embeddings: set[str] = field(default_factory=set)
     output: set[str] = field(default_factory=set)
     experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    kept_experts: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -105,11 +108,12 @@ def plan_layers(
     if kind == "module":  # a parameter registered twice: both modules keep it as it is
         ties = shared_parameters(model)
         skip |= {_exact_module(name) for pair in ties.items() for name in pair}
-    plan = LayerPlan(kind, skip, notes=notes(model, kind, read))
+    kept = kept_experts(model)
+    plan = LayerPlan(kind, skip, kept_experts=kept, notes=notes(model, kind, read, kept))
     if spec.quantized:
         if prequantized is None:
             # never those whose weight a forward reads (Mamba casts to lm_head's dtype)
-            never = {*user, *fp32_modules, *map(_exact, read)}
+            never = {*user, *fp32_modules, *map(exact_pattern, read)}
             plan.embeddings, plan.output = extra_modules(model, spec, never)
         else:
             plan.embeddings, plan.output = prequantized.extra_modules(model)
@@ -119,18 +123,19 @@ def plan_layers(
     return plan
 
 
-def notes(model: nn.Module, kind: Family, read: Mapping[str, str] | None = None) -> dict[str, str]:
+def notes(
+    model: nn.Module, kind: Family, read: Mapping[str, str], kept: Mapping[str, str]
+) -> dict[str, str]:
     """``{name: why}`` for the linears (and experts weights) of ``model`` that the rules
     beyond its library (``kind``) decide (see the module docstring); ``read``: the
-    layers :func:`leanstream.direct_reads.read_directly` found, with why."""
-    if read is None:
-        read = read_directly(model, quantizable_modules(model))
+    layers :func:`leanstream.direct_reads.read_directly` found, ``kept``: the experts
+    weights :func:`kept_experts` found, with why."""
     library = "diffusers quantizes" if kind == "diffusers" else "transformers keeps"
     found: dict[str, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or type(module) is nn.Linear:
-            continue
-        if _is_conv1d(module) or _is_bitsandbytes(module):
+            continue  # Conv1D is no nn.Linear: transformers replaces it too
+        if _is_bitsandbytes(module):
             continue
         cls = type(module).__name__
         if plain_linear(module):
@@ -142,7 +147,7 @@ def notes(model: nn.Module, kind: Family, read: Mapping[str, str] | None = None)
                 found[name] += f" ({library} it)"
     for name, why in read.items():
         found.setdefault(name, f"kept: {why}")
-    found.update(kept_experts(model))
+    found.update(kept)
     return found
 
 
@@ -198,18 +203,7 @@ def check_skip_modules(model: nn.Module, skip_modules: list[str]) -> None:
 
 def _exact_module(param_name: str) -> str:
     """A skip pattern for exactly the module that holds ``param_name``."""
-    return _exact(param_name.rpartition(".")[0])
-
-
-def _exact(name: str) -> str:
-    """A skip pattern for exactly the module ``name``."""
-    return re.escape(name) + "$"
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
+    return exact_pattern(param_name.rpartition(".")[0])
 
 
 def _is_bitsandbytes(module: nn.Module) -> bool:

@@ -60,7 +60,7 @@ from .families import (
     quantization_config,
     record,
 )
-from .layers import kept_experts, plan_layers
+from .layers import plan_layers
 from .matching import (
     KeyMap,
     Names,
@@ -232,10 +232,12 @@ def load(
     quantize, ``ignore_unexpected`` matching no extra tensor) are a :class:`ConfigError`.
 
     Which layers are quantized follows the library's rules (transformers':
-    ``Conv1D`` and exactly ``nn.Linear``, less ``modules_to_not_convert``), and two of
+    ``Conv1D`` and exactly ``nn.Linear``, less ``modules_to_not_convert``), and three of
     leanstream's (:mod:`leanstream.layers`): an ``nn.Linear`` subclass that keeps
-    ``nn.Linear``'s forward is quantized too, and a layer whose weight a forward reads
-    directly (Mamba's ``dt_proj``) stays in full precision; ``inspect`` lists both.
+    ``nn.Linear``'s forward is quantized too; a layer whose weight a forward reads
+    directly (Mamba's ``dt_proj``) stays in full precision; MoE experts weights no load
+    can quantize (Llama 4's, used whole; DBRX's, 2-D) stay too, with a ``UserWarning``.
+    ``inspect`` lists them all.
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose
@@ -648,7 +650,7 @@ def _fill(
     plan = plan_layers(model, spec, expected, skip_modules=skip_modules, prequantized=prequantized)
     kind, skip, embeddings, output = plan.kind, plan.skip, plan.embeddings, plan.output
     if spec.quantized:
-        _say_kept_experts(model)
+        _say_kept_experts(model, plan.kept_experts)
     keep_fp32 = fp32_rule(model, kind, model_dtype)
     by_name, merged = rename_keys(model, ckpt, folder, expected, names)
     # tensors the checkpoint lacks that the caller asked to initialize: made now, by the
@@ -793,10 +795,10 @@ def _fill(
     return model.eval()
 
 
-def _say_kept_experts(model: nn.Module) -> None:
+def _say_kept_experts(model: nn.Module, kept: dict[str, str]) -> None:
     """A quantized load of a mixture-of-experts model whose experts stay in full precision
-    says so (a ``UserWarning``): they are most of the model."""
-    kept = kept_experts(model)
+    (``kept``: :func:`leanstream.layers.kept_experts`) says so (a ``UserWarning``): they
+    are most of the model."""
     if not kept:
         return
     name, why = next(iter(kept.items()))

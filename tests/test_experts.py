@@ -1,17 +1,22 @@
-"""QuantizedExperts (3-D expert weights held by bitsandbytes' 4-bit or LLM.int8 layout,
-dequantized one expert at a time) and the ``"leanstream"`` experts implementation.
+"""QuantizedExperts (3-D expert weights held by bitsandbytes' 4-bit or LLM.int8 layout)
+and the ``"leanstream"`` experts implementation.
 
 Per expert, the 4-bit weight must equal bitsandbytes' quantization of that expert
 alone (blocks never span two experts), and with double quantization the matching
-slice of bitsandbytes' dequantization of the whole tensor. In a model, the
-implementation runs each architecture's eager forward on the dequantized experts,
-so its outputs equal, bit for bit, those of the same model holding the
-dequantized weights as plain parameters with the eager implementation.
+slice of bitsandbytes' dequantization of the whole tensor. Where bitsandbytes has a
+kernel for an expert's matmul (4 bits on an AVX512-BF16 CPU, LLM.int8 anywhere),
+``linear`` must equal, bit for bit, bitsandbytes' own ``Linear4bit`` /
+``Linear8bitLt`` holding that expert; in a model the logits are then the dequantized
+reference's within that kernel's rounding. Elsewhere the implementation runs each
+architecture's eager forward on the dequantized experts, so its outputs equal, bit
+for bit, those of the same model holding the dequantized weights as plain parameters
+with the eager implementation.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import pickle
 from typing import Any
 
@@ -19,13 +24,16 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 import transformers
+from cpu_kernel import needs_fused_kernel, packs
 from torch import nn
 
 from leanstream.experts import (
     IMPLEMENTATION,
+    KERNEL_ROWS,
     QuantizedExperts,
     eager_forward,
     experts_forward,
+    matmul_forward,
     use_quantized_experts,
 )
 from models import MOE_ARCHS, make_config
@@ -260,16 +268,237 @@ def test_model_equals_dequantized_model(arch: str, mode: str) -> None:
         exact = reference(IDS).logits
         reference.set_experts_implementation(default)
         batched = reference(IDS).logits
-    # the same operations on the same values as the eager implementation: bit for bit
-    assert torch.equal(logits, exact)
+    kernel = uses_kernels(arch, mode)
+    assert any(p.cpu_layout for p in model.parameters() if isinstance(p, QuantizedExperts)) == (
+        kernel and mode != "int8"
+    )
+    if kernel:
+        # bitsandbytes' kernels (bfloat16 scales and sums on the CPU, int8 activations):
+        # the dequantized reference's logits within a few bf16 ulps
+        torch.testing.assert_close(logits, exact, rtol=0, atol=0.03)
+        assert not torch.equal(logits, exact)  # the kernels ran, not the dequantized copy
+    else:
+        # the same operations on the same values as the eager implementation: bit for bit
+        assert torch.equal(logits, exact)
     # the default (grouped_mm) orders bf16 sums differently: a few bf16 ulps of the logits
     torch.testing.assert_close(logits, batched, rtol=0.03, atol=0.03)
 
     out = model.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
     reference.set_experts_implementation("eager")
-    ref_out = reference.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, IDS.shape[1] + 4)
-    assert torch.equal(out, ref_out)
+    if not kernel:
+        ref_out = reference.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, ref_out)
+        return
+    # decoding one token at a time through the kernels (their GEMV): each token generated
+    # is a greedy choice of the reference, to within the same rounding
+    with torch.no_grad():
+        ref_logits = reference(out).logits[:, IDS.shape[1] - 1 : -1].float()
+    chosen = ref_logits.gather(-1, out[:, IDS.shape[1] :, None]).squeeze(-1)
+    assert bool((chosen >= ref_logits.max(-1).values - 0.03).all()), (chosen, ref_logits.max(-1))
+
+
+def uses_kernels(arch: str, mode: str) -> bool:
+    """Whether the tiny ``arch`` model's experts run through bitsandbytes' kernels on this
+    CPU (as the session sees it): LLM.int8 anywhere, 4 bits where the fused AVX512-BF16
+    kernel is; not GPT-OSS, whose experts are ``[E, in, out]`` (``x @ w``)."""
+    return arch != "gpt_oss" and (mode == "int8" or packs())
+
+
+# --- bitsandbytes' kernels, one expert at a time --------------------------------------
+
+
+def bnb_layer(qe: QuantizedExperts, e: int) -> nn.Module:
+    """bitsandbytes' own ``Linear4bit`` / ``Linear8bitLt`` holding expert ``e`` of ``qe``
+    (its bytes and its plain statistics), in eval mode, as transformers builds one."""
+    import bitsandbytes as bnb
+
+    r, c = qe.expert_shape
+    if qe.bits == 8:
+        layer = bnb.nn.Linear8bitLt(c, r, bias=False, has_fp16_weights=False, threshold=6.0)
+        cb, scb = qe.data[e].clone(), qe.SCB[e * r : (e + 1) * r].clone()
+        layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+        layer.weight.CB, layer.weight.SCB = cb, scb
+        return layer.eval()
+    state = qe.quant_state
+    size, blocks = r * c, r * c // state.blocksize
+    expert_state = F.QuantState(
+        absmax=qe._absmax(e * blocks, (e + 1) * blocks).clone(),
+        shape=torch.Size((r, c)),
+        code=state.code.clone(),
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+    )
+    layer = bnb.nn.Linear4bit(
+        c, r, bias=False, compute_dtype=torch.bfloat16, quant_type=state.quant_type
+    )
+    layer.weight = bnb.nn.Params4bit(
+        qe.data[e * size // 2 : (e + 1) * size // 2].clone(),
+        requires_grad=False,
+        quant_state=expert_state,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        bnb_quantized=True,
+    )
+    return layer.eval()
+
+
+@pytest.mark.parametrize("rows", [1, 5, KERNEL_ROWS, KERNEL_ROWS + 1])
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "nf4-dq", "int8"])
+def test_linear_is_bitsandbytes_own_layer(mode: str, rows: int) -> None:
+    """One token (the GEMV of a decode step) or several: ``linear`` on an expert's share
+    of the storage equals bitsandbytes' own layer holding that expert, bit for bit. At 4
+    bits, more than ``KERNEL_ROWS`` rows multiply the dequantized expert instead (the
+    fused CPU kernel decodes the weight once per row)."""
+    if mode != "int8" and not packs():
+        pytest.skip("4-bit kernels without dequantizing: bitsandbytes' AVX512-BF16 CPU kernel")
+    torch.manual_seed(1)
+    qe = quantized(torch.randn(E, 128, 192, dtype=torch.bfloat16), mode)
+    x = torch.randn(rows, 192, dtype=torch.bfloat16) * 3  # some int8 outliers (> 6)
+    layers = [bnb_layer(qe, e) for e in range(E)]  # from the plain layout
+    with torch.no_grad():
+        assert qe.fused(x)
+        for e in range(E):
+            want = layers[e](x)
+            got = qe.linear(e, x)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, 128)
+            if mode != "int8" and rows > KERNEL_ROWS:
+                want = torch.nn.functional.linear(x, qe[e])
+            assert torch.equal(got, want), (e, (got - want).abs().max())
+            # the dequantized expert's product, within the kernel's rounding
+            exact = x.float() @ qe[e].float().T
+            bound = (x.float().abs() @ qe[e].float().abs().T) * 2**-6 + 0.05
+            if mode == "int8":  # activations quantized per row, to 1/127 of their max
+                bound += (
+                    x.float().abs().amax(-1, keepdim=True) / 127 * (qe[e].float().abs().sum(-1))
+                )
+            assert bool(((got.float() - exact).abs() <= bound).all())
+    assert qe.cpu_layout == (mode != "int8")
+
+
+@needs_fused_kernel
+@pytest.mark.parametrize("mode", ["nf4", "fp4-dq"])
+def test_cpu_layout_round_trip(mode: str) -> None:
+    """In the CPU kernel's layout, the stored form, each expert and the whole weight are
+    what the plain layout gives, with the scales the kernel uses (bfloat16, as
+    bitsandbytes' own conversion makes them); copies, pickles and saves are plain."""
+    torch.manual_seed(2)
+    qe = quantized(torch.randn(E, 64, 128, dtype=torch.bfloat16), mode)
+    plain_bytes, plain_state = qe.data.clone(), copy.deepcopy(qe.quant_state)
+    scales = qe._absmax(0, qe.quant_state.shape.numel() // BLOCKSIZE)
+    rounded = scales.to(torch.bfloat16).float()
+    qe.use_cpu_layout()
+    assert qe.cpu_layout and qe.data.shape == plain_bytes.shape and qe.data.dtype == torch.uint8
+    assert not torch.equal(qe.data, plain_bytes)  # rearranged, in place
+    qe.use_cpu_layout()  # idempotent
+    data, state = qe.plain()
+    assert torch.equal(data, plain_bytes) and state.nested == plain_state.nested
+    assert tuple(state.shape) == (E, 64, 128) and state.dtype == torch.bfloat16
+    back = QuantizedExperts.four_bit(data, state)
+    if state.nested:  # quantized again (8-bit, blocks of 256), as a saved weight is
+        torch.testing.assert_close(back._absmax(0, scales.numel()), rounded, rtol=0.02, atol=0)
+    else:
+        assert torch.equal(back._absmax(0, scales.numel()), rounded)
+    # the weight the kernel multiplies by: the plain bytes with the bfloat16 scales
+    kernel_state = F.QuantState(
+        absmax=rounded,
+        shape=state.shape,
+        code=state.code,
+        blocksize=BLOCKSIZE,
+        quant_type=state.quant_type,
+        dtype=torch.bfloat16,
+    )
+    whole = QuantizedExperts.four_bit(data.clone(), kernel_state).dequantize()
+    assert torch.equal(qe.dequantize(), whole)
+    for e in range(E):
+        assert torch.equal(qe[e], whole[e])
+    twin = copy.deepcopy(qe)  # the same layout: computes the same
+    assert twin.cpu_layout and twin.data_ptr() != qe.data_ptr()
+    assert torch.equal(twin.data, qe.data) and torch.equal(twin.dequantize(), whole)
+    again = pickle.loads(pickle.dumps(qe))  # the stored form, as saved
+    assert isinstance(again, QuantizedExperts) and not again.cpu_layout
+    assert torch.equal(again.data, plain_bytes)
+    assert torch.equal(again.dequantize(), back.dequantize())
+    module = nn.Module()
+    module.w = qe
+    saved = importlib.import_module("leanstream.save")._experts_state(module)
+    assert torch.equal(saved["w"], plain_bytes)
+    assert saved.keys() == {"w", *(f"w.{k}" for k in plain_state.as_dict(packed=True))}
+    assert qe.cpu_layout  # saving did not change the model
+    assert "cpu layout" in repr(qe)
+
+
+@needs_fused_kernel
+def test_cpu_layout_made_once_under_threads() -> None:
+    """Two threads running a fresh expert weight: one conversion, the same results."""
+    import threading
+
+    torch.manual_seed(3)
+    qe = quantized(torch.randn(E, 64, 128, dtype=torch.bfloat16), "nf4")
+    twin = copy.deepcopy(qe)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = [twin.linear(e, x) for e in range(E)]
+    results: list[list[torch.Tensor]] = [[], []]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with torch.no_grad():
+                results[i] = [qe.linear(e, x) for e in range(E)]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for got in results:
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(qe.data, twin.data)  # rearranged once, not twice
+
+
+def test_no_expert_is_dequantized_where_a_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of the kernels: a forward never materializes an expert's weight."""
+    modes = ["int8", "nf4-dq"] if packs() else ["int8"]
+    for mode in modes:
+        model, _ = quantize_experts(tiny("qwen3_moe"), mode)
+        use_quantized_experts(model)
+
+        def refuse(self: QuantizedExperts, index: Any) -> torch.Tensor:
+            raise AssertionError("an expert was dequantized")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(QuantizedExperts, "__getitem__", refuse)
+            with torch.no_grad():
+                model(IDS)
+                model.generate(IDS, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_gradients_take_the_dequantized_experts(mode: str) -> None:
+    """bitsandbytes' fused CPU kernel has no backward: in training, or for an input that
+    wants a gradient, the eager forward runs on dequantized experts (bit for bit the
+    reference's) and the input's gradient flows."""
+    model, reference = quantize_experts(tiny("mixtral"), mode)
+    use_quantized_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    ref = reference.model.layers[0].mlp.experts
+    hidden = torch.randn(6, 64, dtype=torch.bfloat16, requires_grad=True)
+    index = torch.tensor([[0, 3], [1, 2], [3, 1], [2, 0], [1, 0], [0, 2]])
+    weights = torch.rand(6, 2, dtype=torch.bfloat16)
+    assert matmul_forward(experts, hidden, index, weights) is None
+    got = experts_forward(experts, hidden, index, weights)
+    want = eager_forward(type(ref))(ref, hidden, index, weights)
+    assert torch.equal(got, want)
+    got.float().sum().backward()
+    assert hidden.grad is not None and bool(hidden.grad.abs().sum() > 0)
+    experts.train()
+    with torch.no_grad():
+        assert matmul_forward(experts, hidden.detach(), index, weights) is None
 
 
 def test_dispatch_goes_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,3 +549,5 @@ def test_experts_forward_on_a_module() -> None:
         got = experts_forward(experts, hidden, index, weights)
         want = eager_forward(type(ref))(ref, hidden, index, weights)
     assert torch.equal(got, want)
+    # GPT-OSS's experts are [E, in, out] (x @ w): no bitsandbytes kernel takes them
+    assert matmul_forward(experts, hidden, index, weights) is None

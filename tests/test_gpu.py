@@ -563,6 +563,36 @@ def test_moe_experts_are_quantized_on_the_gpu(moe_folder: Path, setting: str) ->
     assert out.shape == (1, IDS.shape[1] + 4)
 
 
+@pytest.mark.parametrize("setting", ["nf4", "nf4-dq", "int8"])
+def test_moe_experts_run_through_bitsandbytes_kernels_on_cuda(
+    moe_folder: Path, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA each routed expert goes through bitsandbytes' own matmul (``matmul_4bit``,
+    its GEMV for a decode step; LLM.int8) on its share of the storage: no expert is
+    dequantized. A model loaded on the CPU, run there (on an AVX512-BF16 CPU its experts
+    take the CPU kernel's layout) and moved with ``.to("cuda")`` computes the same there."""
+    from leanstream.experts import QuantizedExperts
+
+    ids = torch.tensor([[1, 5, 9, 42, 7, 100, 11, 2]])
+    on_cpu = leanstream.load(moe_folder, device="cpu", progress=False, **SETTINGS[setting])
+    with torch.no_grad():
+        expected = on_cpu(input_ids=ids).logits.float()
+    moved = on_cpu.to("cuda")
+    experts = [p for p in moved.parameters() if isinstance(p, QuantizedExperts)]
+    assert experts and all(p.device.type == "cuda" and not p.cpu_layout for p in experts)
+
+    def refuse(self: QuantizedExperts, index: Any) -> torch.Tensor:
+        raise AssertionError("an expert was dequantized")
+
+    monkeypatch.setattr(QuantizedExperts, "__getitem__", refuse)
+    with torch.no_grad():
+        got = moved(input_ids=ids.cuda()).logits.float().cpu()
+        out = moved.generate(ids.cuda(), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < 2e-2, rel  # the GPU's kernels: the same weights, other sums
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_a_cpu_load_moved_to_the_gpu_runs_there(
     sources: dict[str, Path], double_quant: bool

@@ -1,4 +1,4 @@
-"""Mixture-of-experts weights held quantized, dequantized one expert at a time.
+"""Mixture-of-experts weights held quantized, multiplied by bitsandbytes' kernels.
 
 transformers 5 keeps the experts of a mixture-of-experts layer as 3-D parameters
 of one experts module (``MixtralExperts.gate_up_proj [E, 2I, H]``,
@@ -6,31 +6,31 @@ of one experts module (``MixtralExperts.gate_up_proj [E, 2I, H]``,
 bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` cannot hold them.
 :class:`QuantizedExperts` is such a 3-D parameter held as bitsandbytes holds a
 linear weight (4-bit packed bytes with a ``QuantState``, or LLM.int8's ``CB`` and
-``SCB``), and indexing it by an expert gives that expert's weight, dequantized.
+``SCB``). ``qe.linear(e, x)`` is ``F.linear(x, W_e)`` computed by bitsandbytes on
+expert ``e``'s share of that storage, as its own layer holding the expert would
+compute it; ``qe[e]`` is expert ``e``'s weight, dequantized.
 
-The experts modules' eager forwards only ever read ``self.gate_up_proj[expert_idx]``
-and ``self.down_proj[expert_idx]``, ``expert_idx`` a 0-dim integer tensor, so they
-run unchanged on a :class:`QuantizedExperts`: every architecture's own gating,
-biases, transposition and interleaving is reused as written. The classes
-decorated with transformers' ``use_experts_implementation`` dispatch their forward
-on ``config._experts_implementation`` (default ``"grouped_mm"``, which reads the
-whole 3-D tensor) through the registry ``ALL_EXPERTS_FUNCTIONS``;
-:func:`use_quantized_experts` registers ``"leanstream"`` there, an implementation
-that runs the class's original eager forward, and selects it for the configs of
-the experts modules that hold quantized weights.
-
-Why dequantize on use, not a 4-bit matmul: the forwards use the expert weights in
-different layouts (``F.linear(x, w)`` on ``[out, in]`` for Mixtral and Qwen,
-``x @ w`` on ``[in, out]`` for GPT-OSS), and a dequantized expert is what each of
-them expects, so no architecture needs its own quantized kernel call. It costs
-what bitsandbytes itself does: ``matmul_4bit`` dequantizes the whole weight and
-calls a dense matmul for any input of more than one row (only a single-token
-input takes the fused GEMV kernel), and LLM.int8 without outliers is the int8
-weight times its row scales. One expert is dequantized at a time, in the model's
-dtype, and is garbage once its two matmuls are done: the transient memory is one
-expert's weight, never the layer's. The outputs equal, bit for bit, those of the
-same model with the dequantized weights as plain parameters and the eager
-implementation (the same operations on the same values).
+The classes transformers decorates with ``use_experts_implementation`` dispatch
+their forward on ``config._experts_implementation`` (default ``"grouped_mm"``,
+which reads the whole 3-D tensor) through the registry ``ALL_EXPERTS_FUNCTIONS``,
+and describe what an expert computes (``has_gate``, ``_apply_gate``, ``has_bias``,
+``is_transposed``, ``has_post_expert_norm``) for the implementations there.
+:func:`use_quantized_experts` registers ``"leanstream"`` and selects it for the
+configs of the experts modules that hold quantized weights. That implementation
+(:func:`experts_forward`) runs, in inference, each routed expert through
+bitsandbytes' kernels without a dequantized copy (:func:`matmul_forward`): the
+fused AVX512-BF16 4-bit kernel on a CPU that has it (the weight rearranged into its
+layout at the first forward, as ``Linear4bit`` does; its GEMV for a decode step),
+``matmul_4bit`` on CUDA, LLM.int8's matmul at 8 bits. A 4-bit expert is a quarter of
+bf16's bytes, so a decode step, which reads every routed expert once, is faster than
+with bf16 experts. Elsewhere (training or an input that wants a gradient: the fused
+kernel has no backward; a CPU without the kernel, where bitsandbytes itself
+dequantizes; experts stored ``[E, in, out]``, which no bitsandbytes kernel takes) it
+runs the class's own eager forward, which only reads ``self.gate_up_proj[expert_idx]``
+and ``self.down_proj[expert_idx]`` (``expert_idx`` a 0-dim integer tensor): one expert
+dequantized at a time, in the model's dtype, garbage once its two matmuls are done,
+and outputs equal, bit for bit, those of the same model with the dequantized weights
+as plain parameters and the eager implementation.
 """
 
 from __future__ import annotations
@@ -38,16 +38,27 @@ from __future__ import annotations
 import copy
 import functools
 import operator
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import _core, cpu_layout
+
 IMPLEMENTATION = "leanstream"
 """The name of the experts implementation in transformers' ``ALL_EXPERTS_FUNCTIONS``."""
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+KERNEL_ROWS = 32
+"""The most rows (tokens routed to one expert) that go through bitsandbytes' fused
+AVX512-BF16 CPU kernel; more are multiplied by the dequantized expert. The kernel
+decodes the weight again for every row: on a 1024 x 1024 expert (one core of the
+benchmark CPU) it takes 94 us for one row against bf16's 193 us, and 1.07 ms for 21
+rows, where dequantizing (about 0.9 ms) and a bf16 matmul cost about the same, and
+2.1 ms for 64, where they cost 1.4 ms (``benches/moe.py``)."""
 
 
 class QuantizedExperts(nn.Parameter):
@@ -69,6 +80,9 @@ class QuantizedExperts(nn.Parameter):
 
     quant_state: Any
     SCB: torch.Tensor | None
+    threshold: float = 6.0
+    """LLM.int8's outlier threshold for :meth:`linear` at 8 bits (``llm_int8_threshold``,
+    transformers' default 6.0; :func:`use_quantized_experts` sets the model's)."""
 
     def __new__(
         cls,
@@ -135,6 +149,44 @@ class QuantizedExperts(nn.Parameter):
         """The dtype experts dequantize to (the model's dtype)."""
         return self._dequant_dtype
 
+    @property
+    def cpu_layout(self) -> bool:
+        """Whether the 4-bit bytes are in bitsandbytes' AVX512-BF16 CPU layout (see
+        :meth:`use_cpu_layout`)."""
+        return self.quant_state is not None and cpu_layout.is_packed(self.quant_state)
+
+    def plain(self) -> tuple[torch.Tensor, Any]:
+        """The stored form: ``(bytes, quant_state)`` at 4 bits (bitsandbytes' plain
+        layout of the flattened weight, as saved), ``(CB, SCB)`` at 8. In the CPU layout,
+        new tensors (this one is not changed): the bytes put back in order (exact) and
+        the bfloat16 scales the fused kernel uses as float32 (exact), double-quantized
+        again where the weight was, as bitsandbytes' own inverse does for a linear."""
+        if self.quant_state is None:
+            return self.data, self.SCB
+        return self._plain(double_quant=bool(getattr(self.quant_state, "original_nested", False)))
+
+    def _plain(self, *, double_quant: bool) -> tuple[torch.Tensor, Any]:
+        """:meth:`plain` at 4 bits, the scales double-quantized or not (in the CPU
+        layout: the weight the kernel uses is the one without)."""
+        state = self.quant_state
+        if not self.cpu_layout:
+            return self.data, state
+        from .quantize import quant_state_4bit
+
+        e, r, c = self.shape3
+        data = _plain_bytes(self.data.view(e * r, c // 2), e * r, c).reshape(-1, 1)
+        absmax = state.absmax.transpose(1, 2).reshape(-1).to(torch.float32)
+        fresh = quant_state_4bit(
+            absmax,
+            torch.Size((e, r, c)),
+            self._dequant_dtype,
+            state.blocksize,
+            state.quant_type,
+            double_quant,
+        )
+        fresh.code = state.code
+        return data, fresh
+
     # --- dequantization --------------------------------------------------------------
 
     def __getitem__(self, index: Any) -> torch.Tensor:
@@ -154,9 +206,10 @@ class QuantizedExperts(nn.Parameter):
         if self.quant_state is None:
             rows = F.int8_vectorwise_dequant(self.data.reshape(e * r, c), self.SCB)
             return rows.reshape(e, r, c).to(self._dequant_dtype)
-        flat = copy.copy(self.quant_state)  # see _expert_4bit
+        data, state = self._plain(double_quant=False)
+        flat = copy.copy(state)  # see _expert_4bit
         flat.shape = torch.Size((e * r * c,))
-        return F.dequantize_4bit(self.data, flat).reshape(e, r, c)
+        return F.dequantize_4bit(data, flat).reshape(e, r, c)
 
     def _expert(self, index: Any) -> int:
         if isinstance(index, torch.Tensor):
@@ -186,18 +239,23 @@ class QuantizedExperts(nn.Parameter):
         r, c = self.expert_shape
         size = r * c
         blocks = size // state.blocksize
+        if self.cpu_layout:
+            packed = _plain_bytes(self.data.view(-1, r, c // 2)[e], r, c)
+            absmax = state.absmax[e].T.reshape(-1).to(torch.float32)
+        else:
+            packed = self.data[e * size // 2 : (e + 1) * size // 2]
+            absmax = self._absmax(e * blocks, (e + 1) * blocks)
         # flat: bitsandbytes' CPU kernel reads a 2-D shape's absmax as whole blocks per
         # row, wrong when c is not a multiple of the block size (the blocks run across
         # rows); on the flat values every kernel is right, and the same where c is
         expert = F.QuantState(
-            absmax=self._absmax(e * blocks, (e + 1) * blocks),
+            absmax=absmax,
             shape=torch.Size((size,)),
             code=state.code,
             blocksize=state.blocksize,
             quant_type=state.quant_type,
-            dtype=state.dtype,
+            dtype=self._dequant_dtype,
         )
-        packed = self.data[e * size // 2 : (e + 1) * size // 2]
         return F.dequantize_4bit(packed, expert).reshape(r, c)
 
     def _absmax(self, start: int, end: int) -> torch.Tensor:
@@ -230,14 +288,138 @@ class QuantizedExperts(nn.Parameter):
         rows = F.int8_vectorwise_dequant(self.data[e], self.SCB[e * r : (e + 1) * r])
         return rows.to(self._dequant_dtype)
 
+    # --- bitsandbytes' matmuls, one expert at a time -----------------------------------
+
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`linear` runs ``x`` through a bitsandbytes kernel that reads the
+        quantized expert (no dequantized copy): in inference (no gradient wanted) at 4
+        bits on the CPU where bitsandbytes has its AVX512-BF16 kernel and the expert fits
+        its layout, or on a CUDA device with whole blocks per row; at 8 bits wherever
+        LLM.int8 runs. Otherwise :meth:`linear` dequantizes the expert."""
+        wants_grad = x.requires_grad or (torch.is_grad_enabled() and self.requires_grad)
+        if x.device != self.device or wants_grad:
+            return False
+        if self.quant_state is None:
+            return True
+        r, c = self.expert_shape
+        blocksize = self.quant_state.blocksize
+        if x.device.type == "cpu":
+            return self.cpu_layout or (
+                cpu_layout.detected() and cpu_layout.fits(r, c, blocksize) and cpu_layout.agrees()
+            )
+        return x.device.type == "cuda" and c % blocksize == 0
+
+    def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``torch.nn.functional.linear(x, self[e])`` (``x`` ``[M, C]``, out ``[M, R]``)
+        computed by bitsandbytes on expert ``e``'s share of the quantized storage where
+        :meth:`fused` says so: its fused 4-bit kernel (the AVX512-BF16 CPU kernel on the
+        CPU layout, made here at the first call; ``matmul_4bit`` on CUDA, its GEMV for
+        one row), or LLM.int8's matmul with :attr:`threshold` as ``Linear8bitLt`` runs
+        it. The result is the dequantized expert's product within the kernel's own
+        rounding (bfloat16 scales and accumulation on the CPU, int8 activations at 8
+        bits)."""
+        if not self.fused(x):
+            return torch.nn.functional.linear(x, self[e])
+        return self.kernel()(e, x)
+
+    def kernel(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``f(e, x)``: :meth:`linear` without its checks (the caller made them, with
+        :meth:`fused`, once for many experts); at 4 bits on the CPU the weight is put in
+        the CPU layout first."""
+        if self.quant_state is None:
+            return self._linear_8bit
+        r, c = self.expert_shape
+        if self.device.type == "cpu":
+            self.use_cpu_layout()
+            state = self.quant_state
+            weights, absmax, code = self.data.view(-1, r, c // 2), state.absmax, state.code
+            gemv, blocksize, shape = (
+                torch.ops.bitsandbytes.gemv_4bit.default,
+                state.blocksize,
+                [r, c],
+            )
+
+            def cpu(e: int, x: torch.Tensor) -> torch.Tensor:
+                if x.shape[0] > KERNEL_ROWS:  # the kernel decodes the weight once per row
+                    return torch.nn.functional.linear(x, self[e])
+                if x.stride(-1) != 1:  # the kernel reads rows as contiguous
+                    x = x.contiguous()
+                return gemv(x, weights[e], shape, absmax[e], code, blocksize).to(x.dtype)
+
+            return cpu
+        return self._linear_4bit
+
+    def _linear_4bit(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+
+        state = self.quant_state
+        r, c = self.expert_shape
+        size, blocks = r * c, r * c // state.blocksize
+        expert = F.QuantState(
+            absmax=self._absmax(e * blocks, (e + 1) * blocks),
+            shape=torch.Size((r, c)),
+            code=state.code,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            dtype=self._dequant_dtype,
+        )
+        packed = self.data[e * size // 2 : (e + 1) * size // 2]
+        return bnb.matmul_4bit(x, packed, expert).to(x.dtype)
+
+    def _linear_8bit(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        r = self.expert_shape[0]
+        state = bnb.MatmulLtState()
+        state.CB, state.SCB = self.data[e], self.SCB[e * r : (e + 1) * r]
+        state.threshold = self.threshold
+        state.has_fp16_weights = False
+        state.is_training = False
+        # bitsandbytes logs its cast of a non-float16 input, as for a Linear8bitLt
+        return bnb.matmul(x, state.CB, state=state).to(x.dtype)
+
+    def use_cpu_layout(self) -> None:
+        """Put the 4-bit bytes in bitsandbytes' AVX512-BF16 CPU layout, in place, as
+        ``Linear4bit`` does at its first CPU forward: each expert's ``[R, C/2]`` bytes
+        rearranged 32 rows at a time (by the Rust core), its scales as a transposed
+        bfloat16 ``[C / blocksize, R]`` (double quantization undone: the kernel needs
+        plain scales). :meth:`plain` gives the stored form back. Idempotent; a no-op
+        where :meth:`fused` would not use it."""
+        if self.cpu_layout or self.quant_state is None or self.device.type != "cpu":
+            return
+        with _CPU_LAYOUT_LOCK:
+            if self.cpu_layout:
+                return
+            import bitsandbytes.functional as F
+
+            state = self.quant_state
+            e, r, c = self.shape3
+            if not (cpu_layout.fits(r, c, state.blocksize) and cpu_layout.agrees()):
+                return
+            absmax = state.absmax
+            if state.nested:
+                absmax = F.dequantize_blockwise(absmax, state.state2) + state.offset
+            absmax = absmax.float().view(e, r, c // state.blocksize).transpose(1, 2)
+            packed = copy.copy(state)
+            packed.absmax = absmax.to(torch.bfloat16).contiguous()
+            packed.nested, packed.offset, packed.state2 = False, None, None
+            packed.original_nested = state.nested
+            packed.packing_format_for_cpu = True
+            _pack_in_place(self.data.view(e * r, c // 2), r, c)
+            self.quant_state = packed
+
     # --- module machinery ------------------------------------------------------------
 
     def _with_data(self, data: torch.Tensor, stats_fn: Callable[[Any], Any]) -> QuantizedExperts:
         """A QuantizedExperts around ``data`` with this one's statistics passed
         through ``stats_fn`` (a move, a deep copy)."""
         if self.quant_state is not None:
-            return type(self)(data, quant_state=stats_fn(self.quant_state))
-        return type(self)(data, scb=stats_fn(self.SCB), dtype=self._dequant_dtype)
+            new = type(self)(data, quant_state=stats_fn(self.quant_state))
+        else:
+            new = type(self)(data, scb=stats_fn(self.SCB), dtype=self._dequant_dtype)
+        new.threshold = self.threshold
+        return new
 
     @property  # type: ignore[override]
     def data(self) -> torch.Tensor:
@@ -266,6 +448,8 @@ class QuantizedExperts(nn.Parameter):
             )
         if device is None or device == self.device:
             return self
+        if self.cpu_layout:  # the layout is the CPU kernel's: the stored form moves
+            return self._stored().to(device, non_blocking=non_blocking)
         return self._with_data(
             self.data.to(device, non_blocking=non_blocking),
             functools.partial(_moved, device=device, non_blocking=non_blocking),
@@ -286,12 +470,29 @@ class QuantizedExperts(nn.Parameter):
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantizedExperts:
         if id(self) in memo:
             return memo[id(self)]
-        new = self._with_data(self.data.clone(), lambda stats: copy.deepcopy(stats, memo))
+        if self.cpu_layout:  # the same layout and scales: the copy computes the same
+            new = torch.Tensor._make_subclass(type(self), self.data.clone(), False)
+            new.quant_state = copy.deepcopy(self.quant_state, memo)
+            new.SCB, new._dequant_dtype, new.threshold = None, self._dequant_dtype, self.threshold
+        else:
+            new = self._with_data(self.data.clone(), lambda stats: copy.deepcopy(stats, memo))
         memo[id(self)] = new
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return (_rebuild, (self.data, self.quant_state, self.SCB, self._dequant_dtype))
+        data, stats = self.plain()
+        state, scb = (stats, None) if self.quant_state is not None else (None, stats)
+        return (_rebuild, (data, state, scb, self._dequant_dtype, self.threshold))
+
+    def _stored(self) -> QuantizedExperts:
+        """A QuantizedExperts of :meth:`plain`'s stored form (new tensors in the CPU
+        layout, this one otherwise)."""
+        if not self.cpu_layout:
+            return self
+        data, state = self.plain()
+        new = type(self)(data, quant_state=state)
+        new.threshold = self.threshold
+        return new
 
     def __repr__(self) -> str:  # type: ignore[override]
         e, r, c = self.shape3
@@ -300,6 +501,8 @@ class QuantizedExperts(nn.Parameter):
             kind = f"4-bit {state.quant_type}, blocksize={state.blocksize}"
             if state.nested:
                 kind += ", double_quant"
+            if self.cpu_layout:
+                kind += ", cpu layout"
         else:
             kind = "8-bit LLM.int8"
         return (
@@ -309,11 +512,48 @@ class QuantizedExperts(nn.Parameter):
 
 
 def _rebuild(
-    data: torch.Tensor, quant_state: Any, scb: torch.Tensor | None, dtype: torch.dtype
+    data: torch.Tensor,
+    quant_state: Any,
+    scb: torch.Tensor | None,
+    dtype: torch.dtype,
+    threshold: float = QuantizedExperts.threshold,
 ) -> QuantizedExperts:
     if quant_state is not None:
-        return QuantizedExperts(data, quant_state=quant_state)
-    return QuantizedExperts(data, scb=scb, dtype=dtype)
+        new = QuantizedExperts(data, quant_state=quant_state)
+    else:
+        new = QuantizedExperts(data, scb=scb, dtype=dtype)
+    new.threshold = threshold
+    return new
+
+
+_CPU_LAYOUT_LOCK = threading.Lock()
+
+_PACK_CHUNK = 16 << 20
+"""Bytes of experts rearranged at a time by :func:`_pack_in_place` (its transient copy)."""
+
+
+def _pack_in_place(data: torch.Tensor, rows: int, cols: int) -> None:
+    """Rearrange ``data`` (``[E*rows, cols/2]`` plain 4-bit bytes, CPU) into the CPU
+    layout in place, a few experts at a time through a bounded copy (the layout
+    rearranges each 32 rows on their own, so experts convert independently)."""
+    per_expert = rows * cols // 2
+    experts = data.shape[0] // rows
+    step = max(1, _PACK_CHUNK // per_expert)
+    for first in range(0, experts, step):
+        part = data[first * rows : min(experts, first + step) * rows]
+        source = part.clone()  # held until the call returns: the buffer does not hold it
+        _core.pack_4bit_cpu_layout(
+            cpu_layout.byte_buffer(source),
+            cpu_layout.byte_buffer(part),
+            rows=part.shape[0],
+            cols=cols,
+            threads=torch.get_num_threads(),
+        )
+
+
+def _plain_bytes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The CPU layout's ``[rows, cols/2]`` bytes in bitsandbytes' plain order."""
+    return cpu_layout._plain_bytes(packed, rows, cols)
 
 
 def _moved(stats: Any, *, device: torch.device, non_blocking: bool) -> Any:
@@ -423,10 +663,99 @@ def eager_forward(cls: type[nn.Module]) -> Callable[..., Any]:
 
 
 def experts_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The ``"leanstream"`` experts implementation: the module class's eager
-    forward, which takes ``self.gate_up_proj[expert_idx]`` (dequantized by
+    """The ``"leanstream"`` experts implementation. Where bitsandbytes has a kernel for
+    the experts' matmuls (:meth:`QuantizedExperts.fused`) and transformers describes
+    the module's computation (:func:`matmul_forward`), each routed expert goes through
+    that kernel on its share of the quantized storage; otherwise the module class's
+    eager forward runs, taking ``self.gate_up_proj[expert_idx]`` (dequantized by
     :class:`QuantizedExperts`) per routed expert."""
+    out = matmul_forward(module, *args, **kwargs)
+    if out is not None:
+        return out
     return eager_forward(type(module))(module, *args, **kwargs)
+
+
+def matmul_forward(module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The experts of ``module`` run one routed expert at a time through
+    :meth:`QuantizedExperts.linear` (bitsandbytes' kernels, no dequantized copy), or
+    ``None`` where that does not apply.
+
+    It applies to the classes transformers decorates with ``use_experts_implementation``
+    (their ``forward(hidden_states, top_k_index, top_k_weights)``), whose weights are
+    ``[E, out, in]`` (not ``is_transposed``) and held as :class:`QuantizedExperts`, in
+    inference. What each expert computes is what transformers' own ``grouped_mm`` and
+    ``batched_mm`` implementations read from the module: ``gate_up_proj`` and the
+    class's ``_apply_gate`` (or ``up_proj`` and ``act_fn`` without a gate), the
+    optional biases and ``post_expert_norm``, then ``down_proj``; the routed outputs
+    are weighted and summed into each token as the eager forwards do (``index_add_``
+    into zeros, expert by expert, in the hidden states' dtype).
+    """
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    if len(args) + len(kwargs) != 3 or set(kwargs) - set(names[len(args) :]):
+        return None
+    values = dict(zip(names, args, strict=False), **kwargs)
+    hidden, index, weights = (values[n] for n in names)
+    has_gate = getattr(module, "has_gate", None)
+    if (
+        has_gate is None
+        or getattr(module, "is_transposed", True)
+        or getattr(module, "_is_expert_parallel", False)
+        or module.training
+        or not isinstance(hidden, torch.Tensor)
+        or hidden.dim() != 2
+    ):
+        return None
+    first = getattr(module, "gate_up_proj" if has_gate else "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    if not (
+        isinstance(first, QuantizedExperts)
+        and isinstance(down, QuantizedExperts)
+        and first.fused(hidden)
+        and down.fused(hidden)
+    ):
+        return None
+    bias = getattr(module, "has_bias", False)
+    first_bias = getattr(module, "gate_up_proj_bias" if has_gate else "up_proj_bias", None)
+    down_bias = getattr(module, "down_proj_bias", None)
+    post_norm = getattr(module, "post_expert_norm", None)
+    if not getattr(module, "has_post_expert_norm", False):
+        post_norm = None
+
+    up, down_kernel = first.kernel(), down.kernel()
+
+    def expert_out(expert: int, x: torch.Tensor) -> torch.Tensor:
+        h = up(expert, x)
+        if bias:
+            h = h + first_bias[expert]
+        h = module._apply_gate(h) if has_gate else module.act_fn(h)
+        h = down_kernel(expert, h)
+        if bias:
+            h = h + down_bias[expert]
+        return h if post_norm is None else post_norm(h)
+
+    n = first.num_experts
+    routing = weights.reshape(-1)
+    out = torch.zeros_like(hidden)
+    if hidden.shape[0] == 1:  # a decode step: no grouping, the experts in the same order
+        for expert, k in sorted((e, k) for k, e in enumerate(index.reshape(-1).tolist())):
+            if expert < n:
+                # a [1, 1] weight, as the eager forwards index it: the same type promotion
+                out.add_((expert_out(expert, hidden) * routing[k : k + 1, None]).to(out.dtype))
+        return out
+    top_k = index.shape[-1]
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n)[:n].tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        tokens = pairs // top_k
+        h = expert_out(expert, hidden[tokens]) * routing[pairs, None]
+        out.index_add_(0, tokens, h.to(out.dtype))
+    return out
 
 
 def register() -> None:
@@ -446,7 +775,7 @@ def quantized_experts_modules(model: nn.Module) -> list[str]:
     ]
 
 
-def use_quantized_experts(model: nn.Module) -> list[str]:
+def use_quantized_experts(model: nn.Module, *, threshold: float | None = None) -> list[str]:
     """Make ``model``'s experts modules that hold :class:`QuantizedExperts` run
     their eager forward: register ``"leanstream"`` and select it for their configs.
 
@@ -457,10 +786,16 @@ def use_quantized_experts(model: nn.Module) -> list[str]:
     config, so nothing else changes), and is then set on any config that it does
     not reach (one that is not a sub-model's, a model whose source transformers
     cannot inspect). Other configs keep their implementation; a model without
-    :class:`QuantizedExperts` is not touched. Returns the names of the experts
-    modules that hold them.
+    :class:`QuantizedExperts` is not touched. ``threshold``: LLM.int8's outlier
+    threshold for 8-bit experts (:attr:`QuantizedExperts.threshold`; default: left as
+    it is). Returns the names of the experts modules that hold them.
     """
     names = quantized_experts_modules(model)
+    if threshold is not None:
+        for name in names:
+            for param in model.get_submodule(name).parameters(recurse=False):
+                if isinstance(param, QuantizedExperts):
+                    param.threshold = float(threshold)
     configs: dict[int, Any] = {}
     for name in names:
         module = model.get_submodule(name)
@@ -492,9 +827,11 @@ def use_quantized_experts(model: nn.Module) -> list[str]:
 
 __all__ = [
     "IMPLEMENTATION",
+    "KERNEL_ROWS",
     "QuantizedExperts",
     "eager_forward",
     "experts_forward",
+    "matmul_forward",
     "quantized_experts_modules",
     "register",
     "use_quantized_experts",

@@ -510,11 +510,14 @@ def _experts_state(model: Any) -> dict[str, torch.Tensor]:
     linear)."""
     state: dict[str, torch.Tensor] = {}
     for name, param in _quantized_experts(model).items():
-        state[name] = param
         if param.quant_state is not None:
-            for key, value in param.quant_state.as_dict(packed=True).items():
+            # the stored form (a weight in the CPU kernel's layout is put back in order)
+            data, quant_state = param.plain()
+            state[name] = param if data is param.data else data
+            for key, value in quant_state.as_dict(packed=True).items():
                 state[f"{name}.{key}"] = value
         else:
+            state[name] = param
             state[f"{name}.SCB"] = param.SCB
     return state
 

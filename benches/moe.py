@@ -90,9 +90,12 @@ LOADERS = {
     "leanstream nf4 pipelined": ("leanstream", dict(bits=4, quant_type="nf4", pipeline=True)),
     "transformers nf4": ("transformers", dict(bits=4, quant_type="nf4")),
     "transformers int8": ("transformers", dict(bits=8)),
+    "transformers bf16": ("transformers", dict(bits=16)),
 }
 DEFAULT_LOADERS = "leanstream nf4,leanstream int8,transformers nf4,transformers int8"
-DEFAULT_FORWARD = "leanstream nf4,transformers nf4"
+DEFAULT_FORWARD = "leanstream nf4,leanstream int8,transformers nf4,transformers int8"
+#: the dense model's loaders (``--dense``): bitsandbytes' 4-bit layers against bf16
+DENSE_LOADERS = ("transformers nf4", "transformers int8", "transformers bf16")
 
 CHILD = r"""
 import json, sys, time
@@ -105,6 +108,8 @@ forward = s.pop("forward")
 dtype = torch.bfloat16
 
 def bnb_config():
+    if s["bits"] == 16:
+        return None
     if s["bits"] == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s["quant_type"],
@@ -122,7 +127,8 @@ if kind == "leanstream":
     model = leanstream.load(folder, device=device, progress=False, **s)
 else:
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=bnb_config(), device_map=device, output_loading_info=True)
+        folder, quantization_config=bnb_config(), device_map=device, output_loading_info=True,
+        dtype=dtype)
 seconds = time.perf_counter() - start
 print("loaded", flush=True)
 sys.stdin.readline()
@@ -156,6 +162,15 @@ if forward:
     result["prefill_s"], result["decode_s"] = min(prefill), min(decode)
     torch.save(logits.cpu(), args["logits"])
     result["tokens"] = tokens
+    if kind == "leanstream" and hasattr(model, "set_experts_implementation"):
+        # the same quantized experts, each dequantized and multiplied in bf16 (the eager
+        # forward): how far bitsandbytes' kernels round from it
+        model.set_experts_implementation("eager")
+        with torch.no_grad():
+            exact = model(input_ids=ids).logits[:, -1].float()
+        result["kernel_rel"] = float((logits - exact).norm() / exact.norm())
+        result["kernel_max"] = float((logits - exact).abs().max())
+        result["logit_max"] = float(exact.abs().max())
 print("result", json.dumps(result), flush=True)
 """
 
@@ -199,6 +214,47 @@ def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB) -> Pa
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (config.vocab_size, h)
 
+    return load_bench.write_random_checkpoint(folder, config, shapes, shard_bytes)
+
+
+def write_dense_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB) -> Path:
+    """The dense counterpart of ``shape`` (``--dense``): Qwen3 (dense) with the same
+    vocabulary, width, depth and attention, and an MLP as wide as the experts a token is
+    routed to (``moe_intermediate_size * num_experts_per_tok``): the same work per token.
+    Random bf16 weights, written as :func:`write_checkpoint` writes."""
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    import torch
+    from transformers import Qwen3Config
+
+    fields = dict(SHAPES[shape])
+    width = fields.pop("moe_intermediate_size") * fields.pop("num_experts_per_tok")
+    for key in ("num_experts", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"):
+        fields.pop(key, None)
+    config = Qwen3Config(**{**fields, "intermediate_size": width})
+    config.dtype = torch.bfloat16
+    h, heads, kv, d = (fields[k] for k in ("hidden_size", "num_attention_heads",
+                                           "num_key_value_heads", "head_dim"))  # fmt: skip
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (heads * d, h),
+                p + "self_attn.k_proj.weight": (kv * d, h),
+                p + "self_attn.v_proj.weight": (kv * d, h),
+                p + "self_attn.o_proj.weight": (h, heads * d),
+                p + "self_attn.q_norm.weight": (d,),
+                p + "self_attn.k_norm.weight": (d,),
+                p + "mlp.gate_proj.weight": (width, h),
+                p + "mlp.up_proj.weight": (width, h),
+                p + "mlp.down_proj.weight": (h, width),
+            }
+        )
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (config.vocab_size, h)
     return load_bench.write_random_checkpoint(folder, config, shapes, shard_bytes)
 
 
@@ -293,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/leanstream/bench")
     parser.add_argument("--run-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--dense",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the forward of the dense counterpart (bitsandbytes 4-bit vs bf16)",
+    )
     parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -312,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     load_bench.CHILD = CHILD  # load.run_one runs load.CHILD: ours, through its machinery
     interrupted = False
     load_start = os.getloadavg()[0]  # 2 cores shared with other work: say how busy
+    dense: dict[str, dict[str, Any]] = {}
     try:
         for rep in range(args.reps):
             for name in names:  # interleaved, so drift hits every loader alike
@@ -339,6 +402,31 @@ def main(argv: list[str] | None = None) -> int:
                     f"GiB, footprint {result['footprint'] / GIB:.3f} GiB{extra}",
                     flush=True,
                 )
+        if args.dense:  # the same work per token, dense: bitsandbytes' 4-bit / int8 vs bf16
+            dense_folder = write_dense_checkpoint(
+                args.cache / f"dense-{args.shapes}-bf16", args.shapes
+            )
+            fwd = dict(prompt=args.prompt, decode=args.decode, reps=args.forward_reps)
+            for name in DENSE_LOADERS:
+                kind, settings = LOADERS[name]
+                result = load_bench.try_run(
+                    0,
+                    f"dense {name}",
+                    failures,
+                    kind,
+                    dict(settings, forward=fwd),
+                    dense_folder,
+                    "cpu",
+                    work / f"dense_{name.replace(' ', '_')}.pt",
+                    args.run_timeout,
+                )
+                if result is not None:
+                    dense[name] = result
+                    print(
+                        f"dense {name}: prefill {args.prompt / result['prefill_s']:.1f} tok/s, "
+                        f"decode {args.decode / result['decode_s']:.2f} tok/s",
+                        flush=True,
+                    )
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: the tables have the runs measured so far", flush=True)
@@ -383,21 +471,31 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     fwd_rows = [n for n in names if n in ok and "prefill_s" in ok[n][-1]]
+    fwd_speed: dict[str, tuple[float, float]] = {}  # name -> (prefill, decode) vs peer
+    dense_speed: dict[int, tuple[float, float]] = {}  # bits -> (prefill, decode) vs bf16
+    import bitsandbytes.functional as bnb_functional
+
+    fused = bool(bnb_functional.has_avx512bf16())
     if fwd_rows:
         lines += [
             "",
             f"forward, batch 1: a {args.prompt}-token prompt (prefill, after an 8-token "
             f"warm-up), then {args.decode} greedy decode steps on the KV cache, best of "
-            f"{args.forward_reps}; transformers' experts are bf16",
+            f"{args.forward_reps}; transformers' experts are bf16; bitsandbytes' fused "
+            f"AVX512-BF16 CPU kernel: {'yes' if fused else 'no'}. vs peer: the speed over "
+            "that of the same layers' bitsandbytes with bf16 experts (MoE), or of bf16 "
+            "(dense). Kernels vs dequantized: the prefill's last logits against the same "
+            "model's eager forward on the dequantized experts (relative error; largest "
+            "difference / largest logit)",
             "",
-            "| model | experts | prefill tok/s | decode tok/s | prefill logits vs transformers "
-            "(rel. err) | same greedy tokens |",
-            "|---|---|---|---|---|---|",
+            "| model | experts | prefill tok/s | decode tok/s | prefill vs peer | decode vs peer "
+            "| logits vs transformers (rel. err) | same greedy tokens | kernels vs dequantized |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name in fwd_rows:
             r, peer = ok[name][-1], _peer(name)
             p = ok[peer][-1] if peer in ok and "prefill_s" in ok[peer][-1] else None
-            err = same = ""
+            err = same = vs_p = vs_d = kernel = ""
             if p is not None and peer != name:
                 import torch
 
@@ -405,11 +503,33 @@ def main(argv: list[str] | None = None) -> int:
                 err = f"{((a - b).norm() / a.norm()).item():.3f}"
                 agree = sum(x == y for x, y in zip(r["tokens"], p["tokens"], strict=True))
                 same = f"{agree}/{args.decode}"
+                fwd_speed[name] = (
+                    p["prefill_s"] / r["prefill_s"],
+                    p["decode_s"] / r["decode_s"],
+                )
+                vs_p, vs_d = (f"{x:.2f}x" for x in fwd_speed[name])
+            if "kernel_rel" in r:
+                kernel = f"{r['kernel_rel']:.4f}; {r['kernel_max']:.3f} / {r['logit_max']:.2f}"
             experts = "bf16" if name.startswith("transformers") else name.split()[1]
             lines.append(
                 f"| {name} | {experts} | {args.prompt / r['prefill_s']:.1f} | "
-                f"{args.decode / r['decode_s']:.2f} | {err} | {same} |"
+                f"{args.decode / r['decode_s']:.2f} | {vs_p} | {vs_d} | {err} | {same} "
+                f"| {kernel} |"
             )
+        if "transformers bf16" in dense:
+            base = dense["transformers bf16"]
+            for name in DENSE_LOADERS:
+                if name not in dense:
+                    continue
+                r = dense[name]
+                vs = (base["prefill_s"] / r["prefill_s"], base["decode_s"] / r["decode_s"])
+                bits = LOADERS[name][1]["bits"]
+                if bits != 16:
+                    dense_speed[bits] = vs
+                lines.append(
+                    f"| dense: {name} | (dense) | {args.prompt / r['prefill_s']:.1f} | "
+                    f"{args.decode / r['decode_s']:.2f} | {vs[0]:.2f}x | {vs[1]:.2f}x | | | |"
+                )
 
     floors = {bits: floor_seconds(folder, bits) for bits in (4, 8)}
     lines += [
@@ -450,6 +570,27 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | peak RSS growth <= model + 0.5 GiB ({bound / GIB:.2f} GiB) | "
             f"{grow / GIB:.2f} GiB | {_mark(grow <= bound)} |"
         )
+    for name in names:  # issue 27, item 2: the experts cost no more than dense layers do
+        if name not in fwd_speed or not name.startswith("leanstream"):
+            continue
+        bits = LOADERS[name][1]["bits"]
+        (prefill, decode), ref = fwd_speed[name], dense_speed.get(bits)
+        for what, got, dense_ratio in (
+            ("decode", decode, ref and ref[1]),
+            ("prefill", prefill, ref and ref[0]),
+        ):
+            if dense_ratio:
+                targets.append(
+                    f"| {name} | {what} vs bf16 experts >= dense {bits}-bit vs bf16 "
+                    f"({dense_ratio:.2f}x) | {got:.2f}x | {_mark(got >= dense_ratio)} |"
+                )
+        if bits == 4 and fused:
+            targets += [
+                f"| {name} | decode >= 1.0x bf16 experts (AVX512-BF16; stretch 1.5x) | "
+                f"{decode:.2f}x | {_mark(decode >= 1.0)}{' (stretch met)' * (decode >= 1.5)} |",
+                f"| {name} | prefill >= 1.0x bf16 experts (AVX512-BF16) | {prefill:.2f}x | "
+                f"{_mark(prefill >= 1.0)} |",
+            ]
     if targets:
         lines += [
             "",

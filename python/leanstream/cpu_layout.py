@@ -411,22 +411,42 @@ def agrees() -> bool:
         return False
 
 
+@functools.cache
+def _probe_weight() -> torch.Tensor:
+    """The probe weight of :func:`agrees`, ``[64, 256]`` bfloat16: deterministic values (no
+    RNG: a user's or a test's seeded generator stays as it was)."""
+    rows, cols = 64, 256
+    weight = torch.arange(rows * cols, dtype=torch.float32).mul(0.61803).sin()
+    scale = torch.linspace(0.01, 3.0, rows * cols, dtype=torch.float32)
+    return weight.mul(scale).reshape(rows, cols).to(torch.bfloat16)
+
+
 def _probe_agrees(convert: Any, quant_type: str, double_quant: bool, storage: torch.dtype) -> bool:
     import bitsandbytes as bnb
 
-    from .quantize import quantize_4bit
+    from .quantize import quant_state_4bit
 
-    rows, cols, blocksize = 64, 256, 64
-    # deterministic values (no RNG: a user's or a test's seeded generator stays as it was)
-    weight = torch.arange(rows * cols, dtype=torch.float32).mul(0.61803).sin()
-    weight = weight.mul(torch.linspace(0.01, 3.0, rows * cols)).reshape(rows, cols)
-    weight = weight.to(torch.bfloat16)
-    data, state = quantize_4bit(
-        weight,
-        blocksize=blocksize,
+    blocksize = 64
+    weight = _probe_weight()
+    rows, cols = weight.shape
+    # quantized by the Rust core on one thread (bit for bit bitsandbytes' quantize_4bit,
+    # whose QuantState is built around it): bitsandbytes' own op is a dozen small torch
+    # steps, each a wait on torch's thread pool when another process keeps a core busy
+    # (there, about a third of the probe's time, which is paid by a process's first load)
+    packed = torch.empty(weight.numel() // 2, dtype=torch.uint8)
+    absmax = torch.empty(weight.numel() // blocksize, dtype=torch.float32)
+    _core.quantize_4bit(
+        byte_buffer(weight),
+        "BF16",
+        byte_buffer(packed),
+        byte_buffer(absmax, "f"),
         quant_type=quant_type,
-        quant_storage=storage,
-        double_quant=double_quant,
+        blocksize=blocksize,
+        threads=1,
+    )
+    data = packed.view(storage).unsqueeze(1)
+    state = quant_state_4bit(
+        absmax, weight.shape, weight.dtype, blocksize, quant_type, double_quant
     )
     module = bnb.nn.Linear4bit(
         cols, rows, bias=False, quant_type=quant_type, quant_storage=storage, device="meta"

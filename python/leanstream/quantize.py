@@ -488,7 +488,9 @@ def materialize(
             weight = weight.t()
         if spec.native and _native_input(weight):
             if cpu_layout.wanted(module, weight.device):
-                module.weight = cpu_layout.quantize(module, weight)
+                module.weight = cpu_layout.quantize(
+                    module, weight, threads=native_threads(weight.nbytes)
+                )
             else:
                 module.weight = _native_4bit(module, weight)
             return
@@ -779,11 +781,19 @@ class ExpertsQuantizer:
                     "full precision with skip_modules"
                 )
             n = experts * rows * cols
-            self.packed = torch.empty((n // 2, 1), dtype=torch.uint8, device=device)
-            self.absmax = torch.empty(n // spec.blocksize, dtype=torch.float32, device=device)
+            self.packed = _output((n // 2, 1), torch.uint8, device)
+            self.absmax = _output(n // spec.blocksize, torch.float32, device)
         else:
-            self.cb = torch.empty((self.rows, cols), dtype=torch.int8, device=device)
-            self.scb = torch.empty(self.rows, dtype=torch.float32, device=device)
+            self.cb = _output((self.rows, cols), torch.int8, device)
+            self.scb = _output(self.rows, torch.float32, device)
+        # the native kernels write into slices of these arrays, made once: a piece costs
+        # one Rust call, not two tensor-to-array conversions more
+        self.native = spec.native and device.type == "cpu"
+        if self.native:
+            if spec.bits == 4:
+                self.outputs = (self.packed.numpy().reshape(-1), self.absmax.numpy())
+            else:
+                self.outputs = (self.cb.numpy(), self.scb.numpy())
 
     def add(self, tensor: torch.Tensor, first_row: int, *, owned: bool) -> bool:
         """Quantize ``tensor`` (``[rows, C]``, or ``[E, R, C]`` whole) into rows
@@ -791,6 +801,7 @@ class ExpertsQuantizer:
         weight = placed(tensor, self.device, self.dtype, owned=owned).reshape(-1, self.cols)
         rows = weight.shape[0]
         end = first_row + rows
+        native = self.native and _native_input(weight)
         if self.spec.bits == 4:
             bs = self.spec.blocksize
             if (rows * self.cols) % bs:
@@ -799,43 +810,40 @@ class ExpertsQuantizer:
                     f"of {bs}-value blocks; keep it in full precision with skip_modules"
                 )
             first, last = first_row * self.cols, end * self.cols
-            packed, absmax = (
-                self.packed[first // 2 : last // 2],
-                self.absmax[first // bs : last // bs],
-            )
-            if self.spec.native and _native_input(weight):
+            if native:
+                packed, absmax = self.outputs
                 _core.quantize_4bit(
                     _raw(weight),
                     _NATIVE_DTYPES[weight.dtype],
-                    packed.numpy(),
-                    absmax.numpy(),
+                    packed[first // 2 : last // 2],
+                    absmax[first // bs : last // bs],
                     quant_type=self.spec.quant_type,
                     blocksize=bs,
-                    threads=torch.get_num_threads(),
+                    threads=native_threads(weight.nbytes),
                 )
             else:
                 out, scales = torch.ops.bitsandbytes.quantize_4bit.default(
                     weight.contiguous(), bs, self.spec.quant_type, torch.uint8
                 )
-                packed.copy_(out)
-                absmax.copy_(scales)
+                self.packed[first // 2 : last // 2].copy_(out)
+                self.absmax[first // bs : last // bs].copy_(scales)
+        elif native:
+            cb, scb = self.outputs
+            _core.quantize_int8(
+                _raw(weight),
+                _NATIVE_DTYPES[weight.dtype],
+                self.cols,
+                cb[first_row:end],
+                scb[first_row:end],
+                threads=native_threads(weight.nbytes),
+            )
         else:
             cb, scb = self.cb[first_row:end], self.scb[first_row:end]
-            if self.spec.native and _native_input(weight):
-                _core.quantize_int8(
-                    _raw(weight),
-                    _NATIVE_DTYPES[weight.dtype],
-                    self.cols,
-                    cb.numpy(),
-                    scb.numpy(),
-                    threads=torch.get_num_threads(),
-                )
-            else:
-                fresh = owned or weight.data_ptr() != tensor.data_ptr()
-                half = placed(weight.contiguous(), self.device, torch.float16, owned=fresh)
-                out, scales, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(half, 0.0)
-                cb.copy_(out)
-                scb.copy_(scales)
+            fresh = owned or weight.data_ptr() != tensor.data_ptr()
+            half = placed(weight.contiguous(), self.device, torch.float16, owned=fresh)
+            out, scales, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(half, 0.0)
+            cb.copy_(out)
+            scb.copy_(scales)
         self.done += rows
         return self.done == self.rows
 
@@ -857,7 +865,33 @@ class ExpertsQuantizer:
         return QuantizedExperts.eight_bit(self.cb.view(self.shape), self.scb, self.dtype)
 
 
+def _output(shape: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An experts weight's output storage: :func:`host_empty` on the CPU (huge pages for
+    its first writes), ``torch.empty`` elsewhere."""
+    if device.type == "cpu":
+        return host_empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 # --- the native CPU quantizer ------------------------------------------------------
+
+#: a tensor (or piece of one) smaller than this is quantized on one thread
+_SPLIT_BYTES = 8 << 20
+
+
+def native_threads(nbytes: int) -> int:
+    """Threads of the native kernels for one streamed tensor of ``nbytes`` input bytes.
+
+    A small one (an attention projection, or one expert's projection, a MiB or so:
+    thousands of them in a mixture-of-experts checkpoint) runs on one thread: split,
+    each call pays a thread start and join, and waits for its slowest thread whenever
+    another core is busy (the mapped load's read-ahead thread faults the next tensors in
+    on one; other processes). On 2 cores with one kept busy by another process, loads of
+    a checkpoint of 1440 such pieces took about twice as long split as on one thread;
+    on 2 idle cores the split saved at most a few percent. A larger one uses
+    ``torch.get_num_threads()``."""
+    return 1 if nbytes < _SPLIT_BYTES else torch.get_num_threads()
+
 
 _NATIVE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -887,7 +921,7 @@ def _native_4bit(module: nn.Module, weight: torch.Tensor) -> Any:
         absmax.numpy(),
         quant_type=meta.quant_type,
         blocksize=meta.blocksize,
-        threads=torch.get_num_threads(),
+        threads=native_threads(weight.nbytes),
     )
     if meta.quant_storage != torch.uint8:
         packed = packed.squeeze().view(meta.quant_storage).unsqueeze(1)
@@ -916,7 +950,7 @@ def _native_int8(weight: torch.Tensor) -> Any:
         cols,
         cb.numpy(),
         scb.numpy(),
-        threads=torch.get_num_threads(),
+        threads=native_threads(weight.nbytes),
     )
     return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
 
@@ -931,6 +965,7 @@ __all__ = [
     "kernel_stream",
     "matches_any",
     "materialize",
+    "native_threads",
     "params_4bit",
     "placed",
     "quant_state_4bit",

@@ -101,7 +101,7 @@ CHILD = r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
 import torch, transformers, bitsandbytes as bnb  # imported before the clock starts
-import leanstream
+import leanstream, leanstream.loader  # its modules are imported lazily, at the first load
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 kind, s, device, folder = args["kind"], dict(args["settings"]), args["device"], args["folder"]
 forward = s.pop("forward")

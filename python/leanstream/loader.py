@@ -777,7 +777,7 @@ def _fill(
         if experts:
             from .experts import use_quantized_experts
 
-            use_quantized_experts(model)
+            use_quantized_experts(model, threshold=spec.threshold)
             # quantized with leanstream (transformers + bitsandbytes keep them in bf16)
             config.leanstream_quantized_experts = sorted(experts)
         if embeddings or output:

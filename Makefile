@@ -10,7 +10,8 @@ VENV = $(shell scripts/env.sh)
 # it at whichever checkout built last: always run this checkout's package.
 PY = PYTHONPATH=$(CURDIR)/python $(VENV)/bin/python
 
-.PHONY: env build demo test test-rust test-python test-plain lint bench gpu-wheels clean
+.PHONY: env build demo test test-rust test-aarch64 test-python test-plain lint bench gpu-wheels \
+	wheels clean
 
 env:
 	@scripts/env.sh >/dev/null
@@ -31,6 +32,12 @@ lint: env
 test-rust:
 	cargo test --no-default-features
 
+# The same Rust tests cross-compiled for aarch64 Linux and run under qemu-user. The first
+# run installs the Debian cross toolchain and qemu and the rustup target (about 20 s); the
+# whole takes about 1.5 minutes from nothing, 30 s warm (scripts/aarch64.sh).
+test-aarch64:
+	scripts/aarch64.sh test
+
 # On a CPU where bitsandbytes detects AVX512-BF16, 4-bit layers run its fused kernel: the
 # tests whose outcome depends on the kernel (marker cpu_kernel) then run a second time
 # with the detection forced off, as on a CPU without it (tests/cpu_kernel.py).
@@ -47,7 +54,7 @@ test-python: build
 test-plain: build
 	LEANSTREAM_TEST_CPU_KERNEL=plain $(PY) -m pytest
 
-test: lint test-rust test-python
+test: lint test-rust test-aarch64 test-python
 
 bench: build
 	$(PY) benches/load.py
@@ -63,6 +70,18 @@ gpu-wheels: env
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
 		-d .whl $(GPU_WHEELS)
+
+# The release abi3 wheels (cp311-abi3: any CPython >= 3.11) for x86_64 and aarch64 Linux,
+# into dist/ (git-ignored); the aarch64 one is cross-compiled (scripts/aarch64.sh). Each is
+# tagged manylinux_2_xx by maturin's audit from the glibc symbols it uses: 2_34 when built
+# against Debian 12's glibc, as here. The aarch64 extension is then imported under qemu by
+# Debian's aarch64 CPython and opens a checkpoint.
+wheels: env
+	mkdir -p dist && rm -f dist/leanstream-*.whl
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/python -m maturin build --release --quiet --out dist
+	VIRTUAL_ENV=$(VENV) scripts/aarch64.sh wheel dist
+	scripts/aarch64.sh import dist/leanstream-*_aarch64.whl
+	@ls dist/leanstream-*.whl
 
 clean:
 	cargo clean

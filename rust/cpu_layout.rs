@@ -455,6 +455,150 @@ pub fn absmax_to_cpu_layout(
     Ok(())
 }
 
+/// Dequantize a `[rows, cols]` 4-bit weight held in the CPU layout (`packed`,
+/// `rows * cols / 2` bytes; `absmax`: its bfloat16 `[cols / blocksize, rows]` scales,
+/// little-endian bytes) into the **transposed** weight `[cols, rows]`, bfloat16 bits:
+/// `out[k * rows + r]` is `code[q[r][k]] * absmax[k / blocksize][r]`, multiplied in
+/// float32 and rounded to nearest even (every NaN `0xFFFF`), as bitsandbytes'
+/// `dequantize_4bit` to bfloat16 computes each value. Transposed because the layout
+/// holds, for each column pair, the 32 rows of a group together: the output is written
+/// in contiguous runs of 16 rows (a row-major `[rows, cols]` would be a scatter).
+/// `x @ out` is then `F.linear(x, W)`.
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_transposed(
+    packed: &[u8],
+    absmax: &[u8],
+    code: &[f32],
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+    out: &mut [u8],
+    threads: usize,
+) -> Result<(), LayoutError> {
+    check_shape(rows, cols)?;
+    if blocksize == 0 || !blocksize.is_multiple_of(2) || !cols.is_multiple_of(blocksize) {
+        return Err(LayoutError::Blocks { cols, blocksize });
+    }
+    check_len("packed", rows * cols / 2, packed.len())?;
+    check_len(
+        "bfloat16 absmax bytes",
+        2 * rows * (cols / blocksize),
+        absmax.len(),
+    )?;
+    check_len("code", 16, code.len())?;
+    check_len("bfloat16 output bytes", 2 * rows * cols, out.len())?;
+    let mut lut = [0f32; 16];
+    lut.copy_from_slice(code);
+    let group = BLOCK_N * cols / 2; // bytes of one 32-row group
+                                    // a unit of work: one column pair of the output (2 rows of 2 * rows bytes each)
+    for_groups(packed, out, 4 * rows, threads, |packed, first, run| {
+        for (i, pair) in run.chunks_exact_mut(4 * rows).enumerate() {
+            let kp = first + i;
+            let scales = &absmax[2 * rows * (2 * kp / blocksize)..][..2 * rows];
+            let (even, odd) = pair.split_at_mut(2 * rows);
+            for g in 0..rows / BLOCK_N {
+                let src = &packed[g * group + kp * BLOCK_N..][..BLOCK_N];
+                let s = &scales[2 * BLOCK_N * g..][..2 * BLOCK_N];
+                let o0 = &mut even[2 * BLOCK_N * g..][..2 * BLOCK_N];
+                let o1 = &mut odd[2 * BLOCK_N * g..][..2 * BLOCK_N];
+                dequantize_pair(src, s, &lut, o0, o1);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One column pair of one group: 32 bytes to the 32 rows of each of the two columns.
+#[inline(always)]
+fn dequantize_pair(src: &[u8], scales: &[u8], lut: &[f32; 16], o0: &mut [u8], o1: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the feature the function is compiled for; the slices
+            // have the lengths it reads and writes (checked by the caller's slicing)
+            unsafe { x86_dequant::pair(src, scales, lut, o0, o1) };
+            return;
+        }
+    }
+    dequantize_pair_scalar(src, scales, lut, o0, o1);
+}
+
+#[inline(always)]
+fn dequantize_pair_scalar(
+    src: &[u8],
+    scales: &[u8],
+    lut: &[f32; 16],
+    o0: &mut [u8],
+    o1: &mut [u8],
+) {
+    let scale = |r: usize| {
+        f32::from_bits(u32::from(u16::from_le_bytes([scales[2 * r], scales[2 * r + 1]])) << 16)
+    };
+    let put = |o: &mut [u8], r: usize, nibble: u8| {
+        let value = lut[usize::from(nibble)] * scale(r);
+        o[2 * r..2 * r + 2].copy_from_slice(&bf16_bits(value).to_le_bytes());
+    };
+    for r in 0..16 {
+        let (b0, b1) = (src[2 * r], src[2 * r + 1]);
+        put(o0, r, b0 & 0x0f);
+        put(o0, r + 16, b0 >> 4);
+        put(o1, r, b1 & 0x0f);
+        put(o1, r + 16, b1 >> 4);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_dequant {
+    use std::arch::x86_64::*;
+
+    /// 16 floats to bfloat16 bits as [`super::bf16_bits`] rounds them, stored at `dst`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_bf16(dst: *mut u8, x: __m512) {
+        let bits = _mm512_castps_si512(x);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        let rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0xffff));
+        // SAFETY: the caller's `dst` has 32 writable bytes
+        unsafe { _mm256_storeu_si256(dst.cast(), _mm512_cvtepi32_epi16(rounded)) };
+    }
+
+    /// [`super::dequantize_pair_scalar`] 16 rows at a time: lane `r` of the 16 byte pairs
+    /// holds `b0 | b1 << 8`, whose four nibbles are rows `r` and `r + 16` of the two
+    /// columns; each nibble indexes the 16-entry code book in a register.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pair(
+        src: &[u8],
+        scales: &[u8],
+        lut: &[f32; 16],
+        o0: &mut [u8],
+        o1: &mut [u8],
+    ) {
+        assert!(src.len() >= 32 && scales.len() >= 64 && o0.len() >= 64 && o1.len() >= 64);
+        // SAFETY: lengths asserted above
+        unsafe {
+            let book = _mm512_loadu_ps(lut.as_ptr());
+            let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src.as_ptr().cast()));
+            let m = _mm512_set1_epi32(0x0f);
+            let s_lo = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(scales.as_ptr().cast()),
+            )));
+            let s_hi = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(scales.as_ptr().add(32).cast()),
+            )));
+            let value = |shift: __m512i, scale: __m512| {
+                let nibble = _mm512_and_si512(_mm512_srlv_epi32(w, shift), m);
+                _mm512_mul_ps(_mm512_permutexvar_ps(nibble, book), scale)
+            };
+            store_bf16(o0.as_mut_ptr(), value(_mm512_set1_epi32(0), s_lo));
+            store_bf16(o0.as_mut_ptr().add(32), value(_mm512_set1_epi32(4), s_hi));
+            store_bf16(o1.as_mut_ptr(), value(_mm512_set1_epi32(8), s_lo));
+            store_bf16(o1.as_mut_ptr().add(32), value(_mm512_set1_epi32(12), s_hi));
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut u8);
 // SAFETY: used only to hand disjoint ranges of one buffer to scoped threads.
@@ -545,6 +689,64 @@ mod tests {
         ];
         assert_eq!(got, expect);
         assert!(absmax_to_cpu_layout(&values, 3, 4, &mut out).is_err());
+    }
+
+    #[test]
+    fn dequantize_transposed_is_each_value_times_its_scale() {
+        // the NF4 code book; scales with a NaN, an infinity, a subnormal and a zero
+        let book: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 7.5 * 0.913).collect();
+        let shapes = [
+            (32, 64, 64),
+            (64, 256, 64),
+            (96, 128, 32),
+            (32, 130, 2),
+            (64, 1024, 64),
+        ];
+        for (rows, cols, blocksize) in shapes {
+            let q = codes(rows * cols, (rows * cols) as u64);
+            let per_row = cols / blocksize;
+            let mut absmax: Vec<f32> = codes(rows * per_row, 7)
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| (f32::from(c) + 1.0) * 0.37 + i as f32 * 1e-3)
+                .collect();
+            let n = absmax.len();
+            absmax[0] = f32::NAN;
+            absmax[1 % n] = f32::INFINITY;
+            absmax[2 % n] = 1e-40;
+            absmax[3 % n] = 0.0;
+            let mut packed = vec![0u8; rows * cols / 2];
+            pack(&plain(&q), rows, cols, &mut packed, 1).unwrap();
+            let mut scales = vec![0u8; 2 * rows * per_row];
+            absmax_to_cpu_layout(&absmax, rows, per_row, &mut scales).unwrap();
+            for threads in [1, 3] {
+                let mut out = vec![0u8; 2 * rows * cols];
+                dequantize_transposed(
+                    &packed, &scales, &book, rows, cols, blocksize, &mut out, threads,
+                )
+                .unwrap();
+                for r in 0..rows {
+                    for k in 0..cols {
+                        let scale = f32::from_bits(
+                            u32::from(bf16_bits(absmax[r * per_row + k / blocksize])) << 16,
+                        );
+                        let want = bf16_bits(book[usize::from(q[r * cols + k])] * scale);
+                        let at = 2 * (k * rows + r);
+                        let got = u16::from_le_bytes([out[at], out[at + 1]]);
+                        assert_eq!(got, want, "{rows}x{cols} row {r} col {k}");
+                    }
+                }
+            }
+        }
+        let mut out = vec![0u8; 2 * 32 * 64];
+        let err = dequantize_transposed(&[0; 1024], &[0; 64], &[0.0; 16], 32, 64, 48, &mut out, 1);
+        assert_eq!(
+            err,
+            Err(LayoutError::Blocks {
+                cols: 64,
+                blocksize: 48
+            })
+        );
     }
 
     #[test]

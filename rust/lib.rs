@@ -45,5 +45,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_quant::unpack_4bit_cpu_layout, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::advise_hugepages, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::absmax_to_cpu_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(py_quant::dequantize_4bit_cpu_layout, m)?)?;
     Ok(())
 }

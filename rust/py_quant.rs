@@ -332,3 +332,48 @@ pub fn absmax_to_cpu_layout(
     py.detach(|| cpu_layout::absmax_to_cpu_layout(src, rows, per_row, dst))?;
     Ok(())
 }
+
+/// A CPU-layout 4-bit weight dequantized, transposed, to bfloat16 (see `_core.pyi`).
+#[pyfunction]
+#[pyo3(signature = (packed, absmax, code, out, *, rows, cols, blocksize, threads = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_4bit_cpu_layout(
+    py: Python<'_>,
+    packed: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
+    code: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let packed_buf = PyBuffer::<u8>::get(packed)?;
+    let absmax_buf = PyBuffer::<u8>::get(absmax)?;
+    let code_buf = PyBuffer::<f32>::get(code)?;
+    let out_buf = PyBuffer::<u8>::get(out)?;
+    let (src, src_len) = contiguous(&packed_buf, "packed")?;
+    let (am, am_len) = contiguous(&absmax_buf, "absmax")?;
+    let (book, book_len) = contiguous(&code_buf, "code")?;
+    let (dst, dst_len) = writable(&out_buf, "out")?;
+    check_disjoint(&[
+        ("packed", span(src, src_len)),
+        ("absmax", span(am, am_len)),
+        ("code", span(book, book_len)),
+        ("out", span(dst, dst_len)),
+    ])?;
+    let threads = threads.unwrap_or(1);
+    // SAFETY: as in `quantize_4bit`: every buffer held, contiguous, the output disjoint.
+    let (src, am, book, dst) = unsafe {
+        (
+            std::slice::from_raw_parts(src.cast_const(), src_len),
+            std::slice::from_raw_parts(am.cast_const(), am_len),
+            std::slice::from_raw_parts(book.cast_const(), book_len),
+            std::slice::from_raw_parts_mut(dst, dst_len),
+        )
+    };
+    py.detach(|| {
+        cpu_layout::dequantize_transposed(src, am, book, rows, cols, blocksize, dst, threads)
+    })?;
+    Ok(())
+}

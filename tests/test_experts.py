@@ -364,7 +364,10 @@ def test_linear_is_bitsandbytes_own_layer(mode: str, rows: int) -> None:
             got = qe.linear(e, x)
             assert got.dtype == torch.bfloat16 and got.shape == (rows, 128)
             if mode != "int8" and rows > KERNEL_ROWS:
-                want = torch.nn.functional.linear(x, qe[e])
+                # the expert dequantized (transposed, by the Rust core: bitsandbytes'
+                # values bit for bit) and multiplied in bf16, other sums than F.linear's
+                assert torch.equal(qe.transposed(e).T, qe[e])
+                want = x @ qe.transposed(e)
             assert torch.equal(got, want), (e, (got - want).abs().max())
             # the dequantized expert's product, within the kernel's rounding
             exact = x.float() @ qe[e].float().T
@@ -427,6 +430,31 @@ def test_cpu_layout_round_trip(mode: str) -> None:
     assert saved.keys() == {"w", *(f"w.{k}" for k in plain_state.as_dict(packed=True))}
     assert qe.cpu_layout  # saving did not change the model
     assert "cpu layout" in repr(qe)
+
+
+def test_transposed_needs_a_bfloat16_weight_in_the_cpu_layout() -> None:
+    qe = quantized(torch.randn(E, 64, 128, dtype=torch.bfloat16), "nf4")
+    with pytest.raises(ValueError, match="CPU layout"):
+        qe.transposed(0)  # plain layout
+    half = quantized(torch.randn(E, 64, 128, dtype=torch.float16), "nf4")
+    half.use_cpu_layout()
+    with pytest.raises(ValueError, match="bfloat16"):
+        half.transposed(0)
+
+
+@needs_fused_kernel
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_transposed_is_bitsandbytes_dequantization(quant_type: str) -> None:
+    """The Rust core's dequantization from the CPU layout: bitsandbytes' values."""
+    torch.manual_seed(4)
+    w = torch.randn(E, 96, 256, dtype=torch.bfloat16)
+    w[0, 0, :64] = 0.0  # a zero block
+    qe = quantized(w, quant_type)
+    qe.use_cpu_layout()
+    for e in range(E):
+        got = qe.transposed(torch.tensor(e))
+        assert got.shape == (256, 96) and got.dtype == torch.bfloat16 and got.is_contiguous()
+        assert torch.equal(got.T, qe[e])
 
 
 @needs_fused_kernel

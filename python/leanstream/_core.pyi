@@ -396,6 +396,26 @@ def absmax_to_cpu_layout(absmax: Buffer, out: Buffer, *, rows: int, per_row: int
     nearest even, NaN as ``0xFFFF`` (torch's CPU conversion). Without torch: its
     OpenMP workers would spin after every weight, taking a core from the quantizer."""
 
+def dequantize_4bit_cpu_layout(
+    packed: Buffer,
+    absmax: Buffer,
+    code: Buffer,
+    out: Buffer,
+    *,
+    rows: int,
+    cols: int,
+    blocksize: int,
+    threads: int | None = None,
+) -> None:
+    """A ``(rows, cols)`` 4-bit weight in bitsandbytes' AVX512-BF16 CPU layout
+    (``packed``: its ``rows * cols // 2`` bytes; ``absmax``: its bfloat16
+    ``(cols // blocksize, rows)`` scales; ``code``: the 16 float32 code values)
+    dequantized **transposed** into ``out``, bfloat16 ``(cols, rows)``: each value
+    ``code[q] * scale`` in float32, rounded to nearest even (NaN ``0xFFFF``), as
+    bitsandbytes' ``dequantize_4bit`` to bfloat16 gives it. ``x @ out`` is then
+    ``F.linear(x, W)``. One thread unless ``threads`` says more. ValueError on a shape
+    without the layout or buffers of the wrong size."""
+
 def advise_hugepages(buffer: Buffer) -> bool:
     """``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned part of a writable buffer, before
     it is first written: the kernel may then back it with 2 MiB pages, one page fault

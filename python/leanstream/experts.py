@@ -52,13 +52,14 @@ IMPLEMENTATION = "leanstream"
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
-KERNEL_ROWS = 32
+KERNEL_ROWS = 12
 """The most rows (tokens routed to one expert) that go through bitsandbytes' fused
-AVX512-BF16 CPU kernel; more are multiplied by the dequantized expert. The kernel
-decodes the weight again for every row: on a 1024 x 1024 expert (one core of the
-benchmark CPU) it takes 94 us for one row against bf16's 193 us, and 1.07 ms for 21
-rows, where dequantizing (about 0.9 ms) and a bf16 matmul cost about the same, and
-2.1 ms for 64, where they cost 1.4 ms (``benches/moe.py``)."""
+AVX512-BF16 CPU kernel; more multiply the expert dequantized by the Rust core
+(:meth:`QuantizedExperts.transposed`) in bf16. The kernel decodes the weight again for
+every row: on a 1024 x 1024 expert, one core of the benchmark CPU (2026-12-06), it takes
+94 us for 1 row (bf16: 200 us), 0.30 ms for 8, 0.45 ms for 12, 0.78 ms for 16 and 0.88 ms
+for 21, where dequantizing (0.23 ms; bitsandbytes' own takes 0.65 ms) and a bf16 matmul
+take 0.5-0.65 ms together."""
 
 
 class QuantizedExperts(nn.Parameter):
@@ -339,8 +340,14 @@ class QuantizedExperts(nn.Parameter):
                 [r, c],
             )
 
+            scratch: list[torch.Tensor] = []  # one expert's dequantized weight, reused
+
             def cpu(e: int, x: torch.Tensor) -> torch.Tensor:
                 if x.shape[0] > KERNEL_ROWS:  # the kernel decodes the weight once per row
+                    if x.dtype == torch.bfloat16 == self._dequant_dtype:
+                        if not scratch:  # (a fresh 2 MiB buffer per expert: page faults)
+                            scratch.append(torch.empty((c, r), dtype=torch.bfloat16))
+                        return x @ self._transposed_into(e, scratch[0])
                     return torch.nn.functional.linear(x, self[e])
                 if x.stride(-1) != 1:  # the kernel reads rows as contiguous
                     x = x.contiguous()
@@ -348,6 +355,35 @@ class QuantizedExperts(nn.Parameter):
 
             return cpu
         return self._linear_4bit
+
+    def transposed(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s weight transposed, ``[C, R]`` bfloat16: ``self[e].T`` with the
+        same values, dequantized by the Rust core straight from the CPU layout (which
+        holds 32 rows of a column together: a transposed output is written in contiguous
+        runs), several times faster than bitsandbytes' CPU dequantization. For a weight in
+        the CPU layout (:attr:`cpu_layout`) whose dtype is bfloat16 only."""
+        if not self.cpu_layout or self._dequant_dtype != torch.bfloat16:
+            raise ValueError("transposed() takes a bfloat16 weight in the CPU layout")
+        r, c = self.expert_shape
+        return self._transposed_into(self._expert(e), torch.empty((c, r), dtype=torch.bfloat16))
+
+    def _transposed_into(self, e: int, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`transposed` into ``out`` (bfloat16 ``[C, R]``, contiguous), unchecked."""
+        state = self.quant_state
+        r, c = self.expert_shape
+        packed, absmax = self.data.view(-1, r, c // 2)[e], state.absmax[e]
+        code = state.code.to(torch.float32).contiguous()  # the buffers need them held
+        _core.dequantize_4bit_cpu_layout(
+            cpu_layout.byte_buffer(packed),
+            cpu_layout.byte_buffer(absmax),
+            cpu_layout.byte_buffer(code, "f"),
+            cpu_layout.byte_buffer(out),
+            rows=r,
+            cols=c,
+            blocksize=state.blocksize,
+            threads=torch.get_num_threads(),
+        )
+        return out
 
     def _linear_4bit(self, e: int, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -735,27 +771,48 @@ def matmul_forward(module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor
 
     n = first.num_experts
     routing = weights.reshape(-1)
-    out = torch.zeros_like(hidden)
     if hidden.shape[0] == 1:  # a decode step: no grouping, the experts in the same order
+        out = torch.zeros_like(hidden)
         for expert, k in sorted((e, k) for k, e in enumerate(index.reshape(-1).tolist())):
             if expert < n:
                 # a [1, 1] weight, as the eager forwards index it: the same type promotion
                 out.add_((expert_out(expert, hidden) * routing[k : k + 1, None]).to(out.dtype))
         return out
+    # several tokens: the (token, expert) pairs sorted by expert, each expert's run of
+    # rows multiplied at once into one buffer per projection (the gate and the weights
+    # applied to all rows at once), then put back in token order and summed over top-k
+    # in float32 (as grouped_mm): index_add_ per expert costs 0.4 ms a call on the CPU
     top_k = index.shape[-1]
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n)[:n].tolist()
+    routed = sum(counts)  # pairs of an index >= n (none outside expert parallelism) last
+    rows = order[:routed]
+    x = hidden[rows // top_k]
+    runs = []
     start = 0
     for expert, count in enumerate(counts):
-        if not count:
-            continue
-        pairs = order[start : start + count]
-        start += count
-        tokens = pairs // top_k
-        h = expert_out(expert, hidden[tokens]) * routing[pairs, None]
-        out.index_add_(0, tokens, h.to(out.dtype))
-    return out
+        if count:
+            runs.append((expert, start, start + count))
+            start += count
+    like = dict(dtype=hidden.dtype, device=hidden.device)
+    up_out = torch.empty((routed, first.expert_shape[0]), **like)
+    for expert, a, b in runs:
+        h = up(expert, x[a:b])
+        up_out[a:b] = h + first_bias[expert] if bias else h
+    h = module._apply_gate(up_out) if has_gate else module.act_fn(up_out)
+    down_out = torch.empty((routed, down.expert_shape[0]), **like)
+    for expert, a, b in runs:
+        y = down_kernel(expert, h[a:b])
+        down_out[a:b] = y + down_bias[expert] if bias else y
+    if post_norm is not None:
+        down_out = post_norm(down_out)
+    weighted = torch.zeros(
+        (flat.shape[0], down_out.shape[-1]), dtype=torch.float32, device=hidden.device
+    )
+    weighted[rows] = (down_out * routing[rows, None]).float()
+    out = weighted.view(-1, top_k, weighted.shape[-1]).sum(dim=1)
+    return out.to(hidden.dtype)
 
 
 def register() -> None:

@@ -175,6 +175,33 @@ print("result", json.dumps(result), flush=True)
 """
 
 
+def _qwen3_shapes(fields: dict[str, Any], config: Any, mlp: Any) -> dict[str, tuple[int, ...]]:
+    """The tensors ``save_pretrained`` writes for a Qwen3 (-MoE) model of ``fields``, in
+    order: embeddings, each layer's norms and attention then ``mlp(prefix)``'s tensors,
+    the final norm and ``lm_head``."""
+    h, heads, kv, d = (fields[k] for k in ("hidden_size", "num_attention_heads",
+                                           "num_key_value_heads", "head_dim"))  # fmt: skip
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (heads * d, h),
+                p + "self_attn.k_proj.weight": (kv * d, h),
+                p + "self_attn.v_proj.weight": (kv * d, h),
+                p + "self_attn.o_proj.weight": (h, heads * d),
+                p + "self_attn.q_norm.weight": (d,),
+                p + "self_attn.k_norm.weight": (d,),
+                **mlp(p),
+            }
+        )
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
 def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB) -> Path:
     """Random bf16 weights under the names ``save_pretrained`` gives a Qwen3-MoE model.
 
@@ -190,30 +217,16 @@ def write_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB) -> Pa
     config = Qwen3MoeConfig(**fields)
     config.dtype = torch.bfloat16
     h, i, e = fields["hidden_size"], fields["moe_intermediate_size"], fields["num_experts"]
-    heads, kv, d = fields["num_attention_heads"], fields["num_key_value_heads"], fields["head_dim"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (heads * d, h),
-                p + "self_attn.k_proj.weight": (kv * d, h),
-                p + "self_attn.v_proj.weight": (kv * d, h),
-                p + "self_attn.o_proj.weight": (h, heads * d),
-                p + "self_attn.q_norm.weight": (d,),
-                p + "self_attn.k_norm.weight": (d,),
-                p + "mlp.gate.weight": (e, h),
-            }
-        )
-        for n in range(e):
-            shapes[p + f"mlp.experts.{n}.gate_proj.weight"] = (i, h)
-            shapes[p + f"mlp.experts.{n}.up_proj.weight"] = (i, h)
-            shapes[p + f"mlp.experts.{n}.down_proj.weight"] = (h, i)
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (config.vocab_size, h)
 
+    def mlp(p: str) -> dict[str, tuple[int, ...]]:
+        out = {p + "mlp.gate.weight": (e, h)}
+        for n in range(e):
+            out[p + f"mlp.experts.{n}.gate_proj.weight"] = (i, h)
+            out[p + f"mlp.experts.{n}.up_proj.weight"] = (i, h)
+            out[p + f"mlp.experts.{n}.down_proj.weight"] = (h, i)
+        return out
+
+    shapes = _qwen3_shapes(fields, config, mlp)
     return load_bench.write_random_checkpoint(folder, config, shapes, shard_bytes)
 
 
@@ -233,28 +246,16 @@ def write_dense_checkpoint(folder: Path, shape: str, shard_bytes: int = 2 * GIB)
         fields.pop(key, None)
     config = Qwen3Config(**{**fields, "intermediate_size": width})
     config.dtype = torch.bfloat16
-    h, heads, kv, d = (fields[k] for k in ("hidden_size", "num_attention_heads",
-                                           "num_key_value_heads", "head_dim"))  # fmt: skip
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (heads * d, h),
-                p + "self_attn.k_proj.weight": (kv * d, h),
-                p + "self_attn.v_proj.weight": (kv * d, h),
-                p + "self_attn.o_proj.weight": (h, heads * d),
-                p + "self_attn.q_norm.weight": (d,),
-                p + "self_attn.k_norm.weight": (d,),
-                p + "mlp.gate_proj.weight": (width, h),
-                p + "mlp.up_proj.weight": (width, h),
-                p + "mlp.down_proj.weight": (h, width),
-            }
-        )
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (config.vocab_size, h)
+    h = fields["hidden_size"]
+
+    def mlp(p: str) -> dict[str, tuple[int, ...]]:
+        return {
+            p + "mlp.gate_proj.weight": (width, h),
+            p + "mlp.up_proj.weight": (width, h),
+            p + "mlp.down_proj.weight": (h, width),
+        }
+
+    shapes = _qwen3_shapes(fields, config, mlp)
     return load_bench.write_random_checkpoint(folder, config, shapes, shard_bytes)
 
 

@@ -52,14 +52,17 @@ IMPLEMENTATION = "leanstream"
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
-KERNEL_ROWS = 12
+KERNEL_ROWS = 48
 """The most rows (tokens routed to one expert) that go through bitsandbytes' fused
 AVX512-BF16 CPU kernel; more multiply the expert dequantized by the Rust core
 (:meth:`QuantizedExperts.transposed`) in bf16. The kernel decodes the weight again for
-every row: on a 1024 x 1024 expert, one core of the benchmark CPU (2026-12-06), it takes
-94 us for 1 row (bf16: 200 us), 0.30 ms for 8, 0.45 ms for 12, 0.78 ms for 16 and 0.88 ms
-for 21, where dequantizing (0.23 ms; bitsandbytes' own takes 0.65 ms) and a bf16 matmul
-take 0.5-0.65 ms together."""
+every row, so its time grows with the rows (on one core, a 1024 x 1024 expert: 94 us for
+1 row against bf16's 200 us, 0.88 ms for 21), where dequantizing (0.23 ms; bitsandbytes'
+own takes 0.65 ms) and a bf16 matmul cost about the same for any count. Measured on the
+whole benchmark model (``benches/moe.py``'s, 2 threads, 2026-12-06), prefill of 512
+tokens (85 rows per expert on average): 1.73 s with the kernel alone, 1.17 s dequantizing
+every expert, 1.15 / 1.04 / 1.05 s above 24 / 48 / 96 rows; of 128 tokens (21 on
+average): 0.44 s with the kernel alone, 0.37 s above 48."""
 
 
 class QuantizedExperts(nn.Parameter):

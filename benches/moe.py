@@ -15,17 +15,23 @@ Each loader runs in its own fresh process through ``benches/load.py``'s machiner
 (imports before the clock, only the load call timed, ``/proc/<pid>/status`` sampled
 every 5 ms for the peak RSS). After the load the child measures, outside the timing
 that the table reports as load: ``leanstream.footprint`` of the model and of its experts
-modules, then (``--forward``) the tokens/s of one 128-token prompt (prefill, after a
-short warm-up) and of 16 greedy decode steps on its KV cache, best of 3. transformers +
-bitsandbytes quantizes only the ``nn.Linear`` layers: its experts stay bf16, so its
-forward is the "bf16 experts" reference. The transformers children also check that
-every tensor of the checkpoint was used and none was missing.
+modules. The forwards (``--forward`` loaders, and with ``--dense`` bitsandbytes' 4-bit,
+int8 and bf16 on the dense counterpart, :func:`write_dense_checkpoint`) are timed in
+``--forward-rounds`` rounds of fresh children, every model once a round: the tokens/s of
+one 128-token prompt (prefill, after a short warm-up) and of 16 greedy decode steps on
+its KV cache, best of 3 in a child and best over the rounds (the host's speed drifts by
+tens of percent from minute to minute; interleaving spreads it over the models alike).
+transformers + bitsandbytes quantizes only the ``nn.Linear`` layers: its experts stay
+bf16, so its forward is the "bf16 experts" reference. The transformers children also
+check that every tensor of the checkpoint was used and none was missing.
 
 Targets (issue 16): experts bytes <= 0.29x their bf16 bytes at 4 bits (<= 0.52x at 8),
 load >= 5x faster than transformers at the same bits, peak RSS growth <= the quantized
 model + 0.5 GiB; (issue 27) load <= 1.3x the floor measured in the same run
 (:func:`floor_seconds`: reading the files from the page cache plus the native quantizer
-over the bytes a load quantizes). The sizes predicted by ``benches/moe_sizes.py`` (the code behind
+over the bytes a load quantizes); MoE decode vs bf16 experts >= bitsandbytes' dense
+4-bit (int8) vs bf16 in the same run, and on an AVX512-BF16 CPU NF4 decode and prefill
+>= 1.0x bf16 experts. The sizes predicted by ``benches/moe_sizes.py`` (the code behind
 ``leanstream inspect``) are printed next to the measured ones.
 """
 
@@ -346,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill)")
     parser.add_argument("--decode", type=int, default=16, help="greedy decode steps")
     parser.add_argument(
-        "--forward-reps", type=int, default=3, help="prefill + decode rounds (best of)"
+        "--forward-reps", type=int, default=3, help="prefill + decode runs per process (best of)"
+    )
+    parser.add_argument(
+        "--forward-rounds",
+        type=int,
+        default=3,
+        help="fresh processes per forward-timed model, interleaved (best of)",
     )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/leanstream/bench")
     parser.add_argument("--run-timeout", type=float, default=300.0)
@@ -375,59 +387,67 @@ def main(argv: list[str] | None = None) -> int:
     load_bench.CHILD = CHILD  # load.run_one runs load.CHILD: ours, through its machinery
     interrupted = False
     load_start = os.getloadavg()[0]  # 2 cores shared with other work: say how busy
-    dense: dict[str, dict[str, Any]] = {}
+    forwards: dict[str, dict[str, Any]] = {}  # loader (or "dense <loader>") -> best forward
     try:
         for rep in range(args.reps):
             for name in names:  # interleaved, so drift hits every loader alike
                 kind, settings = LOADERS[name]
-                last = rep == args.reps - 1
-                fwd = dict(prompt=args.prompt, decode=args.decode, reps=args.forward_reps)
-                settings = dict(settings, forward=fwd if last and name in forward else None)
                 path = work / f"{name.replace(' ', '_')}.pt"
                 result = load_bench.try_run(
-                    rep, name, failures, kind, settings, folder, "cpu", path, args.run_timeout
+                    rep,
+                    name,
+                    failures,
+                    kind,
+                    dict(settings, forward=None),
+                    folder,
+                    "cpu",
+                    path,
+                    args.run_timeout,
                 )
                 if result is None:
                     continue
-                result["logits"] = path if "prefill_s" in result else None
                 runs[name].append(result)
                 grow = result["peak_rss"] - result["base_rss"]
-                extra = ""
-                if "prefill_s" in result:
-                    extra = (
-                        f", prefill {args.prompt / result['prefill_s']:.1f} tok/s, "
-                        f"decode {args.decode / result['decode_s']:.2f} tok/s"
-                    )
                 print(
                     f"rep {rep} {name}: {result['seconds']:.2f} s, peak RSS +{grow / GIB:.2f} "
-                    f"GiB, footprint {result['footprint'] / GIB:.3f} GiB{extra}",
+                    f"GiB, footprint {result['footprint'] / GIB:.3f} GiB",
                     flush=True,
                 )
+        # the forwards: rounds of fresh children, every model once a round (interleaved,
+        # so that the host's drift hits them alike), each figure the best over the rounds
+        jobs = [(name, folder) for name in names if name in forward]
         if args.dense:  # the same work per token, dense: bitsandbytes' 4-bit / int8 vs bf16
             dense_folder = write_dense_checkpoint(
                 args.cache / f"dense-{args.shapes}-bf16", args.shapes
             )
-            fwd = dict(prompt=args.prompt, decode=args.decode, reps=args.forward_reps)
-            for name in DENSE_LOADERS:
-                kind, settings = LOADERS[name]
+            jobs += [(f"dense {name}", dense_folder) for name in DENSE_LOADERS]
+        fwd = dict(prompt=args.prompt, decode=args.decode, reps=args.forward_reps)
+        for rnd in range(args.forward_rounds):
+            for key, where in jobs:
+                kind, settings = LOADERS[key.removeprefix("dense ")]
+                path = work / f"{key.replace(' ', '_')}-{rnd}.pt"
                 result = load_bench.try_run(
-                    0,
-                    f"dense {name}",
+                    rnd,
+                    key,
                     failures,
                     kind,
                     dict(settings, forward=fwd),
-                    dense_folder,
+                    where,
                     "cpu",
-                    work / f"dense_{name.replace(' ', '_')}.pt",
+                    path,
                     args.run_timeout,
                 )
-                if result is not None:
-                    dense[name] = result
-                    print(
-                        f"dense {name}: prefill {args.prompt / result['prefill_s']:.1f} tok/s, "
-                        f"decode {args.decode / result['decode_s']:.2f} tok/s",
-                        flush=True,
-                    )
+                if result is None:
+                    continue
+                result["logits"] = path
+                print(
+                    f"round {rnd} {key}: prefill {args.prompt / result['prefill_s']:.1f} "
+                    f"tok/s, decode {args.decode / result['decode_s']:.2f} tok/s",
+                    flush=True,
+                )
+                best = forwards.setdefault(key, result)  # logits and tokens: the first's
+                best["prefill_s"] = min(best["prefill_s"], result["prefill_s"])
+                best["decode_s"] = min(best["decode_s"], result["decode_s"])
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: the tables have the runs measured so far", flush=True)
@@ -471,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['experts'] / GIB:.3f} | {r['experts'] / experts_bf16:.3f} |"
         )
 
-    fwd_rows = [n for n in names if n in ok and "prefill_s" in ok[n][-1]]
+    fwd_rows = [n for n in names if n in forwards]
+    dense = {n.removeprefix("dense "): r for n, r in forwards.items() if n.startswith("dense ")}
     fwd_speed: dict[str, tuple[float, float]] = {}  # name -> (prefill, decode) vs peer
     dense_speed: dict[int, tuple[float, float]] = {}  # bits -> (prefill, decode) vs bf16
     import bitsandbytes.functional as bnb_functional
@@ -482,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"forward, batch 1: a {args.prompt}-token prompt (prefill, after an 8-token "
             f"warm-up), then {args.decode} greedy decode steps on the KV cache, best of "
-            f"{args.forward_reps}; transformers' experts are bf16; bitsandbytes' fused "
+            f"{args.forward_reps} in each of {args.forward_rounds} rounds of fresh processes "
+            "(every model once a round); transformers' experts are bf16; bitsandbytes' fused "
             f"AVX512-BF16 CPU kernel: {'yes' if fused else 'no'}. vs peer: the speed over "
             "that of the same layers' bitsandbytes with bf16 experts (MoE), or of bf16 "
             "(dense). Kernels vs dequantized: the prefill's last logits against the same "
@@ -494,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name in fwd_rows:
-            r, peer = ok[name][-1], _peer(name)
-            p = ok[peer][-1] if peer in ok and "prefill_s" in ok[peer][-1] else None
+            r, peer = forwards[name], _peer(name)
+            p = forwards.get(peer)
             err = same = vs_p = vs_d = kernel = ""
             if p is not None and peer != name:
                 import torch

@@ -563,6 +563,13 @@ def quantized_experts(model: Any) -> list[str]:
     return []
 
 
+def eager_experts(model: Any) -> None:
+    """Run ``model``'s experts modules with transformers' eager forward (its configs and
+    its text config): one dequantized expert at a time."""
+    for config in (model.config, model.config.get_text_config()):
+        config._experts_implementation = "eager"
+
+
 def reference(
     folder: Path, cls: Any, setting: str, experts: list[str], skip: list[str] | None = None
 ) -> Any:
@@ -603,8 +610,7 @@ def reference(
             value.to(torch.bfloat16).reshape(weight.shape), requires_grad=False
         )
     if experts:
-        for config in (ref.config, ref.config.get_text_config()):
-            config._experts_implementation = "eager"
+        eager_experts(ref)
     # leanstream's documented kernel choices (README, "CPUs with AVX512-BF16"), made on
     # transformers' model too: LLM.int8 layers take inputs of any rank; 4-bit layers
     # whose shape bitsandbytes' AVX512-BF16 repacking cannot take ("N must be divisible
@@ -724,8 +730,7 @@ def classify(case: Case, setting: str, folder: Path, bf16: Any, args: dict[str, 
             # exactly, the same model on the dequantized experts (the eager forward), as
             # the reference computes, and the kernels' output within their rounding
             kernels = mine
-            for config in (got.config, got.config.get_text_config()):
-                config._experts_implementation = "eager"
+            eager_experts(got)
             mine = output(got, args)
     except Exception as err:
         crash = Outcome("crash", f"forward: {_line(err)}", extra={"inspect": mismatch})

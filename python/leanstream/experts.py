@@ -178,7 +178,7 @@ class QuantizedExperts(nn.Parameter):
         from .quantize import quant_state_4bit
 
         e, r, c = self.shape3
-        data = _plain_bytes(self.data.view(e * r, c // 2), e * r, c).reshape(-1, 1)
+        data = cpu_layout._plain_bytes(self.data.view(e * r, c // 2), e * r, c).reshape(-1, 1)
         absmax = state.absmax.transpose(1, 2).reshape(-1).to(torch.float32)
         fresh = quant_state_4bit(
             absmax,
@@ -239,28 +239,39 @@ class QuantizedExperts(nn.Parameter):
     def _expert_4bit(self, e: int) -> torch.Tensor:
         import bitsandbytes.functional as F
 
-        state = self.quant_state
         r, c = self.expert_shape
-        size = r * c
-        blocks = size // state.blocksize
-        if self.cpu_layout:
-            packed = _plain_bytes(self.data.view(-1, r, c // 2)[e], r, c)
-            absmax = state.absmax[e].T.reshape(-1).to(torch.float32)
-        else:
-            packed = self.data[e * size // 2 : (e + 1) * size // 2]
-            absmax = self._absmax(e * blocks, (e + 1) * blocks)
+        packed, absmax = self._plain_expert(e)
         # flat: bitsandbytes' CPU kernel reads a 2-D shape's absmax as whole blocks per
         # row, wrong when c is not a multiple of the block size (the blocks run across
         # rows); on the flat values every kernel is right, and the same where c is
-        expert = F.QuantState(
+        expert = self._expert_state(absmax, torch.Size((r * c,)))
+        return F.dequantize_4bit(packed, expert).reshape(r, c)
+
+    def _plain_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s plain packed bytes and float32 scales, in either layout."""
+        state = self.quant_state
+        r, c = self.expert_shape
+        size = r * c
+        if self.cpu_layout:
+            packed = cpu_layout._plain_bytes(self.data.view(-1, r, c // 2)[e], r, c)
+            return packed, state.absmax[e].T.reshape(-1).to(torch.float32)
+        blocks = size // state.blocksize
+        packed = self.data[e * size // 2 : (e + 1) * size // 2]
+        return packed, self._absmax(e * blocks, (e + 1) * blocks)
+
+    def _expert_state(self, absmax: torch.Tensor, shape: torch.Size) -> Any:
+        """A plain ``QuantState`` of one expert of ``shape`` with these scales."""
+        import bitsandbytes.functional as F
+
+        state = self.quant_state
+        return F.QuantState(
             absmax=absmax,
-            shape=torch.Size((size,)),
+            shape=shape,
             code=state.code,
             blocksize=state.blocksize,
             quant_type=state.quant_type,
             dtype=self._dequant_dtype,
         )
-        return F.dequantize_4bit(packed, expert).reshape(r, c)
 
     def _absmax(self, start: int, end: int) -> torch.Tensor:
         """The float32 ``absmax`` entries ``[start, end)``; with double quantization,
@@ -392,20 +403,9 @@ class QuantizedExperts(nn.Parameter):
 
     def _linear_4bit(self, e: int, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
-        import bitsandbytes.functional as F
 
-        state = self.quant_state
-        r, c = self.expert_shape
-        size, blocks = r * c, r * c // state.blocksize
-        expert = F.QuantState(
-            absmax=self._absmax(e * blocks, (e + 1) * blocks),
-            shape=torch.Size((r, c)),
-            code=state.code,
-            blocksize=state.blocksize,
-            quant_type=state.quant_type,
-            dtype=self._dequant_dtype,
-        )
-        packed = self.data[e * size // 2 : (e + 1) * size // 2]
+        packed, absmax = self._plain_expert(e)
+        expert = self._expert_state(absmax, torch.Size(self.expert_shape))
         return bnb.matmul_4bit(x, packed, expert).to(x.dtype)
 
     def _linear_8bit(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -432,15 +432,11 @@ class QuantizedExperts(nn.Parameter):
         with _CPU_LAYOUT_LOCK:
             if self.cpu_layout:
                 return
-            import bitsandbytes.functional as F
-
             state = self.quant_state
             e, r, c = self.shape3
             if not (cpu_layout.fits(r, c, state.blocksize) and cpu_layout.agrees()):
                 return
-            absmax = state.absmax
-            if state.nested:
-                absmax = F.dequantize_blockwise(absmax, state.state2) + state.offset
+            absmax = self._absmax(0, e * r * c // state.blocksize)  # double quant undone
             absmax = absmax.float().view(e, r, c // state.blocksize).transpose(1, 2)
             packed = copy.copy(state)
             packed.absmax = absmax.to(torch.bfloat16).contiguous()
@@ -647,11 +643,6 @@ def _pack_in_place(data: torch.Tensor, rows: int, cols: int) -> None:
             cols=cols,
             threads=torch.get_num_threads(),
         )
-
-
-def _plain_bytes(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The CPU layout's ``[rows, cols/2]`` bytes in bitsandbytes' plain order."""
-    return cpu_layout._plain_bytes(packed, rows, cols)
 
 
 def _moved(stats: Any, *, device: torch.device, non_blocking: bool) -> Any:

@@ -513,7 +513,7 @@ def _experts_state(model: Any) -> dict[str, torch.Tensor]:
         if param.quant_state is not None:
             # the stored form (a weight in the CPU kernel's layout is put back in order)
             data, quant_state = param.plain()
-            state[name] = param if data is param.data else data
+            state[name] = data if param.cpu_layout else param
             for key, value in quant_state.as_dict(packed=True).items():
                 state[f"{name}.{key}"] = value
         else:

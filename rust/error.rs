@@ -43,6 +43,9 @@ pub enum ErrorKind {
     /// A folder holds several checkpoints (variants such as `fp16`, or several
     /// indexes) and nothing says which one to open.
     Ambiguous,
+    /// The download of a shard being streamed from the hub failed (its
+    /// bytes will not all arrive, or they do not hash to the hub's sha256).
+    Download,
     /// Any other I/O error (permissions, mmap failure, ...).
     Io,
     /// A broken invariant inside leanstream (poisoned lock, dead thread).
@@ -222,6 +225,13 @@ pub mod py {
         "A folder holds several checkpoints (variants such as fp16, or several indexes): open one index or file explicitly."
     );
 
+    create_exception!(
+        leanstream._core,
+        DownloadError,
+        CheckpointError,
+        "A file streamed from the hub could not be downloaded completely and correctly (a server that keeps failing, bytes that do not hash to the hub's sha256, an interrupted load)."
+    );
+
     /// Add every exception class to the module, and give `CheckpointError`
     /// class-level `file = tensor = None` so that instances raised from Python
     /// code have the attributes too.
@@ -254,6 +264,7 @@ pub mod py {
             "AmbiguousCheckpointError",
             py.get_type::<AmbiguousCheckpointError>(),
         )?;
+        m.add("DownloadError", py.get_type::<DownloadError>())?;
         Ok(())
     }
 
@@ -283,6 +294,7 @@ pub mod py {
                     ErrorKind::IndexMismatch => new_err::<IndexMismatchError>(py, &err),
                     ErrorKind::MissingTensor => new_err::<MissingTensorError>(py, &err),
                     ErrorKind::Ambiguous => new_err::<AmbiguousCheckpointError>(py, &err),
+                    ErrorKind::Download => new_err::<DownloadError>(py, &err),
                     ErrorKind::Io => new_err::<CheckpointError>(py, &err),
                     ErrorKind::Internal => Ok(LeanstreamError::new_err(err.to_string())),
                 };

@@ -7,6 +7,7 @@
 //! ([`pipeline`], the host side of the overlapped GPU load). The PyO3
 //! binding (`py`, feature `python`) exposes them as `leanstream._core`.
 
+pub mod arrival;
 pub mod cpu_layout;
 pub mod error;
 pub mod fault;
@@ -37,6 +38,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::PyTensorInfo>()?;
     m.add_class::<py::PyTensorPipeline>()?;
     m.add_class::<py::PyWarmup>()?;
+    m.add_class::<py::PyArrival>()?;
     m.add_function(wrap_pyfunction!(py_quant::quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::quantize_int8, m)?)?;
     m.add_function(wrap_pyfunction!(py_quant::codebook, m)?)?;

@@ -503,6 +503,11 @@ fn warm(
                 return;
             }
             let len = (nbytes - offset).min(left).min(piece);
+            // Still being downloaded: reading from the disk is not what
+            // these bytes need (the downloader's writes put them in the cache).
+            if !view.arrived(offset, len) {
+                return;
+            }
             // already cached (a warm load): nothing to do, copy nothing
             if !resident(view, offset, len) {
                 // `len <= piece`, a buffer length

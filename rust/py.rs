@@ -1,14 +1,15 @@
 //! The PyO3 classes of `leanstream._core`: `Checkpoint`, `TensorStream`,
-//! `TensorView`, `TensorInfo`, `TensorPipeline`, `Warmup` (typed in
+//! `TensorView`, `TensorInfo`, `TensorPipeline`, `Warmup`, `Arrival` (typed in
 //! `python/leanstream/_core.pyi`).
 //!
 //! Every call that touches files (open, fstat, madvise) releases the GIL with
 //! `py.detach`; the read-ahead thread never touches Python objects. Errors
 //! become the exception classes of [`crate::error::py`].
 
+use crate::arrival::Arrival;
 use crate::error::Error;
 use crate::pipeline::{Pipeline, SlotBuf, Warmup};
-use crate::reader::{Checkpoint, TensorInfo, View};
+use crate::reader::{Checkpoint, TensorInfo, View, ARRIVAL_POLL};
 use crate::stream::{Slot, Stream, DEFAULT_WINDOW};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
@@ -160,6 +161,11 @@ impl PyTensorView {
             ));
         }
         let bytes = slf.get().view.bytes();
+        if !slf.get().view.arrived(0, bytes.len() as u64) {
+            return Err(PyBufferError::new_err(
+                "the tensor's bytes have not all been downloaded yet",
+            ));
+        }
         let (ptr, len) = (bytes.as_ptr(), bytes.len());
         let len = isize::try_from(len)
             .map_err(|_| PyBufferError::new_err("tensor too large for a buffer"))?;
@@ -231,6 +237,7 @@ impl PyTensorStream {
             None => Ok(None),
             Some(Err(e)) => Err(e.into()),
             Some(Ok((view, slot))) => {
+                wait_arrived(py, &view)?;
                 let name = view.info().name.clone();
                 Ok(Some((
                     name,
@@ -274,6 +281,96 @@ impl PyTensorStream {
         format!(
             "TensorStream(remaining={remaining}, total_bytes={}, window={})",
             self.total_bytes, self.window
+        )
+    }
+}
+
+/// Wait (without the GIL) until all of `view`'s bytes have been downloaded,
+/// checking for signals between short sleeps so Ctrl-C interrupts the wait.
+fn wait_arrived(py: Python<'_>, view: &View) -> PyResult<()> {
+    let len = view.info().nbytes();
+    loop {
+        if py.detach(|| view.wait_arrived(0, len, Some(ARRIVAL_POLL)))? {
+            return Ok(());
+        }
+        py.check_signals()?;
+    }
+}
+
+/// Which bytes of a file being downloaded have arrived; see `Arrival`.
+#[pyclass(frozen, name = "Arrival", module = "leanstream._core")]
+pub struct PyArrival {
+    inner: Arc<Arrival>,
+}
+
+#[pymethods]
+impl PyArrival {
+    #[new]
+    fn new(length: u64) -> Self {
+        PyArrival {
+            inner: Arc::new(Arrival::new(length)),
+        }
+    }
+
+    /// The file's length in bytes.
+    #[getter]
+    fn length(&self) -> u64 {
+        self.inner.len()
+    }
+
+    /// Bytes arrived so far.
+    #[getter]
+    fn arrived(&self) -> u64 {
+        self.inner.arrived()
+    }
+
+    /// The failure reported with `fail`, or None.
+    #[getter]
+    fn failure(&self) -> Option<String> {
+        self.inner.failure()
+    }
+
+    /// Bytes `[start, end)` were written to the file.
+    fn add(&self, start: u64, end: u64) {
+        self.inner.add(start, end);
+    }
+
+    /// Whether all of `[start, end)` has arrived.
+    fn covers(&self, start: u64, end: u64) -> bool {
+        self.inner.covers(start, end)
+    }
+
+    /// Where the bytes arrived from the start of the file end.
+    #[getter]
+    fn contiguous(&self) -> u64 {
+        self.inner.contiguous()
+    }
+
+    /// The arrived ranges `(start, end)`, sorted and merged.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        self.inner.ranges()
+    }
+
+    /// The parts of `[start, end)` that have not arrived, in order.
+    fn missing(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.inner.missing(start, end)
+    }
+
+    /// The download failed: every wait for this file's bytes fails with `message`.
+    fn fail(&self, message: &str) {
+        self.inner.fail(message);
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Arrival(length={}, arrived={}{})",
+            self.inner.len(),
+            self.inner.arrived(),
+            if self.inner.failure().is_some() {
+                ", failed"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -443,8 +540,13 @@ impl PyCheckpoint {
 #[pymethods]
 impl PyCheckpoint {
     #[new]
-    fn new(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let ckpt = if let Ok(path) = path.extract::<PathBuf>() {
+    #[pyo3(signature = (path, *, arrivals = None))]
+    fn new(
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        arrivals: Option<Vec<(PathBuf, Bound<'_, PyArrival>)>>,
+    ) -> PyResult<Self> {
+        let mut ckpt = if let Ok(path) = path.extract::<PathBuf>() {
             py.detach(|| Checkpoint::open(&path))?
         } else if let Ok(paths) = path.extract::<Vec<PathBuf>>() {
             py.detach(|| Checkpoint::open_files(&paths))?
@@ -454,6 +556,13 @@ impl PyCheckpoint {
                 path.get_type().name()?
             )));
         };
+        if let Some(arrivals) = arrivals {
+            let arrivals = arrivals
+                .into_iter()
+                .map(|(path, arrival)| (path, Arc::clone(&arrival.get().inner)))
+                .collect();
+            ckpt.attach_arrivals(arrivals)?;
+        }
         Ok(PyCheckpoint {
             inner: RwLock::new(Some(Arc::new(ckpt))),
         })
@@ -521,6 +630,7 @@ impl PyCheckpoint {
             view.check_available()?;
             Ok::<_, Error>(view)
         })?;
+        wait_arrived(py, &view)?;
         Ok(PyTensorView { view, slot: None })
     }
 

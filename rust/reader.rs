@@ -14,6 +14,7 @@
 //! bytes were touched by that, or whose file changed size or mtime since it
 //! was opened.
 
+use crate::arrival::Arrival;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fault::Region;
 use crate::header::{self, Dtype, Header, Json};
@@ -81,7 +82,13 @@ pub struct Shard {
     region: Region,
     mmap: Mmap,
     header: Header,
+    /// Set while the file is still being downloaded: which bytes it holds yet.
+    arrival: Option<Arc<Arrival>>,
 }
+
+/// How long a wait for downloaded bytes sleeps between checks that nothing
+/// asked it to stop (a closed stream, a signal in the Python thread).
+pub const ARRIVAL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Shard {
     /// Open, map and validate `path` (absolute).
@@ -118,6 +125,7 @@ impl Shard {
             region,
             mmap,
             header,
+            arrival: None,
         })
     }
 
@@ -202,6 +210,42 @@ impl View {
         Arc::ptr_eq(&self.shard, &other.shard) && self.info == other.info
     }
 
+    /// Whether `[offset, offset + len)` of this tensor (relative, clamped) is
+    /// in the file: always, unless the shard is still being downloaded.
+    pub fn arrived(&self, offset: u64, len: u64) -> bool {
+        let Some(arrival) = &self.shard.arrival else {
+            return true;
+        };
+        let start = self.info.start + offset.min(self.info.nbytes());
+        let end = self.info.start + offset.saturating_add(len).min(self.info.nbytes());
+        arrival.covers(start, end)
+    }
+
+    /// Wait until `[offset, offset + len)` of this tensor (relative, clamped)
+    /// has been downloaded: `Ok(true)`, or `Ok(false)` if `timeout` passed
+    /// first. Fails with [`ErrorKind::Download`], naming the file and the
+    /// tensor, once the download failed. Immediate for a file on disk.
+    pub fn wait_arrived(
+        &self,
+        offset: u64,
+        len: u64,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool> {
+        let Some(arrival) = &self.shard.arrival else {
+            return Ok(true);
+        };
+        let start = self.info.start + offset.min(self.info.nbytes());
+        let end = self.info.start + offset.saturating_add(len).min(self.info.nbytes());
+        arrival.wait(start, end, timeout).map_err(|message| {
+            Error::new(
+                ErrorKind::Download,
+                format!("the download of this file failed: {message}"),
+            )
+            .for_tensor(&self.info.name)
+            .in_file(&self.shard.path)
+        })
+    }
+
     /// Fail with [`ErrorKind::Truncated`] (instead of a later SIGBUS) if the
     /// file shrank below this tensor's end since it was opened, or was
     /// modified (its mtime changed: rewritten in place, e.g. by a save into
@@ -217,7 +261,9 @@ impl View {
             )));
         }
         let (opened_len, opened_modified) = self.shard.opened;
-        if modified != opened_modified {
+        // A file being downloaded is written while mapped: its size was set
+        // before it was opened, its modification time changes with each write.
+        if modified != opened_modified && self.shard.arrival.is_none() {
             return Err(self.truncated(format!(
                 "the file was modified after it was opened (size {opened_len} -> {len} \
                  bytes, new modification time): was the checkpoint overwritten while in use?"
@@ -269,6 +315,7 @@ impl View {
             return Err(Error::internal("read past the end of a tensor"));
         }
         let at = self.info.start + offset;
+        self.wait_arrived(offset, len, None)?;
         match self.shard.file.read_exact_at(dst, at) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -760,6 +807,40 @@ impl Checkpoint {
 
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.get(name).map(Arc::as_ref)
+    }
+
+    /// Mark shards as still being downloaded: each `(path, arrival)` names a
+    /// shard of this checkpoint by its path (as opened) and says which of its
+    /// bytes have arrived; views of it wait for their bytes
+    /// ([`View::wait_arrived`]). Call before any view is taken. A path that is
+    /// not a shard, or an arrival whose length is not the file's, is an error.
+    pub fn attach_arrivals(&mut self, arrivals: Vec<(PathBuf, Arc<Arrival>)>) -> Result<()> {
+        for (path, arrival) in arrivals {
+            let path = absolute(&path)?;
+            let Some(shard) = self.shards.iter_mut().find(|s| s.path == path) else {
+                return Err(Error::new(
+                    ErrorKind::FileNotFound,
+                    "given as being downloaded, but not a shard of this checkpoint",
+                )
+                .in_file(&path));
+            };
+            if arrival.len() != shard.opened.0 {
+                return Err(Error::new(
+                    ErrorKind::Truncated,
+                    format!(
+                        "being downloaded as {} bytes, but the file holds {}",
+                        arrival.len(),
+                        shard.opened.0
+                    ),
+                )
+                .in_file(&path));
+            }
+            let Some(shard) = Arc::get_mut(shard) else {
+                return Err(Error::internal("arrivals attached after views were taken"));
+            };
+            shard.arrival = Some(arrival);
+        }
+        Ok(())
     }
 
     pub fn shard_path(&self, info: &TensorInfo) -> &Path {
@@ -1550,5 +1631,102 @@ pub(crate) mod tests {
         e.release();
         assert!(e.is_empty());
         assert!(v.same_bytes(&ckpt.view("a").unwrap()));
+    }
+}
+
+#[cfg(test)]
+mod arrival_tests {
+    use super::tests::{finishes, write_shard};
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A shard of `t0` (100 bytes of 1) and `t1` (100 bytes of 2) whose tensor
+    /// bytes are zeros on disk, as a download that has only written the
+    /// header; returns the real bytes and where the data starts.
+    fn half_downloaded() -> (tempfile::TempDir, PathBuf, Vec<u8>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_shard(&path, &[("t0", &[1; 100]), ("t1", &[2; 100])]);
+        let full = std::fs::read(&path).unwrap();
+        let data_start = full.len() as u64 - 200;
+        let file = File::options().write(true).open(&path).unwrap();
+        file.write_all_at(&[0; 200], data_start).unwrap();
+        (dir, path, full, data_start)
+    }
+
+    fn open_with(path: &Path, arrival: &Arc<Arrival>) -> Checkpoint {
+        let mut ckpt = Checkpoint::open(path).unwrap();
+        ckpt.attach_arrivals(vec![(path.to_path_buf(), Arc::clone(arrival))])
+            .unwrap();
+        ckpt
+    }
+
+    #[test]
+    fn reads_wait_for_the_bytes_and_see_them() {
+        let (_dir, path, full, data_start) = half_downloaded();
+        let arrival = Arc::new(Arrival::new(full.len() as u64));
+        arrival.add(0, data_start);
+        let ckpt = open_with(&path, &arrival);
+        let view = ckpt.view("t1").unwrap();
+        assert!(!view.arrived(0, 100));
+        assert!(!view.wait_arrived(0, 100, Some(ARRIVAL_POLL)).unwrap());
+        let reader = {
+            let view = view.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 100];
+                view.read_into(0, &mut buf).map(|()| buf)
+            })
+        };
+        // the downloader writes the bytes, then says so; the file's mtime
+        // changes, which is no "modified while in use" for such a shard
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let file = File::options().write(true).open(&path).unwrap();
+        file.write_all_at(&full[data_start as usize..], data_start)
+            .unwrap();
+        arrival.add(data_start, full.len() as u64);
+        let got = finishes("the read of arrived bytes", move || reader.join().unwrap());
+        assert_eq!(got.unwrap(), [2; 100]);
+        assert_eq!(view.bytes(), &[2; 100]);
+        view.check().unwrap();
+    }
+
+    #[test]
+    fn a_failed_download_is_a_download_error_naming_file_and_tensor() {
+        let (_dir, path, full, data_start) = half_downloaded();
+        let arrival = Arc::new(Arrival::new(full.len() as u64));
+        arrival.add(0, data_start + 100);
+        let ckpt = open_with(&path, &arrival);
+        let view = ckpt.view("t1").unwrap();
+        let reader = {
+            let view = view.clone();
+            std::thread::spawn(move || view.read_into(0, &mut [0u8; 100]))
+        };
+        arrival.fail("sha256 mismatch");
+        let err = finishes("the failed read", move || reader.join().unwrap()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Download);
+        assert_eq!(err.tensor.as_deref(), Some("t1"));
+        assert_eq!(err.file.as_deref(), Some(path.as_path()));
+        assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+        // even bytes that arrived: the file they belong to is not complete
+        let t0 = ckpt.view("t0").unwrap();
+        assert_eq!(
+            t0.wait_arrived(0, 100, None).unwrap_err().kind,
+            ErrorKind::Download
+        );
+    }
+
+    #[test]
+    fn an_arrival_must_name_a_shard_and_its_length() {
+        let (_dir, path, full, _) = half_downloaded();
+        let mut ckpt = Checkpoint::open(&path).unwrap();
+        let wrong_len = Arc::new(Arrival::new(full.len() as u64 + 1));
+        let err = ckpt
+            .attach_arrivals(vec![(path.clone(), wrong_len)])
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Truncated);
+        let other = path.with_file_name("other.safetensors");
+        let arrival = Arc::new(Arrival::new(full.len() as u64));
+        let err = ckpt.attach_arrivals(vec![(other, arrival)]).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::FileNotFound);
     }
 }

@@ -16,7 +16,7 @@
 //! shrink under it while it was read (see [`crate::fault`]).
 
 use crate::error::{Error, Result};
-use crate::reader::{page_size, View};
+use crate::reader::{page_size, View, ARRIVAL_POLL};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -332,7 +332,21 @@ fn read_ahead(items: &[View], shared: &Shared, window: u64, chunk: u64) {
             st.peak_in_use = st.peak_in_use.max(st.in_use);
             (item, offset, len)
         };
-        items[index].prefetch(start, len);
+        // Bytes still being downloaded: wait for them (a failed download is
+        // the consumer's to report: just skip), waking to see `stop`.
+        loop {
+            match items[index].wait_arrived(start, len, Some(ARRIVAL_POLL)) {
+                Ok(true) => {
+                    items[index].prefetch(start, len);
+                    break;
+                }
+                Ok(false) => match shared.state.lock() {
+                    Ok(st) if !st.stop && !st.released[index] => {}
+                    _ => break,
+                },
+                Err(_) => break,
+            }
+        }
         offset = start + len;
         // Released while we were faulting it in: drop what we just added.
         let Ok(st) = shared.state.lock() else {

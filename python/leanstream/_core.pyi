@@ -88,6 +88,48 @@ class AmbiguousCheckpointError(CheckpointError):
     """A folder holds several checkpoints (variants such as ``fp16``, or several
     indexes) and nothing says which one to open: open one index or file explicitly."""
 
+class DownloadError(CheckpointError):
+    """A file streamed from the hub could not be downloaded completely and correctly:
+    a server that keeps failing, bytes that do not hash to the hub's sha256, an
+    interrupted load. Raised by every wait for that file's bytes once its download failed."""
+
+@final
+class Arrival:
+    """Which bytes of a shard still being downloaded are in its file.
+
+    The downloader sizes the file first, writes the header, then writes ranges in
+    any order, calling :meth:`add` after each write. A :class:`Checkpoint` opened with
+    ``arrivals=`` hands out a tensor (:meth:`Checkpoint.view`, each item of
+    :meth:`Checkpoint.stream`) only once all its bytes have arrived, waiting without
+    the GIL (Ctrl-C interrupts the wait); after :meth:`fail`, every wait raises
+    :class:`DownloadError` with that message.
+    """
+
+    def __init__(self, length: int) -> None: ...
+    @property
+    def length(self) -> int:
+        """The file's length in bytes."""
+    @property
+    def arrived(self) -> int:
+        """Bytes arrived so far."""
+    @property
+    def failure(self) -> str | None:
+        """The message given to :meth:`fail`, or ``None``."""
+    def add(self, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` were written to the file."""
+    @property
+    def contiguous(self) -> int:
+        """Where the bytes arrived from the start of the file end (0: none yet)."""
+    def covers(self, start: int, end: int) -> bool:
+        """Whether all of ``[start, end)`` has arrived."""
+    def ranges(self) -> list[tuple[int, int]]:
+        """The arrived ranges ``(start, end)``, sorted and merged."""
+    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` that have not arrived, in order."""
+    def fail(self, message: str) -> None:
+        """The download failed: every wait for this file's bytes raises
+        :class:`DownloadError` with ``message`` (the first failure is kept)."""
+
 @final
 class TensorInfo:
     """Where one tensor lives: dtype, shape, file and absolute byte range."""
@@ -251,7 +293,15 @@ class Checkpoint:
     ...     print(name, view.dtype, view.shape)
     """
 
-    def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> None: ...
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        arrivals: Sequence[tuple[str | os.PathLike[str], Arrival]] | None = None,
+    ) -> None:
+        """``arrivals``: ``(shard path as opened, Arrival)`` for shards still being
+        downloaded (their headers already written); their tensors are handed out once
+        their bytes have arrived."""
     @property
     def files(self) -> list[str]:
         """Absolute shard paths, in the order they were opened."""

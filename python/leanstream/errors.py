@@ -9,7 +9,7 @@ re-exported here; model-level errors are defined here on top of them::
     │   │   InvalidHeaderError, UnknownDtypeError, ShapeError, OffsetError,
     │   │   OverlapError, TrailingDataError, DuplicateTensorError,
     │   │   IndexMismatchError, MissingTensorError,
-    │   │   AmbiguousCheckpointError                          (raised by the Rust reader)
+    │   │   AmbiguousCheckpointError, DownloadError           (raised by the Rust reader)
     │   ├── UnsupportedCheckpointError  (pickle-only folders, merged-weight conversions)
     │   └── MismatchError               (.missing, .unexpected, .mismatched)
     ├── ConfigError                     (config.json missing/invalid, bad load() options)
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from ._core import (
     AmbiguousCheckpointError,
     CheckpointError,
+    DownloadError,
     DuplicateTensorError,
     FileNotFoundCheckpointError,
     HeaderTooLargeError,
@@ -139,6 +140,7 @@ __all__ = [
     "AmbiguousCheckpointError",
     "CheckpointError",
     "ConfigError",
+    "DownloadError",
     "DuplicateTensorError",
     "FileNotFoundCheckpointError",
     "HeaderTooLargeError",

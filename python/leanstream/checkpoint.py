@@ -62,8 +62,11 @@ def resolve(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
+    patterns: list[str] | None = None,
 ) -> Path:
     """Return the local folder holding ``source``'s config and safetensors files.
+
+    ``patterns`` (default :data:`HUB_PATTERNS`) are the files fetched from the hub.
 
     A path that exists is used as it is; anything else is taken as a hub repo id.
     ``subfolder`` names a folder inside it (``"transformer"`` of a diffusers
@@ -92,7 +95,8 @@ def resolve(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    patterns = [f"{sub}/{p}" for p in HUB_PATTERNS] if sub else HUB_PATTERNS
+    patterns = patterns or HUB_PATTERNS
+    patterns = [f"{sub}/{p}" for p in patterns] if sub else patterns
     try:
         folder = snapshot_download(
             repo_id,
@@ -169,7 +173,7 @@ def variants(folder: Path) -> list[str | None]:
 
     Both safetensors files and indexes count; other files do not.
     """
-    return _variants(_weights(folder))
+    return _variants(_weights([p.name for p in folder.iterdir() if p.is_file()]))
 
 
 def weight_files(folder: Path, variant: str | None = None) -> Path | list[Path]:
@@ -186,60 +190,75 @@ def weight_files(folder: Path, variant: str | None = None) -> Path | list[Path]:
     >>> weight_files(Path("unet"), variant="fp16")  # doctest: +SKIP
     PosixPath('unet/diffusion_pytorch_model.fp16.safetensors')
     """
-    found = _weights(folder)
+    names = [p.name for p in folder.iterdir() if _weights_name(p.name) and p.is_file()]
+    chosen = select_weights(names, variant, where=folder)
+    if chosen is None:
+        return folder
+    if isinstance(chosen, str):
+        return folder / chosen
+    return [folder / name for name in chosen]
+
+
+def select_weights(
+    names: list[str], variant: str | None, *, where: Path | str
+) -> str | list[str] | None:
+    """:func:`weight_files` over file names (a folder's, or a hub repo's listing): the
+    name of the index or single file to open, the names of the shards, or ``None``
+    when there is no safetensors file or index at all. ``where`` names the folder or
+    repo in errors."""
+    found = _weights(names)
     present = _variants(found)
     if not present:
-        return folder
+        return None
     if variant is None:
         if len(present) > 1:
             named = [v for v in present if v is not None]
             raise ConfigError(
-                f"{folder}: holds several variants of the weights ({_shown(present)}); pass "
+                f"{where}: holds several variants of the weights ({_shown(present)}); pass "
                 f"variant= to choose one (e.g. variant={named[0]!r})"
             )
         variant = present[0]
     if variant not in present:
         raise checkpoint_error(
             FileNotFoundCheckpointError,
-            f"{folder}: no weights of the variant {variant!r}; it holds {_shown(present)}",
-            file=str(folder),
+            f"{where}: no weights of the variant {variant!r}; it holds {_shown(present)}",
+            file=str(where),
         )
-    indexes = sorted(p for is_index, v, p in found if is_index and v == variant)
+    indexes = sorted(n for is_index, v, n in found if is_index and v == variant)
     if len(indexes) > 1:
         raise ConfigError(
-            f"{folder}: several indexes of the same weights ("
-            + ", ".join(p.name for p in indexes)
+            f"{where}: several indexes of the same weights ("
+            + ", ".join(indexes)
             + "); open one of them explicitly, or remove the others"
         )
     if indexes:
         return indexes[0]
-    files = sorted(p for is_index, v, p in found if not is_index and v == variant)
+    files = sorted(n for is_index, v, n in found if not is_index and v == variant)
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    main = [p for p in files if p.name in {n + suffix for n in _MAIN_WEIGHTS}]
+    main = [n for n in files if n in {m + suffix for m in _MAIN_WEIGHTS}]
     if len(main) == 1:
         return main[0]
     return files[0] if len(files) == 1 else files
 
 
-def _weights(folder: Path) -> list[tuple[bool, str | None, Path]]:
-    """``(is_index, variant, path)`` of every safetensors file and index in ``folder``."""
+def _weights_name(name: str) -> bool:
+    return name.endswith(".safetensors") or _INDEX.match(name) is not None
+
+
+def _weights(names: list[str]) -> list[tuple[bool, str | None, str]]:
+    """``(is_index, variant, name)`` of every safetensors file and index among ``names``."""
     found = []
-    for path in folder.iterdir():
-        name = path.name
+    for name in names:
         if name.endswith(".safetensors"):
             stem = _SHARD_SUFFIX.sub("", name.removesuffix(".safetensors"))
             prefix, _, variant = stem.rpartition(".")
-            entry = (False, variant if prefix and variant else None, path)
+            found.append((False, variant if prefix and variant else None, name))
         elif match := _INDEX.match(name):
-            entry = (True, match["variant"], path)
-        else:
-            continue
-        if path.is_file():
-            found.append(entry)
+            found.append((True, match["variant"], name))
     return found
 
 
-def _variants(found: list[tuple[bool, str | None, Path]]) -> list[str | None]:
+def _variants(found: list[tuple[bool, str | None, str]]) -> list[str | None]:
     return sorted({variant for _, variant, _ in found}, key=lambda v: (v is not None, v or ""))
 
 
@@ -337,6 +356,7 @@ __all__ = [
     "read_config_dict",
     "read_json",
     "resolve",
+    "select_weights",
     "variants",
     "weight_files",
 ]

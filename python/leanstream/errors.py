@@ -10,6 +10,7 @@ re-exported here; model-level errors are defined here on top of them::
     │   │   OverlapError, TrailingDataError, DuplicateTensorError,
     │   │   IndexMismatchError, MissingTensorError,
     │   │   AmbiguousCheckpointError, DownloadError           (raised by the Rust reader)
+    │   ├── CorruptDownloadError        (a DownloadError: bytes that do not hash to the hub's)
     │   ├── UnsupportedCheckpointError  (pickle-only folders, merged-weight conversions)
     │   └── MismatchError               (.missing, .unexpected, .mismatched)
     ├── ConfigError                     (config.json missing/invalid, bad load() options)
@@ -60,6 +61,13 @@ def checkpoint_error(
 
 class ConfigError(LeanstreamError):
     """``config.json`` is missing or invalid, or ``load()`` got options that cannot work."""
+
+
+class CorruptDownloadError(DownloadError):
+    """A file streamed from the hub does not hash to the sha256 (or git blob id) the hub
+    lists for it: nothing of it is kept, and the load fails."""
+
+    __init__ = _checkpoint_error_init
 
 
 class UnsupportedCheckpointError(CheckpointError):
@@ -140,6 +148,7 @@ __all__ = [
     "AmbiguousCheckpointError",
     "CheckpointError",
     "ConfigError",
+    "CorruptDownloadError",
     "DownloadError",
     "DuplicateTensorError",
     "FileNotFoundCheckpointError",

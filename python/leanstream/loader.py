@@ -42,13 +42,11 @@ from torch import nn
 
 from . import _core, cpu_layout, options
 from .checkpoint import (
-    check_weights_format,
     load_config,
     read_config_dict,
     read_json,
-    resolve,
-    weight_files,
 )
+from .download import HubDownload, locate
 from .errors import (
     ConfigError,
     MismatchError,
@@ -127,6 +125,7 @@ def load(
     variant: str | None = None,
     model_class: Any = None,
     ignore_unexpected: list[str] | None = None,
+    keep_download: bool = True,
 ) -> Any:
     """Load a safetensors model, quantizing each linear weight as it streams in.
 
@@ -226,6 +225,14 @@ def load(
             out, e.g. the vision tower of a multimodal checkpoint loaded as a
             text-only model. Any other extra tensor is a :class:`MismatchError`; a
             pattern that matches no extra tensor is a :class:`ConfigError`.
+        keep_download: for a hub repo whose shards are not in the cache, which are
+            streamed as they download (:mod:`leanstream.download`: each tensor is
+            quantized as soon as its bytes are in, every shard checked against the
+            hub's sha256). True (the default): the shards end in the hub cache as
+            ``snapshot_download`` leaves them, so the next load is local. False: no
+            full-precision bytes are kept on disk: each piece is dropped once read and
+            hashed, about 1 GiB at most is on disk at once, and a second load downloads
+            again (save the quantized model with :func:`leanstream.save` instead).
 
     Options that would do nothing (4-bit options with ``bits=8``, ``threshold`` with
     ``bits=4``, ``skip_modules`` with ``bits=None`` or matching no layer a load could
@@ -272,58 +279,60 @@ def load(
         quantize_embeddings=quantize_embeddings,
         quantize_lm_head=quantize_lm_head,
     )
-    folder = resolve(
+    folder, weights, download = locate(
         source,
         subfolder=subfolder,
         revision=revision,
         token=token,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
-    )
-    _refuse_pipeline_folder(folder)
-    check_weights_format(folder)
-    config_dict = read_config_dict(folder)  # a missing or malformed config.json is named first
-    weights = weight_files(folder, variant)
-    diffusers_class = _diffusers_class(folder, config_dict)
-
-    def build() -> tuple[Any, Any]:
-        if diffusers_class is not None:
-            if model_class is not None:
-                raise ConfigError(
-                    f"model_class={model_class!r}: {folder / 'config.json'} is a diffusers "
-                    f"config, built as the class it names ({diffusers_class.__name__})"
-                )
-            return (
-                lambda dtype: build_diffusers_model(diffusers_class, folder),
-                _SavedConfig(config_dict),
-            )
-        config = load_config(folder, trust_remote_code=trust_remote_code)
-        return (
-            lambda dtype: build_empty_model(
-                config,
-                trust_remote_code=trust_remote_code,
-                attn_implementation=attn_implementation,
-                model_class=model_class,
-                dtype=dtype,
-            ),
-            config,
-        )
-
-    model = _run(
-        folder,
-        weights,
-        build,
-        chosen,
-        spec,
+        variant=variant,
+        keep=keep_download,
         progress=progress,
-        source=_source(chosen, pipeline, window, threads, ring_bytes),
-        ignore_unexpected=ignore_unexpected,
-        placing=_placing(chosen, max_memory),
     )
-    if family(model) == "transformers":
-        _load_generation_config(model, folder)
-    _record_source(model, folder)
-    return model
+    with download or contextlib.nullcontext():
+        _refuse_pipeline_folder(folder)
+        config_dict = read_config_dict(folder)  # a missing or malformed config.json is named first
+        diffusers_class = _diffusers_class(folder, config_dict)
+
+        def build() -> tuple[Any, Any]:
+            if diffusers_class is not None:
+                if model_class is not None:
+                    raise ConfigError(
+                        f"model_class={model_class!r}: {folder / 'config.json'} is a diffusers "
+                        f"config, built as the class it names ({diffusers_class.__name__})"
+                    )
+                return (
+                    lambda dtype: build_diffusers_model(diffusers_class, folder),
+                    _SavedConfig(config_dict),
+                )
+            config = load_config(folder, trust_remote_code=trust_remote_code)
+            return (
+                lambda dtype: build_empty_model(
+                    config,
+                    trust_remote_code=trust_remote_code,
+                    attn_implementation=attn_implementation,
+                    model_class=model_class,
+                    dtype=dtype,
+                ),
+                config,
+            )
+
+        model = _run(
+            folder,
+            weights,
+            build,
+            chosen,
+            spec,
+            progress=progress,
+            source=_source(chosen, pipeline, window, threads, ring_bytes, download),
+            ignore_unexpected=ignore_unexpected,
+            placing=_placing(chosen, max_memory),
+        )
+        if family(model) == "transformers":
+            _load_generation_config(model, folder)
+        _record_source(model, folder)
+        return model
 
 
 def load_into(
@@ -360,6 +369,7 @@ def load_into(
     quantization_config: Any = None,
     device_map: Any = None,
     max_memory: dict[Any, int | str] | None = None,
+    keep_download: bool = True,
 ) -> Any:
     """Stream a safetensors checkpoint into a model you built, quantizing its linears.
 
@@ -427,27 +437,67 @@ def load_into(
         quantize_embeddings=quantize_embeddings,
         quantize_lm_head=False,
     )
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise ConfigError(
+            f"load_into takes an nn.Module or a zero-argument callable, not {type(model).__name__}"
+        )
     path = Path(os.fspath(source)).expanduser()
+    download = None
     if path.is_file():
         if subfolder is not None or variant is not None:
             raise ConfigError(f"{path}: subfolder and variant apply to folders and repos only")
         folder, weights = path.resolve().parent, path.resolve()
     else:
-        folder = resolve(
+        folder, weights, download = locate(
             source,
             subfolder=subfolder,
             revision=revision,
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
+            variant=variant,
+            keep=keep_download,
+            progress=progress,
         )
-        check_weights_format(folder)
-        weights = weight_files(folder, variant)
+    with download or contextlib.nullcontext():
+        return _load_into(
+            model,
+            folder,
+            weights,
+            download,
+            chosen,
+            spec,
+            progress,
+            pipeline,
+            window,
+            threads,
+            ring_bytes,
+            key_map,
+            init_missing,
+            ignore_unexpected,
+            max_memory,
+        )
+
+
+def _load_into(
+    model: Any,
+    folder: Path,
+    weights: Path | list[Path],
+    download: HubDownload | None,
+    chosen: dict[str, Any],
+    spec: QuantSpec,
+    progress: bool,
+    pipeline: bool | None,
+    window: int,
+    threads: int | None,
+    ring_bytes: int,
+    key_map: KeyMap,
+    init_missing: list[str] | None,
+    ignore_unexpected: list[str] | None,
+    max_memory: dict[Any, int | str] | None,
+) -> Any:
+    """:func:`load_into` once the checkpoint is located."""
     given = model if isinstance(model, nn.Module) else None
-    if given is None and not callable(model):
-        raise ConfigError(
-            f"load_into takes an nn.Module or a zero-argument callable, not {type(model).__name__}"
-        )
     factory = model
 
     def build() -> tuple[Any, Any]:
@@ -472,7 +522,7 @@ def load_into(
         chosen,
         spec,
         progress=progress,
-        source=_source(chosen, pipeline, window, threads, ring_bytes),
+        source=_source(chosen, pipeline, window, threads, ring_bytes, download),
         key_map=key_map,
         init_missing=init_missing,
         ignore_unexpected=ignore_unexpected,
@@ -524,13 +574,20 @@ def _choose(given: dict[str, Any], **extra: Any) -> tuple[dict[str, Any], QuantS
 
 
 def _source(
-    chosen: dict[str, Any], pipeline: bool | None, window: int, threads: int | None, ring: int
+    chosen: dict[str, Any],
+    pipeline: bool | None,
+    window: int,
+    threads: int | None,
+    ring: int,
+    download: HubDownload | None = None,
 ) -> _Source:
     if ring < DEFAULT_SLOTS:
         raise ConfigError(f"ring_bytes must be at least {DEFAULT_SLOTS}, got {ring}")
     if pipeline is None:
         pipeline = chosen["device"].type == "cuda"
-    return _Source(pipeline=pipeline, window=window, threads=threads, ring_bytes=ring)
+    return _Source(
+        pipeline=pipeline, window=window, threads=threads, ring_bytes=ring, download=download
+    )
 
 
 _gc_lock = threading.Lock()
@@ -579,11 +636,15 @@ def _run(
     bits, skip_modules = chosen["bits"], chosen["skip_modules"]
     # validate the shards, then read ahead while transformers imports the model's
     # code, parses config.json and builds the empty model (most of a second)
+    download = source.download
+    arrivals = download.arrivals if download is not None else None
     with (
         _gc_paused(),
-        _core.Checkpoint(weights) as ckpt,
+        _core.Checkpoint(weights, arrivals=arrivals) as ckpt,
         ckpt.warm(likely_order(ckpt.keys()), budget=_warm_budget()) as warm,
     ):
+        if download is not None:
+            download.opened()
         make_model, config = build()
         prequantized = None
         if getattr(config, "quantization_config", None) is not None:
@@ -616,6 +677,8 @@ def _run(
                 Names(key_map, init_missing, ignore_unexpected),
                 placing,
             )
+            if download is not None:
+                download.finish()  # every shard verified (its hash is the hub's), in place
         except BaseException as err:
             # the traceback keeps this frame and those below alive (pytest.raises, a
             # notebook's sys.last_traceback): let it keep neither the partly built model
@@ -690,6 +753,11 @@ def _fill(
         prequantized,
     )
     keys = [k for t in targets for k in (*(key for _, key in t.stats or ()), t.key)]
+    download = source.download
+    if download is not None:
+        # download in the order the tensors are read
+        download.prioritize([(ckpt[k].file, ckpt[k].start, ckpt[k].end) for k in keys])
+    taken = 0
     # pre-quantized statistics are parsed and packed on the host (Prequantized.materialize)
     host = {key for t in targets for _, key in t.stats or ()}
     merging: dict[str, Any] = {}  # name -> ExpertsQuantizer or _Merged, while pieces arrive
@@ -731,6 +799,9 @@ def _fill(
                         merging,
                     )
                     tensors.used()
+                    taken += len(target.stats or ()) + 1
+                    if download is not None:
+                        download.consumed(taken - 1)
                     del tensor, stats
                     bar.update(nbytes)
                     if trim is not None:
@@ -865,6 +936,8 @@ class _Source:
     window: int
     threads: int | None
     ring_bytes: int
+    #: the shards still downloading (:mod:`leanstream.download`), if any
+    download: HubDownload | None = None
 
     @contextlib.contextmanager
     def open(

@@ -389,3 +389,39 @@ def test_ctrl_c_leaves_a_download_the_next_load_resumes(
     )
     assert sent == total - sum(kept.values()) - finished_before
     assert not list(storage.glob("blobs/*.leanstream*"))
+
+
+def test_cli_quantize_streams_a_hub_repo_keeping_no_shard(
+    hub: HubServer, source: Path, tmp_path: Path
+):
+    from safetensors.torch import load_file
+
+    from leanstream.cli import main
+
+    cache = tmp_path / "cache"
+    env = {"HF_HUB_CACHE": str(cache)}
+    with pytest.MonkeyPatch.context() as mp:
+        from huggingface_hub import constants
+
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        for key, value in env.items():
+            mp.setenv(key, value)
+        code = main(
+            ["quantize", REPO, str(tmp_path / "hub"), "--no-keep-download", "--no-progress"]
+        )
+    assert code == 0
+    assert main(["quantize", str(source), str(tmp_path / "local"), "--no-progress"]) == 0
+    storage = cache / "models--org--tiny"
+    assert (storage / "snapshots").is_dir(), "the configs were fetched into the cache"
+    for name in _shards(source):
+        assert not (storage / "blobs" / hub.files(REPO)[name].sha256).exists()
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        out = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(shard))
+        return out
+
+    got, expected = tensors(tmp_path / "hub"), tensors(tmp_path / "local")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

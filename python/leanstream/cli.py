@@ -242,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
         help="largest shard, e.g. 4GB (default; decimal units as transformers'), 500MB, 2GiB",
         metavar="SIZE",
     )
+    _keep_download_argument(quantize)
     quantize.set_defaults(run=_quantize, command_parser=quantize)
 
     generate = commands.add_parser(
@@ -263,6 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--max-new-tokens", type=_positive, default=32, help="default: 32", metavar="N"
     )
+    _keep_download_argument(generate)
     generate.set_defaults(run=_generate, command_parser=generate)
     return parser
 
@@ -1120,8 +1122,34 @@ def _model_class(name: str | None) -> Any:
     return found
 
 
-def _quantize(args: argparse.Namespace) -> int:
+def _located(args: argparse.Namespace) -> tuple[Path, str | Path, dict[str, Any]]:
+    """SOURCE's folder (for a hub repo: its configs and tokenizer, fetched; the weights
+    are streamed by the load), what to load, and the load's options that say where."""
     from .checkpoint import resolve
+    from .download import SMALL_PATTERNS
+
+    hub = not Path(args.source).expanduser().exists()
+    folder = resolve(
+        args.source,
+        subfolder=args.subfolder,
+        revision=args.revision,
+        patterns=SMALL_PATTERNS if hub else None,
+    )
+    if hub:
+        return folder, args.source, {"keep_download": not args.no_keep_download}
+    return folder, folder, {"subfolder": None}  # resolved
+
+
+def _keep_download_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-keep-download",
+        action="store_true",
+        help="for a hub repo not in the cache: keep no full-precision shard on disk (each "
+        "piece is dropped once quantized; a second load downloads again)",
+    )
+
+
+def _quantize(args: argparse.Namespace) -> int:
     from .footprint import footprint
     from .loader import load
     from .save import leanstream_extras, save
@@ -1129,12 +1157,12 @@ def _quantize(args: argparse.Namespace) -> int:
     # OUT as save checks it, before a weight is read (and before a hub download)
     out = Path(args.out).expanduser().absolute()
     _check_out(out, None)
-    folder = resolve(args.source, subfolder=args.subfolder, revision=args.revision)
+    folder, source, where = _located(args)
     _check_out(out, folder)
-    options = {**_load_options(args, args.bits), "subfolder": None}  # resolved
+    options = {**_load_options(args, args.bits), **where}
     # the plain layout: nothing runs here, and bitsandbytes' CPU layout keeps absmax in
     # bfloat16 only (a saved checkpoint would lose the float32 scales)
-    model = load(folder, **options, cpu_kernel="plain")
+    model = load(source, **options, cpu_kernel="plain")
     out = save(model, out, max_shard_size=args.max_shard_size, progress=not args.no_progress)
     shards = sorted(out.glob("*.safetensors"))
     on_disk = sum(shard.stat().st_size for shard in shards)
@@ -1178,11 +1206,11 @@ def _check_out(out: Path, source: Path | None) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import read_config_dict, resolve
+    from .checkpoint import read_config_dict
     from .loader import load
     from .save import tokenizer_files
 
-    folder = resolve(args.source, subfolder=args.subfolder, revision=args.revision)
+    folder, source, where = _located(args)
     config = read_config_dict(folder)
     if "model_type" not in config:  # a diffusers component
         raise ConfigError(
@@ -1202,8 +1230,8 @@ def _generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise ConfigError(f"{folder}: the tokenizer cannot be loaded: {err}") from err
     bits = None if args.bits == "16" else args.bits if args.bits == "auto" else int(args.bits)
-    options = {**_load_options(args, bits), "subfolder": None}  # resolved
-    model = load(folder, **options, cpu_kernel=args.cpu_kernel)
+    options = {**_load_options(args, bits), **where}
+    model = load(source, **options, cpu_kernel=args.cpu_kernel)
     device = next(model.parameters()).device
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     if inputs["input_ids"].shape[1] == 0:

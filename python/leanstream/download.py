@@ -37,6 +37,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -260,6 +261,7 @@ def open_hub(
         blob = storage / "blobs" / etag
         staged = staging / name
         if blob.is_file() and blob.stat().st_size == entry.size:
+            staged.parent.mkdir(parents=True, exist_ok=True)
             staged.symlink_to(blob)
             continue
         partial = (storage / "blobs" if keep else staging) / f"{etag}.leanstream"
@@ -306,7 +308,9 @@ def _index_shards(index: Path) -> list[str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         return []  # the reader names what is wrong with it
-    return [v for v in weight_map.values() if isinstance(v, str)]
+    # './model-00001-of-00002.safetensors' is that shard (transformers and the reader
+    # agree); a name leaving the folder is not in the repo's listing (refused before use)
+    return [PurePosixPath(v).as_posix() for v in weight_map.values() if isinstance(v, str)]
 
 
 def _link(blob: Path, link: Path) -> None:
@@ -359,6 +363,10 @@ class HubDownload:
         self._on_disk = 0
         self._peak_on_disk = 0
         self.requests = 0
+        #: ``time.monotonic()`` when the last missing byte was written (None before)
+        self.last_byte_at: float | None = None
+        self._received = 0
+        self._missing_at_start = 0
         self._progress = progress
         self._bar: Any = None
         self._stack = contextlib.ExitStack()
@@ -408,6 +416,7 @@ class HubDownload:
             self._prepare(shard)
         if self._bar is not None:
             self._bar.update(self.downloaded)
+        self._missing_at_start = self.total - self.downloaded
         pending = [s for s in self.shards if not s.finished]
         with self._pool(len(pending)) as run:
             for shard in pending:
@@ -495,8 +504,12 @@ class HubDownload:
         for shard in self.shards:
             if not shard.finished:
                 shard.arrival.fail(str(reason))
+        # a request stalled in a read would hold Ctrl-C up to READ_TIMEOUT_S: wait a
+        # moment, then leave it (a daemon thread; what it still writes is the file's own
+        # bytes, at their place, and is not recorded as written)
+        deadline = time.monotonic() + 2.0
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
         for shard in self.shards:
             if self.keep and not shard.finished and shard.partial.exists():
                 self._save_sidecar(shard)
@@ -751,6 +764,9 @@ class HubDownload:
     def _arrived(self, shard: _Shard, n: int) -> None:
         with self._cond:
             self._account(n)
+            self._received += n
+            if self._received >= self._missing_at_start:
+                self.last_byte_at = time.monotonic()
             self._cond.notify_all()
         if self._bar is not None:
             self._bar.update(n)

@@ -68,6 +68,8 @@ HEADER_GUESS = 256 << 10
 WINDOW_BYTES = 1 << 30
 #: seconds without a byte before a request is abandoned (and retried)
 READ_TIMEOUT_S = 30.0
+#: bytes hashed at once (fewer wake-ups of the hash threads than one per network read)
+_HASH_STEP = 4 << 20
 #: what the small-files pass of snapshot_download fetches: all but the weights
 SMALL_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]
 
@@ -95,6 +97,8 @@ class _Shard:
     finished: bool = False
     punched: list[tuple[int, int]] = field(default_factory=list)
     sidecar_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: set when bytes arrived: wakes the shard's hash thread
+    more: threading.Event = field(default_factory=threading.Event)
     droppable: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -185,7 +189,7 @@ def open_hub(
     last tensor, :meth:`HubDownload.finish` (use it as a context manager: an exception
     stops it, keeping what was downloaded for the next load).
     """
-    from huggingface_hub import HfApi, constants, hf_hub_url
+    from huggingface_hub import constants, hf_hub_url
 
     sub = subfolder
     snapshot = _snapshot_of(folder)
@@ -193,8 +197,7 @@ def open_hub(
     storage = snapshot.parent.parent
     where = f"{repo_id}{'/' + sub if sub else ''} (revision {commit[:12]})"
     try:
-        listing = HfApi(token=token).list_repo_tree(repo_id, recursive=True, revision=commit)
-        tree = {f.path: f for f in listing if hasattr(f, "blob_id")}
+        tree = _listing(repo_id, commit, storage, token)
     except Exception as err:
         # the hub did not answer (snapshot_download fell back to the cache): load what
         # the cache holds, if it holds the weights
@@ -237,17 +240,16 @@ def open_hub(
             file=str(folder / (index or missing[0])),
         )
 
-    todo: list[tuple[str, Any]] = []
+    todo: list[str] = []
     for name in shards:
-        entry = here[name]
-        etag = entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
+        size, etag = here[name]
         blob = storage / "blobs" / etag
         link = folder / name
-        if blob.is_file() and blob.stat().st_size == entry.size:
+        if blob.is_file() and blob.stat().st_size == size:
             if not link.exists():
                 _link(blob, link)
             continue
-        todo.append((name, entry))
+        todo.append(name)
     weights: Path | list[Path]
     if not todo:
         weights = folder / index if index else [folder / s for s in shards]
@@ -256,11 +258,10 @@ def open_hub(
     staging = Path(tempfile.mkdtemp(prefix=".leanstream-", dir=storage))
     entries = []
     for name in shards:
-        entry = here[name]
-        etag = entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
+        size, etag = here[name]
         blob = storage / "blobs" / etag
         staged = staging / name
-        if blob.is_file() and blob.stat().st_size == entry.size:
+        if blob.is_file() and blob.stat().st_size == size:
             staged.parent.mkdir(parents=True, exist_ok=True)
             staged.symlink_to(blob)
             continue
@@ -268,14 +269,14 @@ def open_hub(
         entries.append(
             _Shard(
                 name=prefix + name,
-                size=entry.size,
+                size=size,
                 etag=etag,
                 url=hf_hub_url(repo_id, prefix + name, revision=commit),
                 staged=staged,
                 partial=partial,
                 blob=blob if keep else None,
                 link=folder / name if keep else None,
-                arrival=_core.Arrival(entry.size),
+                arrival=_core.Arrival(size),
             )
         )
     if index:
@@ -299,6 +300,31 @@ def open_hub(
         download.close()
         raise
     return folder, weights, download
+
+
+def _listing(
+    repo_id: str, commit: str, storage: Path, token: str | bool | None
+) -> dict[str, tuple[int, str]]:
+    """``{path: (size, etag)}`` of the files of ``commit`` (etag: the sha256 of an LFS
+    file, else its git blob id: huggingface_hub's blob name). From huggingface_hub's
+    listing of that commit in the cache (``snapshot_download`` just wrote it; a commit
+    does not change), else from the hub (``list_repo_tree``)."""
+    try:
+        from huggingface_hub._tree_cache import read_tree_cache
+
+        cached = read_tree_cache(str(storage), commit)
+    except Exception:  # a private module: any change in it falls back to asking the hub
+        cached = None
+    if cached:
+        return {p: (e.lfs_size or e.size, e.lfs_sha256 or e.blob_id) for p, e in cached.items()}
+    from huggingface_hub import HfApi
+
+    listing = HfApi(token=token).list_repo_tree(repo_id, recursive=True, revision=commit)
+    return {
+        f.path: (f.size, f.lfs.sha256 if f.lfs is not None else f.blob_id)
+        for f in listing
+        if hasattr(f, "blob_id")
+    }
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -349,6 +375,8 @@ class HubDownload:
         self.headers = build_hf_headers(token=token, library_name="leanstream")
         self.connections = max(1, connections or CONNECTIONS)
         self.window = window or WINDOW_BYTES
+        # keep=False: bytes are dropped once hashed, so hash in steps small to the window
+        self._hash_step = _HASH_STEP if keep else max(_PAGE, min(_HASH_STEP, self.window // 16))
         self.total = sum(s.size for s in shards)
         self._cond = threading.Condition()
         self._queue: list[tuple[_Shard, int, int]] = []
@@ -362,7 +390,6 @@ class HubDownload:
         self._consumed = -1
         self._on_disk = 0
         self._peak_on_disk = 0
-        self.requests = 0
         #: ``time.monotonic()`` when the last missing byte was written (None before)
         self.last_byte_at: float | None = None
         self._received = 0
@@ -500,6 +527,8 @@ class HubDownload:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        for shard in self.shards:
+            shard.more.set()
         reason = self._error or "the load stopped before the download ended"
         for shard in self.shards:
             if not shard.finished:
@@ -579,6 +608,8 @@ class HubDownload:
                 self._error = err
             self._stop = True
             self._cond.notify_all()
+        for shard in self.shards:
+            shard.more.set()
         for shard in self.shards:
             if not shard.finished:
                 shard.arrival.fail(str(err))
@@ -703,7 +734,6 @@ class HubDownload:
                 request["Range"] = f"bytes={at}-{end - 1}"
                 progress_at = at
                 try:
-                    self.requests += 1
                     with get_session().stream(
                         "GET",
                         shard.url,
@@ -767,7 +797,9 @@ class HubDownload:
             self._received += n
             if self._received >= self._missing_at_start:
                 self.last_byte_at = time.monotonic()
-            self._cond.notify_all()
+        # what waits on the shared condition (a worker for room in the window, finish)
+        # waits for chunks to end or bytes to be dropped, not for bytes to arrive
+        shard.more.set()
         if self._bar is not None:
             self._bar.update(n)
 
@@ -784,12 +816,15 @@ class HubDownload:
         fd = os.open(shard.partial, os.O_RDONLY)
         try:
             while shard.hashed < shard.size:
-                with self._cond:
-                    while not self._stop and shard.arrival.contiguous <= shard.hashed:
-                        self._cond.wait(0.5)
-                    if self._stop:
-                        return
-                upto = shard.arrival.contiguous
+                # wait for at least _HASH_STEP more bytes in order (or the last ones)
+                while not self._stop:
+                    upto = shard.arrival.contiguous
+                    if upto - shard.hashed >= self._hash_step or upto == shard.size:
+                        break
+                    shard.more.wait(0.5)
+                    shard.more.clear()
+                if self._stop:
+                    return
                 while shard.hashed < upto:
                     n = min(8 << 20, upto - shard.hashed)
                     data = os.pread(fd, n, shard.hashed)

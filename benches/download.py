@@ -242,7 +242,6 @@ def child(spec: dict[str, Any]) -> None:
         download = caught[-1]
         result.update(
             total=download.total,
-            requests=download.requests,
             window=download.window,
             peak_on_disk=download.peak_on_disk,
             downloaded=download.downloaded,

@@ -425,3 +425,18 @@ def test_cli_quantize_streams_a_hub_repo_keeping_no_shard(
     got, expected = tensors(tmp_path / "hub"), tensors(tmp_path / "local")
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_load_into_streams_a_hub_repo(hub: HubServer, source: Path, tmp_path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+
+    def build():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+    model = leanstream.load_into(
+        build, REPO, bits=4, device="cpu", cache_dir=tmp_path / "cache", progress=False
+    )
+    assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))
+    assert [r for r in _shard_gets(hub, _shards(source)[0]) if r.range]

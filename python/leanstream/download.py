@@ -951,6 +951,8 @@ def _punch_hole(path: Path, offset: int, length: int) -> bool:
     import ctypes
 
     libc = _libc()
+    if libc is None:  # no fallocate (not Linux): the bytes stay until the load ends
+        return False
     fd = os.open(path, os.O_WRONLY)
     try:
         mode = _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE
@@ -969,9 +971,13 @@ def _libc() -> Any:
         import ctypes
         import ctypes.util
 
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    return _LIBC
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
 
 
 __all__ = ["CHUNK_BYTES", "CONNECTIONS", "HubDownload", "locate", "open_hub"]

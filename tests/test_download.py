@@ -440,3 +440,18 @@ def test_load_into_streams_a_hub_repo(hub: HubServer, source: Path, tmp_path: Pa
     )
     assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))
     assert [r for r in _shard_gets(hub, _shards(source)[0]) if r.range]
+
+
+def test_a_corrupted_config_is_refused_too(hub: HubServer, source: Path, tmp_path: Path):
+    hub.corrupt("config.json", 10)
+    cache = tmp_path / "cache"
+    with pytest.raises(leanstream.CorruptDownloadError, match=r"config\.json") as err:
+        _load(REPO, cache)
+    assert err.value.file == "config.json"
+    blob = hub.files(REPO)["config.json"].etag
+    storage = cache / "models--org--tiny"
+    assert not (storage / "blobs" / blob).exists()
+    assert not list(storage.glob("snapshots/*/config.json"))
+    hub.clear_faults()
+    model = _load(REPO, cache)
+    assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))

@@ -214,6 +214,7 @@ def open_hub(
         return folder, local, None
     prefix = f"{sub}/" if sub else ""
     here = {p[len(prefix) :]: f for p, f in tree.items() if p.startswith(prefix)}
+    _verify_fetched(folder, here, where)
     names = [n for n in here if "/" not in n]
     chosen = select_weights(names, variant, where=where)
     if chosen is None:
@@ -325,6 +326,36 @@ def _listing(
         for f in listing
         if hasattr(f, "blob_id")
     }
+
+
+def _verify_fetched(folder: Path, listing: dict[str, tuple[int, str]], where: str) -> None:
+    """Check the small files ``snapshot_download`` put in ``folder`` (configs, index,
+    tokenizer) against the hub's hashes, as the shards are: over plain HTTP
+    huggingface_hub checks their size only. A mismatch is a :class:`CorruptDownloadError`
+    and the file leaves the cache (its blob and its link)."""
+    from fnmatch import fnmatch
+
+    for name, (_, etag) in listing.items():
+        path = folder / name
+        if not any(fnmatch(name, p) for p in SMALL_PATTERNS) or not path.is_file():
+            continue  # the shards are checked as they download
+        data = path.read_bytes()
+        if len(etag) == 64:
+            got = hashlib.sha256(data).hexdigest()
+        else:
+            got = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        if got == etag:
+            continue
+        blob = path.resolve()
+        for gone in (path, blob):
+            with contextlib.suppress(OSError):
+                gone.unlink()
+        raise checkpoint_error(
+            CorruptDownloadError,
+            f"{where}: {name}: the downloaded bytes hash to {got}, the hub says {etag}; "
+            "it was removed from the cache",
+            file=name,
+        )
 
 
 def _index_shards(index: Path) -> list[str]:

@@ -340,10 +340,9 @@ def _verify_fetched(folder: Path, listing: dict[str, tuple[int, str]], where: st
         if not any(fnmatch(name, p) for p in SMALL_PATTERNS) or not path.is_file():
             continue  # the shards are checked as they download
         data = path.read_bytes()
-        if len(etag) == 64:
-            got = hashlib.sha256(data).hexdigest()
-        else:
-            got = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        digest = _hasher(etag, len(data))
+        digest.update(data)
+        got = digest.hexdigest()
         if got == etag:
             continue
         blob = path.resolve()
@@ -356,6 +355,16 @@ def _verify_fetched(folder: Path, listing: dict[str, tuple[int, str]], where: st
             "it was removed from the cache",
             file=name,
         )
+
+
+def _hasher(etag: str, size: int) -> Any:
+    """What hashes a file of ``size`` bytes to its hub ``etag``: sha256 for an LFS file
+    (a 64-digit etag), else git's blob id (sha1 of ``blob <size>\\0`` and the bytes)."""
+    if len(etag) == 64:
+        return hashlib.sha256()
+    digest = hashlib.sha1()
+    digest.update(b"blob %d\0" % size)
+    return digest
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -841,9 +850,7 @@ class HubDownload:
     def _hash(self, shard: _Shard) -> None:
         """Hash the shard's bytes as they arrive, in order; when all have, compare with
         the hub's hash and move the file into place (or drop it)."""
-        shard.digest = hashlib.sha256() if shard.lfs else hashlib.sha1()
-        if not shard.lfs:
-            shard.digest.update(b"blob %d\0" % shard.size)
+        shard.digest = _hasher(shard.etag, shard.size)
         fd = os.open(shard.partial, os.O_RDONLY)
         try:
             while shard.hashed < shard.size:

@@ -89,6 +89,11 @@ def test_hub_load_streams_and_equals_a_local_load(hub: HubServer, source: Path, 
         assert all(r.bytes_sent <= download.CHUNK_BYTES for r in gets)
         size = (source / name).stat().st_size
         assert sum(r.bytes_sent for r in gets) == size, "each byte downloaded once"
+        # the hub's resolve URL is asked once per shard (a HEAD, as hf_hub_download
+        # does: the hub limits those), the chunks come from where it redirects
+        on_hub = [r for r in hub.requests if r.filename == name and r.server == "hub"]
+        assert [r.method for r in on_hub] == ["HEAD"], on_hub
+        assert all(r.server == "cdn" for r in gets)
 
 
 def test_the_cache_ends_as_snapshot_download_leaves_it(hub: HubServer, tmp_path: Path):
@@ -138,6 +143,15 @@ def test_server_errors_are_retried(hub: HubServer, source: Path, tmp_path: Path)
     model = _load(REPO, tmp_path / "cache")
     assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))
     assert [r.status for r in _shard_gets(hub, name)].count(503) == 2
+
+
+def test_an_address_that_expired_is_asked_for_again(hub: HubServer, source: Path, tmp_path: Path):
+    name = _shards(source)[0]
+    hub.error(name, 403, times=1)  # as a CDN answers a signed URL past its expiry
+    model = _load(REPO, tmp_path / "cache")
+    assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))
+    on_hub = [r.method for r in hub.requests if r.filename == name and r.server == "hub"]
+    assert on_hub == ["HEAD", "HEAD"], on_hub
 
 
 def test_corrupted_bytes_are_refused_and_nothing_is_marked_complete(

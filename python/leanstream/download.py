@@ -97,6 +97,9 @@ class _Shard:
     finished: bool = False
     punched: list[tuple[int, int]] = field(default_factory=list)
     sidecar_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: the address the hub redirects ``url`` to (asked once, again if it expires)
+    location: str | None = None
+    location_lock: threading.Lock = field(default_factory=threading.Lock)
     #: set when bytes arrived: wakes the shard's hash thread
     more: threading.Event = field(default_factory=threading.Event)
     droppable: list[tuple[int, int]] = field(default_factory=list)
@@ -412,6 +415,7 @@ class HubDownload:
         self.cache_dir = cache_dir
         self.keep = keep
         self.label = label
+        self.token = token
         self.headers = build_hf_headers(token=token, library_name="leanstream")
         self.connections = max(1, connections or CONNECTIONS)
         self.window = window or WINDOW_BYTES
@@ -743,12 +747,11 @@ class HubDownload:
         return None
 
     def _work(self) -> None:
-        session_headers = dict(self.headers)
         while (unit := self._next_unit()) is not None:
             shard, start, end = unit
             try:
                 for gap_start, gap_end in shard.arrival.missing(start, end):
-                    self._get(shard, gap_start, gap_end, session_headers)
+                    self._get(shard, gap_start, gap_end)
             finally:
                 with self._cond:
                     self._in_flight.pop((id(shard), start), None)
@@ -756,11 +759,37 @@ class HubDownload:
                 if self.keep:
                     self._save_sidecar(shard)
 
-    def _get(
-        self, shard: _Shard, start: int, end: int, headers: dict[str, str] | None = None
-    ) -> None:
+    def _location(self, shard: _Shard) -> tuple[str, dict[str, str]]:
+        """Where ``shard``'s bytes are fetched from, and with which headers: the address
+        the hub redirects its ``resolve`` URL to (its CDN), asked once per shard with
+        huggingface_hub's ``get_hf_file_metadata`` (as ``hf_hub_download`` does) rather
+        than once per chunk: the hub limits ``resolve`` requests. The token goes to the
+        hub's own host only."""
+        from urllib.parse import urlsplit
+
+        from huggingface_hub import get_hf_file_metadata
+
+        with shard.location_lock:
+            if shard.location is None:
+                meta = get_hf_file_metadata(shard.url, token=self.token)
+                if meta.etag is not None and meta.etag != shard.etag:
+                    raise checkpoint_error(
+                        DownloadError,
+                        f"{shard.name}: the hub now serves etag {meta.etag}, its listing of "
+                        f"the same commit said {shard.etag}",
+                        file=shard.name,
+                    )
+                shard.location = meta.location or shard.url
+            location = shard.location
+        headers = {**self.headers, "Accept-Encoding": "identity"}
+        if urlsplit(location).netloc != urlsplit(shard.url).netloc:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        return location, headers
+
+    def _get(self, shard: _Shard, start: int, end: int) -> None:
         """Download ``[start, end)`` of ``shard`` into its file, resuming after a dropped
-        connection and retrying server errors, ``ATTEMPTS`` times in all."""
+        connection and retrying server errors, ``ATTEMPTS`` times in all; an address that
+        stopped working (a signed CDN URL that expired) is asked for again."""
         import httpx2
         from huggingface_hub.utils import get_session, hf_raise_for_status
 
@@ -770,17 +799,22 @@ class HubDownload:
             while at < end:
                 if self._stop:
                     raise DownloadError(str(self._error or "stopped"))
-                request = dict(headers or self.headers)
-                request["Range"] = f"bytes={at}-{end - 1}"
                 progress_at = at
                 try:
+                    url, request = self._location(shard)
+                    request["Range"] = f"bytes={at}-{end - 1}"
                     with get_session().stream(
                         "GET",
-                        shard.url,
+                        url,
                         headers=request,
                         follow_redirects=True,
                         timeout=httpx2.Timeout(READ_TIMEOUT_S, connect=READ_TIMEOUT_S),
                     ) as response:
+                        if response.status_code in _EXPIRED and url != shard.url:
+                            response.read()
+                            with shard.location_lock:
+                                shard.location = None
+                            raise _retryable(f"HTTP {response.status_code} from {url}")
                         if response.status_code >= 400:
                             response.read()
                             hf_raise_for_status(response)
@@ -939,6 +973,10 @@ class HubDownload:
             tmp = shard.sidecar.with_name(f"{shard.sidecar.name}.{uuid.uuid4().hex[:8]}.tmp")
             tmp.write_text(json.dumps(state))
             os.replace(tmp, shard.sidecar)
+
+
+#: what a CDN answers for a signed address that expired: ask the hub for a new one
+_EXPIRED = (401, 403, 404, 410)
 
 
 class _Retryable(Exception):

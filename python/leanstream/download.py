@@ -911,6 +911,7 @@ class HubDownload:
                 if not self.keep:
                     with self._cond:
                         self._punch(shard)
+                        self._cond.notify_all()  # room in the window for a waiting worker
         finally:
             os.close(fd)
         self._complete(shard)

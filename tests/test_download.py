@@ -469,3 +469,50 @@ def test_a_corrupted_config_is_refused_too(hub: HubServer, source: Path, tmp_pat
     hub.clear_faults()
     model = _load(REPO, cache)
     assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        '{"size": 1, "etag": "%(etag)s", "ranges": [[0, 1]]}',  # another file's
+        '{"size": %(size)d, "etag": "%(etag)s", "ranges": [["a", null]]}',
+        '{"size": %(size)d, "etag": "%(etag)s", "ranges": [[-5, 99999999999]]}',
+        '{"size": %(size)d, "etag": "%(etag)s", "ranges": 3}',
+        "[1, 2]",
+        "{",
+    ],
+)
+def test_a_resume_record_that_does_not_fit_is_not_trusted(
+    hub: HubServer, source: Path, tmp_path: Path, record: str
+):
+    name = _shards(source)[0]
+    sha = hub.files(REPO)[name].sha256
+    size = (source / name).stat().st_size
+    blobs = tmp_path / "cache" / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{sha}.leanstream").write_bytes(b"\xff" * 5000)  # not the shard's bytes
+    (blobs / f"{sha}.leanstream.json").write_text(record % {"etag": sha, "size": size})
+    model = _load(REPO, tmp_path / "cache")
+    assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))
+
+
+def test_a_resume_record_that_lies_is_caught_by_the_hash(
+    hub: HubServer, source: Path, tmp_path: Path
+):
+    name = _shards(source)[0]
+    sha = hub.files(REPO)[name].sha256
+    size = (source / name).stat().st_size
+    blobs = tmp_path / "cache" / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    real = (source / name).read_bytes()
+    header = 8 + int.from_bytes(real[:8], "little")
+    # the header is right (the reader opens the file), the tensors' bytes are not
+    (blobs / f"{sha}.leanstream").write_bytes(real[:header] + b"\xff" * (size - header))
+    record = {"size": size, "etag": sha, "ranges": [[0, size]]}  # "all written": it is not
+    (blobs / f"{sha}.leanstream.json").write_text(json.dumps(record))
+    with pytest.raises(leanstream.CorruptDownloadError):
+        _load(REPO, tmp_path / "cache")
+    assert not (blobs / sha).exists()
+    assert not list(blobs.glob(f"{sha}.leanstream*")), "the bad bytes are dropped"
+    model = _load(REPO, tmp_path / "cache")  # and the next load downloads it
+    assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))

@@ -666,18 +666,19 @@ class HubDownload:
         """Create the shard's file at its full size, or resume the one a previous load
         left (its sidecar says which ranges were written)."""
         shard.partial.parent.mkdir(parents=True, exist_ok=True)
-        ranges: list[list[int]] = []
+        ranges: list[tuple[int, int]] = []
         if shard.partial.exists():
             try:
                 state = json.loads(shard.sidecar.read_text())
                 if state.get("size") == shard.size and state.get("etag") == shard.etag:
-                    ranges = [r for r in state.get("ranges", []) if len(r) == 2]
-            except (OSError, ValueError):
-                ranges = []
+                    ranges = [(int(a), int(b)) for a, b in state.get("ranges", [])]
+            except (OSError, ValueError, TypeError, AttributeError):
+                ranges = []  # no record to trust: download it all again (the hash decides)
         with open(shard.partial, "ab") as f:
             f.truncate(shard.size)
         for start, end in ranges:
-            shard.arrival.add(int(start), int(end))
+            if 0 <= start < end <= shard.size:
+                shard.arrival.add(start, end)
         shard.staged.parent.mkdir(parents=True, exist_ok=True)
         shard.staged.symlink_to(shard.partial)
         self._account(shard.arrival.arrived)

@@ -516,3 +516,28 @@ def test_a_resume_record_that_lies_is_caught_by_the_hash(
     assert not list(blobs.glob(f"{sha}.leanstream*")), "the bad bytes are dropped"
     model = _load(REPO, tmp_path / "cache")  # and the next load downloads it
     assert torch.equal(_logits(model), _logits(leanstream.load(source, bits=4, device="cpu")))
+
+
+def test_inspect_of_a_hub_repo_fetches_the_headers_only(
+    hub: HubServer, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from huggingface_hub import constants
+
+    from leanstream.cli import inspect_checkpoint
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    got = inspect_checkpoint(REPO)
+    expected = inspect_checkpoint(str(source))
+    assert got.keys() == expected.keys()
+    differ = {k for k in got if got[k] != expected[k]}
+    assert differ <= {"source", "folder"}, {k: (got[k], expected[k]) for k in differ}
+    for name in _shards(source):
+        size = (source / name).stat().st_size
+        sent = sum(r.bytes_sent for r in _shard_gets(hub, name))
+        header = 8 + int.from_bytes((source / name).read_bytes()[:8], "little")
+        assert header <= sent <= min(download.HEADER_GUESS, download.CHUNK_BYTES) < size
+    storage = cache / "models--org--tiny"
+    assert not list(storage.glob("blobs/*.leanstream*")), "nothing of the shards is kept"
+    assert not list(storage.glob(".leanstream-*"))
+    assert not [p for p in storage.glob("snapshots/*/*.safetensors")]

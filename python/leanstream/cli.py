@@ -692,11 +692,12 @@ def inspect_checkpoint(
             "bits, quant_type and double_quant choose the setting a device_map plans: without "
             "device_map inspect predicts every setting"
         )
-    folder, weights, config, diffusers_class = _open_as_load(
+    folder, weights, download, config, diffusers_class = _open_as_load(
         source, subfolder, variant, revision, trust_remote_code, model_class
     )
     quant = quantization_dict(config)
-    with _core.Checkpoint(weights) as ckpt:
+    arrivals = download.arrivals if download is not None else None
+    with download or contextlib.nullcontext(), _core.Checkpoint(weights, arrivals=arrivals) as ckpt:
         model_dtype = _model_dtype(dtype, config, ckpt)
         dtypes: dict[str, dict[str, int]] = {}
         for key in ckpt.keys():
@@ -866,33 +867,36 @@ def _open_as_load(
     revision: str | None,
     trust_remote_code: bool,
     model_class: Any,
-) -> tuple[Path, Path | list[Path], Any, type | None]:
+) -> tuple[Path, Path | list[Path], Any, Any, type | None]:
     """:func:`leanstream.load`'s first steps, in its order, with its errors: the folder,
-    the weights to open, the config (transformers', or the loader's view of a diffusers
-    one) and the diffusers class (None for a transformers model)."""
-    from .checkpoint import (
-        check_weights_format,
-        load_config,
-        read_config_dict,
-        resolve,
-        weight_files,
-    )
+    the weights to open, the download of a hub repo's shard headers (None when the
+    weights are on disk; a context manager to close), the config (transformers', or the
+    loader's view of a diffusers one) and the diffusers class (None for a transformers
+    model). From the hub only the shards' headers are fetched: nothing reads a tensor."""
+    from .checkpoint import load_config, read_config_dict
+    from .download import locate
     from .loader import _diffusers_class, _refuse_pipeline_folder, _SavedConfig
 
-    folder = resolve(source, subfolder=subfolder, revision=revision)
-    _refuse_pipeline_folder(folder)
-    check_weights_format(folder)
-    config_dict = read_config_dict(folder)
-    weights = weight_files(folder, variant)
-    diffusers_class = _diffusers_class(folder, config_dict)
-    if diffusers_class is None:
-        return folder, weights, load_config(folder, trust_remote_code=trust_remote_code), None
-    if model_class is not None:
-        raise ConfigError(
-            f"model_class={model_class!r}: {folder / 'config.json'} is a diffusers "
-            f"config, built as the class it names ({diffusers_class.__name__})"
-        )
-    return folder, weights, _SavedConfig(config_dict), diffusers_class
+    folder, weights, download = locate(
+        source, subfolder=subfolder, revision=revision, variant=variant, headers_only=True
+    )
+    try:
+        _refuse_pipeline_folder(folder)
+        config_dict = read_config_dict(folder)
+        diffusers_class = _diffusers_class(folder, config_dict)
+        if diffusers_class is None:
+            config = load_config(folder, trust_remote_code=trust_remote_code)
+            return folder, weights, download, config, None
+        if model_class is not None:
+            raise ConfigError(
+                f"model_class={model_class!r}: {folder / 'config.json'} is a diffusers "
+                f"config, built as the class it names ({diffusers_class.__name__})"
+            )
+        return folder, weights, download, _SavedConfig(config_dict), diffusers_class
+    except BaseException:
+        if download is not None:
+            download.close()
+        raise
 
 
 @dataclass(frozen=True)

@@ -124,13 +124,15 @@ def locate(
     variant: str | None = None,
     keep: bool = True,
     progress: bool = False,
+    headers_only: bool = False,
 ) -> tuple[Path, Path | list[Path], HubDownload | None]:
     """Where ``source``'s config and weights are: ``(folder, weights, download)``.
 
     A local folder, or a hub repo when offline (``local_files_only``, ``HF_HUB_OFFLINE``):
     its folder (in the cache), its weights (:func:`~leanstream.checkpoint.weight_files`),
     no download. A hub repo online: its small files are fetched and :func:`open_hub`
-    starts downloading the shards the cache lacks.
+    starts downloading the shards the cache lacks (``headers_only``: only their headers,
+    for what reads no tensor, ``inspect``).
     """
     from huggingface_hub import constants
 
@@ -160,6 +162,7 @@ def locate(
         variant=variant,
         keep=keep,
         progress=progress,
+        headers_only=headers_only,
     )
 
 
@@ -181,6 +184,7 @@ def open_hub(
     variant: str | None,
     keep: bool = True,
     progress: bool = False,
+    headers_only: bool = False,
 ) -> tuple[Path, Path | list[Path], HubDownload | None]:
     """Get ``repo_id``, whose small files are in ``folder`` (a cache snapshot, or
     ``subfolder`` in it), ready to load: ``(folder, weights, download)``.
@@ -190,10 +194,13 @@ def open_hub(
     started :class:`HubDownload`: open ``weights`` with ``arrivals=download.arrivals``,
     then call :meth:`HubDownload.opened`, :meth:`HubDownload.prioritize` and, after the
     last tensor, :meth:`HubDownload.finish` (use it as a context manager: an exception
-    stops it, keeping what was downloaded for the next load).
+    stops it, keeping what was downloaded for the next load). ``headers_only``: the
+    headers of the shards the cache lacks are fetched, nothing more, into a temporary
+    folder that goes when the download is closed (what reads no tensor: ``inspect``).
     """
     from huggingface_hub import constants, hf_hub_url
 
+    keep = keep and not headers_only
     sub = subfolder
     snapshot = _snapshot_of(folder)
     commit = snapshot.name
@@ -295,8 +302,9 @@ def open_hub(
         cache_dir=Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE),
         token=token,
         keep=keep,
-        progress=progress,
+        progress=progress and not headers_only,
         label=repo_id,
+        headers_only=headers_only,
     )
     try:
         download.start()
@@ -406,6 +414,7 @@ class HubDownload:
         label: str,
         connections: int | None = None,
         window: int | None = None,
+        headers_only: bool = False,
     ) -> None:
         from huggingface_hub.utils import build_hf_headers
 
@@ -416,6 +425,7 @@ class HubDownload:
         self.keep = keep
         self.label = label
         self.token = token
+        self.headers_only = headers_only
         self.headers = build_hf_headers(token=token, library_name="leanstream")
         self.connections = max(1, connections or CONNECTIONS)
         self.window = window or WINDOW_BYTES
@@ -492,6 +502,8 @@ class HubDownload:
         with self._pool(len(pending)) as run:
             for shard in pending:
                 run(self._fetch_header, shard)
+        if self.headers_only:
+            return
         for shard in pending:
             self._queue.extend(
                 (shard, start, min(start + CHUNK_BYTES, shard.size))

@@ -2,13 +2,15 @@
 
 ``leanstream.load("org/model")`` on a repo whose safetensors shards are not in the cache
 does not download them first: :func:`open_hub` fetches the small files (configs, index,
-tokenizer) with ``huggingface_hub.snapshot_download``, lists the repo
-(``HfApi.list_repo_tree``: each file's size and sha256), fetches the header of every shard
-it needs, and returns a :class:`HubDownload` whose worker threads download the shards in
-ranged HTTP requests (``CHUNK_BYTES`` each, at most ``connections`` at once), in the order
-the model reads the tensors (:meth:`HubDownload.prioritize`). The Rust reader opens the
-shards as they are being written (``_core.Arrival``): a tensor is handed out, quantized and
-dropped as soon as its bytes have arrived.
+tokenizer) with ``huggingface_hub.snapshot_download``, takes each file's size and sha256
+from huggingface_hub's listing of the commit (the tree cache that call wrote, else
+``HfApi.list_repo_tree``), fetches the header of every shard it needs, and returns a
+:class:`HubDownload` whose worker threads download the shards in ranged HTTP requests
+(``CHUNK_BYTES`` each, at most ``connections`` at once; each shard's ``resolve`` URL asked
+once, the chunks fetched from the address it redirects to), in the order the model reads
+the tensors (:meth:`HubDownload.prioritize`). The Rust reader opens the shards as they are
+being written (``_core.Arrival``): a tensor is handed out, quantized and dropped as soon as
+its bytes have arrived.
 
 Every shard is hashed while it arrives (sha256 for LFS files, the git blob id for others)
 and is marked complete only once its hash is the hub's: a mismatch is a

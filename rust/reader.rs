@@ -216,9 +216,17 @@ impl View {
         let Some(arrival) = &self.shard.arrival else {
             return true;
         };
-        let start = self.info.start + offset.min(self.info.nbytes());
-        let end = self.info.start + offset.saturating_add(len).min(self.info.nbytes());
+        let (start, end) = self.span(offset, len);
         arrival.covers(start, end)
+    }
+
+    /// `[offset, offset + len)` of this tensor (relative, clamped to it) as absolute
+    /// file offsets `(start, end)`, possibly empty.
+    fn span(&self, offset: u64, len: u64) -> (u64, u64) {
+        let nbytes = self.info.nbytes();
+        let start = self.info.start + offset.min(nbytes);
+        let end = self.info.start + offset.saturating_add(len).min(nbytes);
+        (start, end)
     }
 
     /// Wait until `[offset, offset + len)` of this tensor (relative, clamped)
@@ -234,8 +242,7 @@ impl View {
         let Some(arrival) = &self.shard.arrival else {
             return Ok(true);
         };
-        let start = self.info.start + offset.min(self.info.nbytes());
-        let end = self.info.start + offset.saturating_add(len).min(self.info.nbytes());
+        let (start, end) = self.span(offset, len);
         arrival.wait(start, end, timeout).map_err(|message| {
             Error::new(
                 ErrorKind::Download,

@@ -1129,16 +1129,9 @@ def _model_class(name: str | None) -> Any:
 def _located(args: argparse.Namespace) -> tuple[Path, str | Path, dict[str, Any]]:
     """SOURCE's folder (for a hub repo: its configs and tokenizer, fetched; the weights
     are streamed by the load), what to load, and the load's options that say where."""
-    from .checkpoint import resolve
-    from .download import SMALL_PATTERNS
+    from .download import config_folder
 
-    hub = not Path(args.source).expanduser().exists()
-    folder = resolve(
-        args.source,
-        subfolder=args.subfolder,
-        revision=args.revision,
-        patterns=SMALL_PATTERNS if hub else None,
-    )
+    folder, hub = config_folder(args.source, subfolder=args.subfolder, revision=args.revision)
     if hub:
         return folder, args.source, {"keep_download": not args.no_keep_download}
     return folder, folder, {"subfolder": None}  # resolved

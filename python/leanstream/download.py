@@ -32,6 +32,7 @@ downloads again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -93,18 +94,19 @@ class _Shard:
     blob: Path | None  # where it goes once verified (None: keep=False)
     link: Path | None
     arrival: _core.Arrival
-    lock: Any = None
     hashed: int = 0
     digest: Any = None
     finished: bool = False
-    punched: list[tuple[int, int]] = field(default_factory=list)
     sidecar_lock: threading.Lock = field(default_factory=threading.Lock)
     #: the address the hub redirects ``url`` to (asked once, again if it expires)
     location: str | None = None
     location_lock: threading.Lock = field(default_factory=threading.Lock)
     #: set when bytes arrived: wakes the shard's hash thread
     more: threading.Event = field(default_factory=threading.Event)
-    droppable: list[tuple[int, int]] = field(default_factory=list)
+    #: keep=False: the bytes the reader is done with, and those punched out of the file
+    #: (range sets, as the arrived bytes are: ``_core.Arrival`` of the file's length)
+    droppable: _core.Arrival | None = None
+    punched: _core.Arrival | None = None
 
     @property
     def lfs(self) -> bool:
@@ -138,19 +140,17 @@ def locate(
     """
     from huggingface_hub import constants
 
-    from .checkpoint import check_weights_format, resolve, weight_files
+    from .checkpoint import check_weights_format, weight_files
 
-    hub = not Path(source).expanduser().exists()
-    offline = local_files_only or constants.is_offline_mode()
-    folder = resolve(
+    folder, hub = config_folder(
         source,
         subfolder=subfolder,
         revision=revision,
         token=token,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
-        patterns=SMALL_PATTERNS if hub else None,
     )
+    offline = local_files_only or constants.is_offline_mode()
     if not hub or offline:
         check_weights_format(folder)
         return folder, weight_files(folder, variant), None
@@ -166,6 +166,33 @@ def locate(
         progress=progress,
         headers_only=headers_only,
     )
+
+
+def config_folder(
+    source: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> tuple[Path, bool]:
+    """``source``'s folder (:func:`~leanstream.checkpoint.resolve`), and whether it is a
+    hub repo. Of a hub repo only the small files are fetched (configs, index, tokenizer):
+    a load streams the shards (:func:`locate`)."""
+    from .checkpoint import resolve
+
+    hub = not Path(source).expanduser().exists()
+    folder = resolve(
+        source,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        patterns=SMALL_PATTERNS if hub else None,
+    )
+    return folder, hub
 
 
 def _snapshot_of(folder: Path) -> Path:
@@ -414,8 +441,6 @@ class HubDownload:
         keep: bool,
         progress: bool,
         label: str,
-        connections: int | None = None,
-        window: int | None = None,
         headers_only: bool = False,
     ) -> None:
         from huggingface_hub.utils import build_hf_headers
@@ -429,8 +454,8 @@ class HubDownload:
         self.token = token
         self.headers_only = headers_only
         self.headers = build_hf_headers(token=token, library_name="leanstream")
-        self.connections = max(1, connections or CONNECTIONS)
-        self.window = window or WINDOW_BYTES
+        self.connections = max(1, CONNECTIONS)
+        self.window = WINDOW_BYTES
         # keep=False: bytes are dropped once hashed, so hash in steps small to the window
         self._hash_step = _HASH_STEP if keep else max(_PAGE, min(_HASH_STEP, self.window // 16))
         self.total = sum(s.size for s in shards)
@@ -747,7 +772,9 @@ class HubDownload:
         if self._in_flight:
             return None
         for i, (shard, start, end) in enumerate(self._queue):
-            waiting = any(e > shard.hashed for _, e in shard.droppable)
+            waiting = shard.droppable is not None and any(
+                e > shard.hashed for _, e in shard.droppable.ranges()
+            )
             if waiting and start <= shard.arrival.contiguous < end:
                 return i
         return None
@@ -829,13 +856,13 @@ class HubDownload:
                             response.read()
                             with shard.location_lock:
                                 shard.location = None
-                            raise _retryable(f"HTTP {response.status_code} from {url}")
+                            raise _Retryable(f"HTTP {response.status_code} from {url}")
                         if response.status_code >= 400:
                             response.read()
                             hf_raise_for_status(response)
                         whole = response.status_code == 200 and at == 0
                         if response.status_code != 206 and not whole:
-                            raise _retryable(
+                            raise _Retryable(
                                 f"asked for bytes {at}-{end - 1}, got HTTP "
                                 f"{response.status_code} without a range"
                             )
@@ -850,7 +877,7 @@ class HubDownload:
                             if at >= end:
                                 break
                     if at < end:
-                        raise _retryable(f"the response ended at byte {at} of {start}-{end - 1}")
+                        raise _Retryable(f"the response ended at byte {at} of {start}-{end - 1}")
                 except (httpx2.TransportError, _Retryable) as err:
                     attempt = attempt + 1 if at == progress_at else 1
                     self._retry_or_raise(shard, attempt, err)
@@ -965,18 +992,22 @@ class HubDownload:
 
     def _droppable(self, shard: _Shard, start: int, end: int) -> None:
         """(under the lock) ``[start, end)`` of ``shard`` is not read again."""
-        shard.droppable = _merge([*shard.droppable, (start, end)])
+        if shard.droppable is None:
+            shard.droppable, shard.punched = _core.Arrival(shard.size), _core.Arrival(shard.size)
+        shard.droppable.add(start, end)
         self._punch(shard)
 
     def _punch(self, shard: _Shard) -> None:
         """(under the lock) Punch holes where bytes are hashed and not read again."""
-        for start, end in shard.droppable:
-            lo = -(-start // _PAGE) * _PAGE if start else 0
+        if shard.droppable is None or shard.punched is None:
+            return
+        for start, end in shard.droppable.ranges():
+            lo = -(-start // _PAGE) * _PAGE
             hi = min(end, shard.hashed)
             hi = hi if hi == shard.size else hi // _PAGE * _PAGE
-            for a, b in _subtract((lo, hi), shard.punched):
-                if b > a and _punch_hole(shard.partial, a, b - a):
-                    shard.punched = _merge([*shard.punched, (a, b)])
+            for a, b in shard.punched.missing(lo, max(lo, hi)):
+                if _punch_hole(shard.partial, a, b - a):
+                    shard.punched.add(a, b)
                     self._on_disk -= b - a
 
     def _save_sidecar(self, shard: _Shard) -> None:
@@ -996,11 +1027,7 @@ _EXPIRED = (401, 403, 404, 410)
 
 
 class _Retryable(Exception):
-    pass
-
-
-def _retryable(message: str) -> _Retryable:
-    return _Retryable(message)
+    """A request that may succeed if made again (the attempt counts)."""
 
 
 def _header_end(shard: _Shard) -> int:
@@ -1010,32 +1037,6 @@ def _header_end(shard: _Shard) -> int:
     with open(shard.partial, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
     return 8 + n
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for start, end in sorted(r for r in ranges if r[1] > r[0]):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
-
-
-def _subtract(span: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    at, end = span
-    out = []
-    for s, e in ranges:
-        if e <= at:
-            continue
-        if s >= end:
-            break
-        if s > at:
-            out.append((at, s))
-        at = max(at, e)
-    if at < end:
-        out.append((at, end))
-    return out
 
 
 def _punch_hole(path: Path, offset: int, length: int) -> bool:
@@ -1054,22 +1055,18 @@ def _punch_hole(path: Path, offset: int, length: int) -> bool:
         os.close(fd)
 
 
-_LIBC: Any = None
-
-
+@functools.cache
 def _libc() -> Any:
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
+    """libc with ``fallocate``, or None where there is none (not Linux)."""
+    import ctypes
+    import ctypes.util
 
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-            _LIBC = libc
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC or None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
-__all__ = ["CHUNK_BYTES", "CONNECTIONS", "HubDownload", "locate", "open_hub"]
+__all__ = ["CHUNK_BYTES", "CONNECTIONS", "HubDownload", "config_folder", "locate", "open_hub"]

@@ -209,6 +209,13 @@ if device == "cuda":
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]
+# so are its checkpoint conversion tables (every architecture's renaming regexes, built
+# at the first load of the process that asks for them, by from_pretrained and leanstream
+# alike): timed apart, reported as "tables"
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+tables = time.perf_counter()
+get_checkpoint_conversion_mapping("llama")
+tables = time.perf_counter() - tables
 print("ready", flush=True)
 sys.stdin.readline()
 if device == "cuda":
@@ -233,7 +240,7 @@ else:  # naive: the whole bf16 model first, then quantize it
 if device == "cuda":
     torch.cuda.synchronize()
 seconds = time.perf_counter() - start
-result = {"seconds": seconds}
+result = {"seconds": seconds, "tables": tables}
 if device == "cuda":
     result["gpu_peak"] = torch.cuda.max_memory_allocated()
     result["gpu_final"] = torch.cuda.memory_allocated()

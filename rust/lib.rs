@@ -1,8 +1,9 @@
 //! leanstream's Rust core: bytes only. It parses and validates safetensors
 //! headers ([`header`]), maps shards and indexes tensors ([`reader`]), and
 //! streams zero-copy views with bounded read-ahead ([`stream`]), and quantizes
-//! tensors' bytes to NF4/FP4/int8 like bitsandbytes ([`quant`]), straight into
-//! bitsandbytes' AVX512-BF16 CPU layout when asked ([`cpu_layout`]), and reads
+//! tensors' bytes to NF4/FP4/int8 like bitsandbytes ([`quant`]), many small
+//! tensors of a stream at once ([`pieces`]: a mixture of experts' thousands),
+//! straight into bitsandbytes' AVX512-BF16 CPU layout when asked ([`cpu_layout`]), and reads
 //! tensors in chunks into a ring of caller-owned buffers with worker threads
 //! ([`pipeline`], the host side of the overlapped GPU load). The PyO3
 //! binding (`py`, feature `python`) exposes them as `leanstream._core`.
@@ -12,6 +13,7 @@ pub mod cpu_layout;
 pub mod error;
 pub mod fault;
 pub mod header;
+pub mod pieces;
 pub mod pipeline;
 #[cfg(feature = "python")]
 mod py;

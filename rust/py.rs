@@ -253,6 +253,54 @@ impl PyTensorStream {
         Ok(self.stream.lock().map_err(|_| poisoned())?.remaining())
     }
 
+    /// Quantize the stream's next `len(keys)` tensors (named `keys`, in order)
+    /// to 4 bits into `packed`/`absmax`, tensor `i` at value `firsts[i]` of the
+    /// flattened output, on `threads` threads, each tensor's pages released
+    /// once done; checked after use. Returns the bytes read. See `pieces`.
+    #[pyo3(signature = (keys, firsts, packed, absmax, *, quant_type, blocksize, threads = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_4bit_next(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        firsts: Vec<usize>,
+        packed: &Bound<'_, PyAny>,
+        absmax: &Bound<'_, PyAny>,
+        quant_type: &str,
+        blocksize: usize,
+        threads: Option<usize>,
+    ) -> PyResult<u64> {
+        let threads = threads.unwrap_or(1);
+        crate::py_quant::with_4bit_outputs(py, packed, absmax, quant_type, blocksize, |out| {
+            self.quantize_next(&keys, &firsts, out, threads)
+        })
+    }
+
+    /// `quantize_4bit_next` for LLM.int8: tensor `i` goes to rows
+    /// `first_rows[i]...` of `out` (rows of `cols` values) and `scb`.
+    #[pyo3(signature = (keys, first_rows, cols, out, scb, *, threads = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_int8_next(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        first_rows: Vec<usize>,
+        cols: usize,
+        out: &Bound<'_, PyAny>,
+        scb: &Bound<'_, PyAny>,
+        threads: Option<usize>,
+    ) -> PyResult<u64> {
+        let threads = threads.unwrap_or(1);
+        let firsts = first_rows
+            .iter()
+            .map(|r| r.checked_mul(cols))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| PyValueError::new_err("first_rows * cols overflows"))?;
+        crate::py_quant::with_int8_outputs(py, out, scb, cols, |out| {
+            self.quantize_next(&keys, &firsts, out, threads)
+        })
+    }
+
     /// Check the views yielded since the last check, after their bytes were
     /// used (`TensorView.check`); `__next__` checks the previous view too.
     fn check(&self, py: Python<'_>) -> PyResult<()> {
@@ -282,6 +330,46 @@ impl PyTensorStream {
             "TensorStream(remaining={remaining}, total_bytes={}, window={})",
             self.total_bytes, self.window
         )
+    }
+}
+
+impl PyTensorStream {
+    /// Take the next `keys.len()` views (they must be `keys`), quantize them
+    /// into `out` ([`crate::pieces::quantize_views`]), check them after use.
+    fn quantize_next(
+        &self,
+        keys: &[String],
+        firsts: &[usize],
+        out: crate::pieces::Outputs<'_>,
+        threads: usize,
+    ) -> crate::error::Result<u64> {
+        let items = self
+            .stream
+            .lock()
+            .map_err(|_| Error::internal("stream lock poisoned"))?
+            .next_many(keys.len())?;
+        let result = if items
+            .iter()
+            .zip(keys)
+            .any(|((v, _), k)| v.info().name != *k)
+        {
+            Err(Error::internal(
+                "the stream's next tensors are not the ones named",
+            ))
+        } else {
+            crate::pieces::quantize_views(&items, firsts, out, threads)
+        };
+        if result.is_err() {
+            for (view, slot) in &items {
+                slot.release(view)?;
+            }
+        }
+        result?;
+        self.stream
+            .lock()
+            .map_err(|_| Error::internal("stream lock poisoned"))?
+            .check()?;
+        Ok(items.iter().map(|(v, _)| v.info().nbytes()).sum())
     }
 }
 

@@ -1,7 +1,9 @@
 //! The PyO3 functions of `leanstream._core` for the native quantizer
 //! ([`crate::quant`]): `quantize_4bit`, `quantize_int8`, `codebook`; and for
 //! bitsandbytes' AVX512-BF16 CPU layout ([`crate::cpu_layout`]):
-//! `quantize_4bit_cpu_layout`, `pack_4bit_cpu_layout`, `unpack_4bit_cpu_layout`.
+//! `quantize_4bit_cpu_layout`, `pack_4bit_cpu_layout`, `unpack_4bit_cpu_layout`;
+//! and the outputs of `TensorStream.quantize_4bit_next` / `quantize_int8_next`
+//! ([`crate::pieces`]).
 //!
 //! Zero-copy both ways: the input is any C-contiguous buffer of bytes (a
 //! `TensorView`, or a tensor's bytes as a NumPy array), and the outputs are
@@ -13,6 +15,7 @@
 
 use crate::cpu_layout::{self, LayoutError};
 use crate::header::Dtype;
+use crate::pieces::Outputs;
 use crate::quant::{self, QuantError, QuantType};
 use pyo3::buffer::{Element, PyBuffer};
 use pyo3::exceptions::{PyBufferError, PyValueError};
@@ -141,6 +144,69 @@ fn with_4bit_buffers<T: Element + Send, E: Into<PyErr> + Send>(
         )
     };
     py.detach(|| kernel(input, out, am)).map_err(Into::into)
+}
+
+/// Hold `packed` and `absmax` (writable, C-contiguous, disjoint) as the 4-bit
+/// [`Outputs`] of `run`, which runs without the GIL.
+pub(crate) fn with_4bit_outputs<R: Send>(
+    py: Python<'_>,
+    packed: &Bound<'_, PyAny>,
+    absmax: &Bound<'_, PyAny>,
+    quant_type: &str,
+    blocksize: usize,
+    run: impl FnOnce(Outputs<'_>) -> crate::error::Result<R> + Send,
+) -> PyResult<R> {
+    let quant_type = parse_quant_type(quant_type)?;
+    let packed_buf = PyBuffer::<u8>::get(packed)?;
+    let absmax_buf = PyBuffer::<f32>::get(absmax)?;
+    let (out, out_len) = writable(&packed_buf, "packed")?;
+    let (am, am_len) = writable(&absmax_buf, "absmax")?;
+    check_disjoint(&[("packed", span(out, out_len)), ("absmax", span(am, am_len))])?;
+    // SAFETY: both buffers are held until this function returns, are
+    // C-contiguous and writable with these lengths, and do not overlap.
+    let (packed, absmax) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(out, out_len),
+            std::slice::from_raw_parts_mut(am, am_len),
+        )
+    };
+    let outputs = Outputs::FourBit {
+        packed,
+        absmax,
+        quant_type,
+        blocksize,
+    };
+    py.detach(|| run(outputs)).map_err(Into::into)
+}
+
+/// Hold `out` and `scb` (writable, C-contiguous, disjoint) as the int8
+/// [`Outputs`] of `run` (rows of `cols` values), which runs without the GIL.
+pub(crate) fn with_int8_outputs<R: Send>(
+    py: Python<'_>,
+    out: &Bound<'_, PyAny>,
+    scb: &Bound<'_, PyAny>,
+    cols: usize,
+    run: impl FnOnce(Outputs<'_>) -> crate::error::Result<R> + Send,
+) -> PyResult<R> {
+    let out_buf = PyBuffer::<i8>::get(out)?;
+    let scb_buf = PyBuffer::<f32>::get(scb)?;
+    let (q, q_len) = writable(&out_buf, "out")?;
+    let (s, s_len) = writable(&scb_buf, "scb")?;
+    check_disjoint(&[("out", span(q, q_len)), ("scb", span(s, s_len))])?;
+    if cols == 0 || q_len != s_len * cols {
+        return Err(PyValueError::new_err(format!(
+            "out holds {q_len} values, not one row of cols={cols} per statistic in scb ({s_len})"
+        )));
+    }
+    // SAFETY: as in `with_4bit_outputs`.
+    let (out, scb) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(q, q_len),
+            std::slice::from_raw_parts_mut(s, s_len),
+        )
+    };
+    py.detach(|| run(Outputs::Int8 { out, scb, cols }))
+        .map_err(Into::into)
 }
 
 /// LLM.int8 row-wise quantization, bit-identical to bitsandbytes' CPU

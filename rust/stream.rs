@@ -218,6 +218,46 @@ impl Stream {
         Some(Ok((view, slot)))
     }
 
+    /// The next `n` views at once, after checking and releasing the previous
+    /// one as [`Stream::next`] does. The caller uses them in any order and
+    /// releases each through its slot once used (the read-ahead skips those
+    /// released, and keeps faulting in the others); those not released go
+    /// when the consumer moves past them or the stream closes. Fails if fewer
+    /// than `n` remain.
+    pub fn next_many(&mut self, n: usize) -> Result<Vec<(View, Slot)>> {
+        self.check()?;
+        if self.next > 0 {
+            let prev = self.next - 1;
+            self.shared.release(prev, &self.items[prev])?;
+        }
+        let first = self.next;
+        if n > self.items.len() - first {
+            return Err(Error::internal(
+                "more tensors asked for than the stream has left",
+            ));
+        }
+        self.shared.lock()?.passed = first;
+        self.shared.wake.notify_all();
+        let mut taken = Vec::with_capacity(n);
+        for index in first..first + n {
+            let view = self.items[index].clone();
+            self.next = index + 1; // handed out: checked after use like the others
+            let slot = Slot {
+                shared: Arc::clone(&self.shared),
+                index,
+            };
+            if let Err(e) = view.check_available() {
+                // none of them will be used: give their bytes back
+                for (view, slot) in taken.iter().chain([(view, slot)].iter()) {
+                    slot.release(view)?;
+                }
+                return Err(e);
+            }
+            taken.push((view, slot));
+        }
+        Ok(taken)
+    }
+
     /// Check the views handed out since the last check, after their bytes were
     /// used: [`View::check`] (the file did not shrink under them). Cheap: an
     /// atomic load and an fstat per view.

@@ -111,6 +111,42 @@ def test_experts_are_quantized_bit_identically(
     assert sorted(qc.leanstream_quantized_experts) == sorted(want)
 
 
+def test_expert_pieces_are_quantized_in_runs(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU, pieces stored in the model's dtype go to the Rust core many at a
+    call (:meth:`ExpertsQuantizer.add_streamed`), none through Python one by one; pieces
+    that must be converted first (here to float16) go one by one, and give what
+    bitsandbytes gives for the converted merged tensor."""
+    from leanstream.quantize import ExpertsQuantizer
+
+    runs: list[int] = []
+    streamed, add = ExpertsQuantizer.add_streamed, ExpertsQuantizer.add
+
+    def counted(self: Any, stream: Any, pieces: Any, threads: int) -> bool:
+        runs.append(len(pieces))
+        return streamed(self, stream, pieces, threads)
+
+    def refused(*args: Any, **kwargs: Any) -> bool:
+        raise AssertionError("a piece went through add()")
+
+    monkeypatch.setattr(ExpertsQuantizer, "add_streamed", counted)
+    monkeypatch.setattr(ExpertsQuantizer, "add", refused)
+    load(folders["mixtral"], **SETTINGS["nf4"])
+    assert runs and max(runs) > 1, runs
+
+    monkeypatch.setattr(ExpertsQuantizer, "add", add)
+    runs.clear()
+    got = load(folders["mixtral"], **SETTINGS["int8"], dtype=torch.float16)
+    assert not runs
+    ref = AutoModelForCausalLM.from_pretrained(folders["mixtral"], dtype=torch.float16)
+    for name, weight in expert_weights(ref).items():
+        expected = bnb_quantized(weight, SETTINGS["int8"])
+        actual = ours_as_dict(got.get_parameter(name))
+        for key, value in expected.items():
+            assert torch.equal(actual[key].reshape(value.shape), value), (name, key)
+
+
 def dequantized_reference(folder: Path, setting: dict[str, Any]) -> Any:
     """transformers' bf16 model whose experts are what bitsandbytes' quantization of them
     dequantizes to, and whose other linears are bitsandbytes layers as transformers

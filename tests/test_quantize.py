@@ -248,6 +248,93 @@ def test_4bit_reads_a_tensor_view(tmp_path: Path) -> None:
     assert torch.equal(packed, want_packed) and torch.equal(absmax, want_absmax)
 
 
+def _stream_folder(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "m.safetensors")
+    return tmp_path / "m.safetensors"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES.values()))
+def test_stream_quantizes_a_run_of_tensors_as_bitsandbytes_does_each(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """``TensorStream.quantize_4bit_next`` / ``quantize_int8_next``: many tensors in one
+    call, each where it is asked to go, each as bitsandbytes quantizes it alone; what no
+    tensor is asked to cover is left as it was."""
+    gen = torch.Generator().manual_seed(7)
+    rows = [3, 1, 4, 1, 5, 9, 2, 6]
+    tensors = {f"e{i}": random_values(gen, (r, 128), dtype) for i, r in enumerate(rows)}
+    path = _stream_folder(tmp_path, tensors)
+    names = list(tensors)
+    order = [5, 0, 7, 2, 6, 1, 4, 3]  # output rows in another order, a gap of 2 rows at 0
+    first_rows, at = [0] * len(rows), 2
+    for i in order:
+        first_rows[i], at = at, at + rows[i]
+    total = at * 128
+    with _core.Checkpoint(path) as ckpt, ckpt.stream(names) as stream:
+        packed = torch.full((total // 2,), 0xAA, dtype=torch.uint8)
+        absmax = torch.full((total // 64,), -1.0)
+        got = stream.quantize_4bit_next(
+            names, [r * 128 for r in first_rows], packed.numpy(), absmax.numpy(),
+            quant_type="nf4", blocksize=64, threads=3,
+        )  # fmt: skip
+        assert got == sum(t.nbytes for t in tensors.values())
+        assert len(stream) == 0
+    for name, first in zip(names, first_rows, strict=True):
+        want_packed, want_absmax = bnb_4bit(tensors[name], 64, "nf4")
+        n = tensors[name].numel()
+        assert torch.equal(packed[first * 64 : first * 64 + n // 2], want_packed.reshape(-1))
+        assert torch.equal(bits(absmax[first * 2 : first * 2 + n // 64]), bits(want_absmax))
+    assert (packed[:128] == 0xAA).all() and (absmax[:4] == -1).all()
+
+    with _core.Checkpoint(path) as ckpt, ckpt.stream(names) as stream:
+        cb = torch.full((at, 128), 7, dtype=torch.int8)
+        scb = torch.full((at,), -1.0)
+        stream.quantize_int8_next(names, first_rows, 128, cb.numpy(), scb.numpy(), threads=2)
+    for name, first in zip(names, first_rows, strict=True):
+        want_cb, want_scb, _ = F.int8_vectorwise_quant(tensors[name].half())
+        r = tensors[name].shape[0]
+        assert torch.equal(cb[first : first + r], want_cb), name
+        assert torch.equal(bits(scb[first : first + r]), bits(want_scb)), name
+    assert (cb[:2] == 7).all() and (scb[:2] == -1).all()
+
+
+def test_stream_run_refusals_name_the_tensor(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(2, 64).bfloat16(), "b": torch.randn(2, 64).bfloat16()}
+    path = _stream_folder(tmp_path, tensors)
+    packed, absmax = torch.zeros(128, dtype=torch.uint8), torch.zeros(4)
+    with _core.Checkpoint(path) as ckpt:
+        with ckpt.stream(["a", "b"]) as stream:
+            # b's range overlaps a's
+            with pytest.raises(leanstream.LeanstreamError, match=r"tensor 'b'.*overlaps.*'a'"):
+                stream.quantize_4bit_next(
+                    ["a", "b"], [0, 64], packed.numpy(), absmax.numpy(),
+                    quant_type="nf4", blocksize=64,
+                )  # fmt: skip
+            assert not packed.any() and not absmax.any()
+        with ckpt.stream(["a", "b"]) as stream:
+            with pytest.raises(leanstream.LeanstreamError, match="not the ones named"):
+                stream.quantize_4bit_next(
+                    ["b", "a"], [0, 128], packed.numpy(), absmax.numpy(),
+                    quant_type="nf4", blocksize=64,
+                )  # fmt: skip
+        with ckpt.stream(["a", "b"]) as stream:
+            frozen = torch.zeros(128, dtype=torch.uint8).numpy()
+            frozen.flags.writeable = False
+            with pytest.raises(BufferError, match="packed must be a writable buffer"):
+                stream.quantize_4bit_next(
+                    ["a", "b"], [0, 128], frozen, absmax.numpy(), quant_type="nf4", blocksize=64
+                )
+            with pytest.raises(ValueError, match="cols=64"):
+                stream.quantize_int8_next(
+                    ["a", "b"], [0, 2], 64, torch.zeros(4, 64, dtype=torch.int8).numpy(),
+                    torch.zeros(3).numpy(),
+                )  # fmt: skip
+            # nothing was taken by the refused calls: the stream goes on
+            assert [name for name, _ in stream] == ["a", "b"]
+
+
 # --- int8 ---------------------------------------------------------------------------
 
 

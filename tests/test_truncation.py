@@ -306,3 +306,49 @@ def test_load_while_another_thread_truncates_a_shard(tmp_path: Path) -> None:
     code, result, err = run(LOAD_RACE, source, tmp_path / "work", 5)
     assert code == 0, err
     assert result["outcomes"] == ["truncated"] * 5, result
+
+
+# The same for a mixture of experts' pieces, which the Rust core takes from the stream
+# many at a call (ExpertsQuantizer.add_streamed): the file of the second run's first piece
+# cut just before the run is taken.
+LOAD_CUT_EXPERTS = r"""
+import json, os, shutil, sys
+import leanstream
+from leanstream.quantize import ExpertsQuantizer
+
+source, work, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+real, firsts = ExpertsQuantizer.add_streamed, []
+
+def cut(self, stream, pieces, threads):
+    firsts.append(pieces[0][0])
+    if len(firsts) == 2:
+        os.truncate(pieces[0][0].file, 0)
+    return real(self, stream, pieces, threads)
+
+ExpertsQuantizer.add_streamed = cut
+results = []
+for options in runs:
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    firsts.clear()
+    try:
+        leanstream.load(work, device="cpu", progress=False, **options)
+        results.append({"error": None})
+    except leanstream.LeanstreamError as err:
+        results.append({
+            "error": type(err).__name__, "file": err.file, "tensor": err.tensor,
+            "victim": [firsts[-1].file, firsts[-1].name], "runs": len(firsts),
+        })
+print(json.dumps(results))
+"""
+
+
+def test_load_of_experts_cut_under_the_reader(tmp_path: Path) -> None:
+    mixtral = write_model(tmp_path / "mixtral", "mixtral")
+    runs = [{"bits": 4}, {"bits": 8}]
+    code, results, err = run(LOAD_CUT_EXPERTS, mixtral, tmp_path / "work", json.dumps(runs))
+    assert code == 0, err
+    for options, result in zip(runs, results, strict=True):
+        assert result["error"] == "TruncatedFileError", (options, result)
+        assert result["runs"] == 2, (options, result)
+        assert [result["file"], result["tensor"]] == result["victim"], (options, result)

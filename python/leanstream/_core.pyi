@@ -206,6 +206,40 @@ class TensorStream:
     def check(self) -> None:
         """:meth:`TensorView.check` the views yielded since the last check. Asking
         for the next item (or the end) checks the previous one too."""
+    def quantize_4bit_next(
+        self,
+        keys: list[str],
+        firsts: list[int],
+        packed: Buffer,
+        absmax: Buffer,
+        *,
+        quant_type: Literal["nf4", "fp4"],
+        blocksize: int,
+        threads: int | None = None,
+    ) -> int:
+        """Quantize the next ``len(keys)`` tensors of the stream (which must be
+        ``keys``, in order; BF16, F16 or F32) in one call, as :func:`quantize_4bit`
+        quantizes each alone: tensor ``i`` into values ``firsts[i]...`` of the flattened
+        output (``packed`` bytes ``firsts[i] // 2...``, ``absmax`` from ``firsts[i] //
+        blocksize``). ``threads`` (default 1) workers take whole tensors in order, and
+        release each tensor's pages once it is in; the views are checked after use.
+        Each range starts and ends on a block, lies inside the output and overlaps no
+        other, else ``LeanstreamError`` naming the tensor, and nothing is written.
+        Waits for bytes still downloading (without seeing Ctrl-C). Returns the bytes
+        read."""
+    def quantize_int8_next(
+        self,
+        keys: list[str],
+        first_rows: list[int],
+        cols: int,
+        out: Buffer,
+        scb: Buffer,
+        *,
+        threads: int | None = None,
+    ) -> int:
+        """:meth:`quantize_4bit_next` for LLM.int8 (:func:`quantize_int8`): tensor ``i``
+        (whole rows of ``cols``) into rows ``first_rows[i]...`` of ``out`` (int8, rows
+        of ``cols``) and ``scb`` (one float32 a row)."""
     def close(self) -> None:
         """Stop and join the read-ahead thread and release what it prefetched
         for items not yet yielded; iteration then ends. Idempotent."""

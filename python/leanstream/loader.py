@@ -780,7 +780,19 @@ def _fill(
             run_keys = [k for t in run for k in (*(key for _, key in t.stats or ()), t.key)]
             with run_source.open(ckpt, run_keys, run_device, host & set(run_keys)) as tensors:
                 owned = run_source.pipeline
-                for target in run:
+                at = 0
+                while at < len(run):
+                    if download is None:
+                        count, nbytes = _quantize_pieces(
+                            run, at, tensors, ckpt, spec, run_device, experts, merging
+                        )
+                        if count:
+                            at += count
+                            taken += count
+                            bar.update(nbytes)
+                            continue
+                    target = run[at]
+                    at += 1
                     stats, nbytes = {}, 0
                     for stat, stat_key in target.stats or ():
                         stats[stat] = tensors.take(stat_key)
@@ -1119,22 +1131,89 @@ def _merge(
     """Put one streamed piece (or the whole) of a 3-D experts weight in its place: quantized
     into the parameter's storage (:class:`ExpertsQuantizer`), or, unquantized, copied into
     the merged tensor; the parameter is set once its last piece is in."""
-    param = target.module._parameters[target.attr]
-    shape = tuple(int(d) for d in param.shape)
+    sink = _sink(merging, experts, target, spec, device)
+    if sink.add(tensor, _first_row(target), owned=owned):
+        target.module._parameters[target.attr] = sink.result()
+        del merging[target.name]
+
+
+def _sink(
+    merging: dict[str, Any],
+    experts: dict[str, tuple[int, int, int]],
+    target: Target,
+    spec: QuantSpec,
+    device: torch.device,
+) -> ExpertsQuantizer | _Merged:
+    """Where the pieces of ``target``'s 3-D experts weight go: made at its first piece."""
     sink = merging.get(target.name)
     if sink is None:
+        shape = tuple(int(d) for d in target.module._parameters[target.attr].shape)
         if target.name in experts:
             sink = ExpertsQuantizer(target.name, shape, spec, device, target.dtype)  # type: ignore[arg-type]
         else:
             sink = _Merged(shape, device, target.dtype)
         merging[target.name] = sink
-    first_row = 0
-    if target.piece is not None:
-        rows = shape[1]
-        first_row = target.piece.expert * rows + target.piece.part * rows // target.piece.parts
-    if sink.add(tensor, first_row, owned=owned):
+    return sink
+
+
+def _first_row(target: Target) -> int:
+    """The first row of ``target``'s piece in the ``[E * R, C]`` view of its experts
+    weight (0 for a weight stored whole)."""
+    if target.piece is None:
+        return 0
+    rows = int(target.module._parameters[target.attr].shape[1])
+    return target.piece.expert * rows + target.piece.part * rows // target.piece.parts
+
+
+#: most bytes of expert pieces quantized by one call (:func:`_quantize_pieces`)
+_PIECES_BYTES = 64 << 20
+
+
+def _quantize_pieces(
+    run: list[Target],
+    start: int,
+    tensors: _Mapped | _Pipelined,
+    ckpt: _core.Checkpoint,
+    spec: QuantSpec,
+    device: torch.device,
+    experts: dict[str, tuple[int, int, int]],
+    merging: dict[str, Any],
+) -> tuple[int, int]:
+    """Quantize ``run[start]`` and the pieces of the same experts weight after it (up to
+    :data:`_PIECES_BYTES`) straight from the mapped stream, in one Rust call that takes
+    whole pieces on each of torch's threads (:meth:`ExpertsQuantizer.add_streamed`):
+    thousands of small expert tensors cost no Python each. Returns ``(targets, bytes)``
+    taken, ``(0, 0)`` where ``run[start]`` is not such a piece (the caller takes it)."""
+    target = run[start]
+    if (
+        not isinstance(tensors, _Mapped)
+        or target.piece is None
+        or target.stats is not None
+        or target.name not in experts
+    ):
+        return 0, 0
+    sink = _sink(merging, experts, target, spec, device)
+    assert isinstance(sink, ExpertsQuantizer)
+    pieces: list[tuple[_core.TensorInfo, int]] = []
+    nbytes = 0
+    for candidate in run[start:]:
+        info = ckpt[candidate.key]
+        if (
+            candidate.name != target.name
+            or candidate.piece is None
+            or candidate.stats is not None
+            or not sink.streams(info)
+            or (pieces and nbytes + info.nbytes > _PIECES_BYTES)
+        ):
+            break
+        pieces.append((info, _first_row(candidate)))
+        nbytes += info.nbytes
+    if not pieces:
+        return 0, 0
+    if sink.add_streamed(tensors.stream, pieces, torch.get_num_threads()):
         target.module._parameters[target.attr] = sink.result()
         del merging[target.name]
+    return len(pieces), nbytes
 
 
 class _Merged:

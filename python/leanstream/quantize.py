@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import re
 import threading
 from collections.abc import Iterable, Iterator
@@ -847,6 +848,48 @@ class ExpertsQuantizer:
         self.done += rows
         return self.done == self.rows
 
+    def streams(self, info: _core.TensorInfo) -> bool:
+        """Whether the piece ``info`` can be quantized straight from the stream by
+        :meth:`add_streamed`: native kernels on the CPU, stored in the parameter's dtype
+        (nothing to convert first), whole rows, and at 4 bits whole blocks; any other
+        piece goes through :meth:`add`."""
+        if not self.native or info.dtype != _NATIVE_DTYPES.get(self.dtype):
+            return False
+        values = math.prod(info.shape)
+        return values % self.cols == 0 and (
+            self.spec.bits == 8 or values % self.spec.blocksize == 0
+        )
+
+    def add_streamed(
+        self,
+        stream: _core.TensorStream,
+        pieces: list[tuple[_core.TensorInfo, int]],
+        threads: int,
+    ) -> bool:
+        """Quantize the stream's next ``len(pieces)`` tensors, ``(info, first_row)`` each,
+        into their rows (as :meth:`add` would, each piece for itself: the same bytes) in
+        one call: whole pieces on ``threads`` threads, each piece's pages released once
+        it is in. Every piece must be one :meth:`streams` takes. True once every row is
+        in."""
+        keys = [info.name for info, _ in pieces]
+        if self.spec.bits == 4:
+            packed, absmax = self.outputs
+            stream.quantize_4bit_next(
+                keys,
+                [row * self.cols for _, row in pieces],
+                packed,
+                absmax,
+                quant_type=self.spec.quant_type,
+                blocksize=self.spec.blocksize,
+                threads=threads,
+            )
+        else:
+            cb, scb = self.outputs
+            rows = [row for _, row in pieces]
+            stream.quantize_int8_next(keys, rows, self.cols, cb.reshape(-1), scb, threads=threads)
+        self.done += sum(math.prod(info.shape) for info, _ in pieces) // self.cols
+        return self.done == self.rows
+
     def result(self) -> Any:
         """The quantized parameter (a :class:`leanstream.experts.QuantizedExperts`)."""
         from .experts import QuantizedExperts
@@ -888,8 +931,9 @@ def native_threads(nbytes: int) -> int:
     another core is busy (the mapped load's read-ahead thread faults the next tensors in
     on one; other processes). On 2 cores with one kept busy by another process, loads of
     a checkpoint of 1440 such pieces took about twice as long split as on one thread;
-    on 2 idle cores the split saved at most a few percent. A larger one uses
-    ``torch.get_num_threads()``."""
+    on 2 idle cores the split saved at most a few percent. (Expert pieces streamed from
+    the mapped files go many at a call to :meth:`ExpertsQuantizer.add_streamed`, whose
+    threads take whole pieces.) A larger one uses ``torch.get_num_threads()``."""
     return 1 if nbytes < _SPLIT_BYTES else torch.get_num_threads()
 
 

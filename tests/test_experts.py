@@ -380,6 +380,29 @@ def test_linear_is_bitsandbytes_own_layer(mode: str, rows: int) -> None:
     assert qe.cpu_layout == (mode != "int8")
 
 
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 2.0])
+def test_int8_linear_is_bitsandbytes_own_layer_at_any_threshold(
+    threshold: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LLM.int8 with and without outlier columns held back: bitsandbytes' own
+    ``Linear8bitLt`` (the same threshold) bit for bit, with no warning logged per call
+    (bitsandbytes' matmul logs its float16 cast at every call)."""
+    torch.manual_seed(3)
+    qe = quantized(torch.randn(E, 96, 128, dtype=torch.bfloat16), "int8")
+    qe.threshold = threshold
+    x = torch.randn(7, 128, dtype=torch.bfloat16) * 3
+    with torch.no_grad():
+        for e in range(E):
+            layer = bnb_layer(qe, e)
+            layer.state.threshold = threshold
+            want = layer(x)
+            caplog.clear()
+            got = qe.linear(e, x)
+            assert not caplog.records
+            assert torch.equal(got, want), (e, (got - want).abs().max())
+        assert qe.linear(0, x[:0]).shape == (0, 96)
+
+
 @needs_fused_kernel
 @pytest.mark.parametrize("mode", ["nf4", "fp4-dq"])
 def test_cpu_layout_round_trip(mode: str) -> None:

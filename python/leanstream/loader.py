@@ -1196,7 +1196,8 @@ def _quantize_pieces(
     assert isinstance(sink, ExpertsQuantizer)
     pieces: list[tuple[_core.TensorInfo, int]] = []
     nbytes = 0
-    for candidate in run[start:]:
+    for at in range(start, len(run)):
+        candidate = run[at]
         info = ckpt[candidate.key]
         if (
             candidate.name != target.name

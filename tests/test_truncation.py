@@ -99,9 +99,29 @@ def test_a_sigbus_outside_leanstream_still_kills(tmp_path: Path, flags: tuple[st
         assert err.count("Fatal Python error: Bus error") == 1, err
 
 
+# Loads of copies of a folder, each run's `victim`-th tensor (or run of expert pieces) cut
+# by the hook the script starts with; what each load raised, with what the hook saw last.
+LOADS = r"""
+results = []
+for victim, options in json.loads(sys.argv[3]):
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    seen.clear()
+    try:
+        leanstream.load(work, device="cpu", progress=False, **options)
+        results.append({"error": None})
+    except leanstream.LeanstreamError as err:
+        results.append({
+            "error": type(err).__name__, "file": err.file, "tensor": err.tensor,
+            "victim": [seen[-1].file, seen[-1].name], "seen": len(seen), "message": str(err),
+        })
+print(json.dumps(results))
+"""
+
 # leanstream.load: the view of the n-th tensor is handed out, then its shard is cut
 # to nothing before the quantizer (or the copy) reads it.
-LOAD_CUT = r"""
+LOAD_CUT = (
+    r"""
 import json, os, shutil, sys
 import leanstream
 from leanstream import loader
@@ -116,21 +136,9 @@ def cut(view):
     return real(view)
 
 loader.as_tensor = cut
-results = []
-for victim, options in json.loads(sys.argv[3]):
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(source, work)
-    seen.clear()
-    try:
-        leanstream.load(work, device="cpu", progress=False, **options)
-        results.append({"error": None})
-    except leanstream.LeanstreamError as err:
-        results.append({
-            "error": type(err).__name__, "file": err.file, "tensor": err.tensor,
-            "victim": [seen[-1].file, seen[-1].name], "message": str(err),
-        })
-print(json.dumps(results))
 """
+    + LOADS
+)
 
 #: (n-th tensor streamed, load options): the embedding (copied), linears (quantized)
 RUNS = [
@@ -309,46 +317,35 @@ def test_load_while_another_thread_truncates_a_shard(tmp_path: Path) -> None:
 
 
 # The same for a mixture of experts' pieces, which the Rust core takes from the stream
-# many at a call (ExpertsQuantizer.add_streamed): the file of the second run's first piece
+# many at a call (ExpertsQuantizer.add_streamed): the file of the n-th run's first piece
 # cut just before the run is taken.
-LOAD_CUT_EXPERTS = r"""
+LOAD_CUT_EXPERTS = (
+    r"""
 import json, os, shutil, sys
 import leanstream
 from leanstream.quantize import ExpertsQuantizer
 
-source, work, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-real, firsts = ExpertsQuantizer.add_streamed, []
+source, work = sys.argv[1], sys.argv[2]
+real, seen, victim = ExpertsQuantizer.add_streamed, [], 0
 
 def cut(self, stream, pieces, threads):
-    firsts.append(pieces[0][0])
-    if len(firsts) == 2:
+    seen.append(pieces[0][0])
+    if len(seen) == victim:
         os.truncate(pieces[0][0].file, 0)
     return real(self, stream, pieces, threads)
 
 ExpertsQuantizer.add_streamed = cut
-results = []
-for options in runs:
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(source, work)
-    firsts.clear()
-    try:
-        leanstream.load(work, device="cpu", progress=False, **options)
-        results.append({"error": None})
-    except leanstream.LeanstreamError as err:
-        results.append({
-            "error": type(err).__name__, "file": err.file, "tensor": err.tensor,
-            "victim": [firsts[-1].file, firsts[-1].name], "runs": len(firsts),
-        })
-print(json.dumps(results))
 """
+    + LOADS
+)
 
 
 def test_load_of_experts_cut_under_the_reader(tmp_path: Path) -> None:
     mixtral = write_model(tmp_path / "mixtral", "mixtral")
-    runs = [{"bits": 4}, {"bits": 8}]
+    runs = [(2, {"bits": 4}), (2, {"bits": 8})]
     code, results, err = run(LOAD_CUT_EXPERTS, mixtral, tmp_path / "work", json.dumps(runs))
     assert code == 0, err
-    for options, result in zip(runs, results, strict=True):
-        assert result["error"] == "TruncatedFileError", (options, result)
-        assert result["runs"] == 2, (options, result)
-        assert [result["file"], result["tensor"]] == result["victim"], (options, result)
+    for run_, result in zip(runs, results, strict=True):
+        assert result["error"] == "TruncatedFileError", (run_, result)
+        assert result["seen"] == 2, (run_, result)
+        assert [result["file"], result["tensor"]] == result["victim"], (run_, result)

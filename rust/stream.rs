@@ -221,9 +221,10 @@ impl Stream {
     /// The next `n` views at once, after checking and releasing the previous
     /// one as [`Stream::next`] does. The caller uses them in any order and
     /// releases each through its slot once used (the read-ahead skips those
-    /// released, and keeps faulting in the others); those not released go
-    /// when the consumer moves past them or the stream closes. Fails if fewer
-    /// than `n` remain.
+    /// released, and keeps faulting in the others): moving on releases only
+    /// the last of them, and closing the stream none, so a view not released
+    /// keeps its bytes charged to the window. Fails if fewer than `n` remain;
+    /// if a file no longer holds one of them, releases those taken and fails.
     pub fn next_many(&mut self, n: usize) -> Result<Vec<(View, Slot)>> {
         self.check()?;
         if self.next > 0 {

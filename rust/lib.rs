@@ -33,6 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULT_WINDOW", stream::DEFAULT_WINDOW)?;
     m.add("MAX_HEADER_SIZE", header::MAX_HEADER_SIZE)?;
+    m.add("MAX_INDEX_SIZE", reader::MAX_INDEX_SIZE)?;
     error::py::register(m)?;
     m.add_class::<py::PyCheckpoint>()?;
     m.add_class::<py::PyTensorStream>()?;

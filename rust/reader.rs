@@ -35,7 +35,7 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// How any index without a variant ends (`diffusion_pytorch_model.safetensors.index.json`).
 const INDEX_SUFFIX: &str = ".safetensors.index.json";
 /// Largest index file read (real ones are a few hundred KB).
-const MAX_INDEX_SIZE: u64 = 100_000_000;
+pub const MAX_INDEX_SIZE: u64 = 100_000_000;
 
 /// The system page size.
 pub fn page_size() -> usize {

@@ -26,6 +26,9 @@ DEFAULT_WINDOW: int
 MAX_HEADER_SIZE: int
 """Largest accepted safetensors header, in bytes (100 MB)."""
 
+MAX_INDEX_SIZE: int
+"""Largest ``*.safetensors.index.json`` the reader reads, in bytes (100 MB)."""
+
 class LeanstreamError(Exception):
     """Base class of every error leanstream raises."""
 

@@ -410,7 +410,7 @@ def _hasher(etag: str, size: int) -> Any:
 def _index_shards(index: Path) -> list[str]:
     from .checkpoint import read_json
 
-    data = read_json(index, max_size=100_000_000)
+    data = read_json(index, max_size=_core.MAX_INDEX_SIZE)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         return []  # the reader names what is wrong with it

@@ -147,6 +147,43 @@ def test_expert_pieces_are_quantized_in_runs(
             assert torch.equal(actual[key].reshape(value.shape), value), (name, key)
 
 
+def test_two_moe_loads_in_two_threads(folders: dict[str, Path]) -> None:
+    """Each load's runs of expert pieces (Rust worker threads, the stream's read-ahead)
+    are its own: two loads at once, of two architectures and of one, give the experts one
+    load alone gives."""
+    import threading
+
+    jobs = [("mixtral", "nf4"), ("qwen3_moe", "int8"), ("mixtral", "nf4")]
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        try:
+            start.wait(30)
+            arch, setting = jobs[i]
+            results[i] = load(folders[arch], **SETTINGS[setting])
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, (arch, setting) in enumerate(jobs):
+        alone = dict(load(folders[arch], **SETTINGS[setting]).named_parameters())
+        experts = {
+            n: p for n, p in results[i].named_parameters() if isinstance(p, QuantizedExperts)
+        }
+        assert experts, arch
+        for name, param in experts.items():
+            want = ours_as_dict(alone[name])
+            for key, value in ours_as_dict(param).items():
+                assert torch.equal(value, want[key]), (arch, name, key)
+
+
 def dequantized_reference(folder: Path, setting: dict[str, Any]) -> Any:
     """transformers' bf16 model whose experts are what bitsandbytes' quantization of them
     dequantizes to, and whose other linears are bitsandbytes layers as transformers

@@ -8,7 +8,9 @@
 //! thread whenever another process holds a core). Here a run of such tensors
 //! is taken from the stream at once and quantized by a few threads that each
 //! take whole tensors in stream order, one after another (a busy core slows
-//! one worker, the others take more tensors), into disjoint ranges of the
+//! one worker, the others take more tensors; a run of fewer tensors than
+//! threads, such as one large piece, splits each over the spare threads), into
+//! disjoint ranges of the
 //! caller's output; each tensor's pages are released as soon as it is done,
 //! so the read-ahead keeps running ahead of the workers within its window.
 //!
@@ -140,6 +142,9 @@ pub fn quantize_views(
     let shares = split(outputs, &ranges, items.len());
     let jobs: Vec<Mutex<Option<Share<'_>>>> =
         shares.into_iter().map(|s| Mutex::new(Some(s))).collect();
+    let workers = threads.max(1).min(items.len());
+    // fewer tensors than threads (one large piece): each split over the spare threads
+    let inner = (threads.max(1) / workers.max(1)).max(1);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -151,7 +156,7 @@ pub fn quantize_views(
             }
             let share = jobs[i].lock().ok().and_then(|mut job| job.take());
             let done = match share {
-                Some(share) => quantize_one(&items[i], share),
+                Some(share) => quantize_one(&items[i], share, inner),
                 None => Err(Error::internal("a tensor's share was taken twice")),
             };
             if let Err(e) = done {
@@ -162,7 +167,6 @@ pub fn quantize_views(
             }
         }
     };
-    let workers = threads.max(1).min(items.len());
     if workers <= 1 {
         work();
     } else {
@@ -242,15 +246,16 @@ fn split<'a>(outputs: Outputs<'a>, ranges: &[(usize, usize, usize)], n: usize) -
     shares.into_iter().flatten().collect()
 }
 
-/// Quantize one tensor into its share on this thread, then release its pages.
-fn quantize_one((view, slot): &(View, Slot), share: Share<'_>) -> Result<()> {
+/// Quantize one tensor into its share (on `threads` threads: more than one only
+/// when there are fewer tensors than threads), then release its pages.
+fn quantize_one((view, slot): &(View, Slot), share: Share<'_>, threads: usize) -> Result<()> {
     view.wait_arrived(0, view.info().nbytes(), None)?;
     let (bytes, dtype) = (view.bytes(), view.info().dtype);
     let done = match share {
         Share::FourBit(packed, absmax, quant_type, blocksize) => {
-            quant::quantize_4bit(bytes, dtype, quant_type, blocksize, packed, absmax, 1)
+            quant::quantize_4bit(bytes, dtype, quant_type, blocksize, packed, absmax, threads)
         }
-        Share::Int8(out, scb, cols) => quant::quantize_int8(bytes, dtype, cols, out, scb, 1),
+        Share::Int8(out, scb, cols) => quant::quantize_int8(bytes, dtype, cols, out, scb, threads),
     };
     done.map_err(|e| placement(view, e.to_string()))?;
     slot.release(view)
@@ -338,6 +343,34 @@ mod tests {
             assert_eq!(stream.stats().unwrap().in_use, 0);
             stream.check().unwrap();
             assert!(stream.next().is_none());
+        }
+    }
+
+    #[test]
+    fn fewer_tensors_than_threads_are_split_over_them_with_the_same_bytes() {
+        // large enough for the kernels to split (several of their per-thread minimum)
+        let sizes = [3 * 65_536 + 64, 65_536];
+        let (_dir, ckpt) = checkpoint(&sizes);
+        let firsts = [65_536, 0];
+        let total = sizes.iter().sum::<usize>();
+        let (want_packed, want_absmax) = one_by_one(&ckpt, &firsts, total);
+        for (n, threads) in [(1, 2), (1, 5), (2, 4)] {
+            let mut stream = Stream::new(ckpt.views(&names(n)).unwrap(), 1 << 30).unwrap();
+            let items = stream.next_many(n).unwrap();
+            let (mut packed, mut absmax) = (vec![0xaa; total / 2], vec![-1.0; total / 64]);
+            let out = Outputs::FourBit {
+                packed: &mut packed,
+                absmax: &mut absmax,
+                quant_type: QuantType::Nf4,
+                blocksize: 64,
+            };
+            quantize_views(&items, &firsts[..n], out, threads).unwrap();
+            let (a, b) = (firsts[0] / 2, (firsts[0] + sizes[0]) / 2);
+            assert_eq!(packed[a..b], want_packed[a..b], "n={n} threads={threads}");
+            if n == 2 {
+                assert_eq!(packed, want_packed);
+                assert_eq!(absmax, want_absmax);
+            }
         }
     }
 

@@ -224,8 +224,9 @@ class TensorStream:
         ``keys``, in order; BF16, F16 or F32) in one call, as :func:`quantize_4bit`
         quantizes each alone: tensor ``i`` into values ``firsts[i]...`` of the flattened
         output (``packed`` bytes ``firsts[i] // 2...``, ``absmax`` from ``firsts[i] //
-        blocksize``). ``threads`` (default 1) workers take whole tensors in order, and
-        release each tensor's pages once it is in; the views are checked after use.
+        blocksize``). ``threads`` (default 1) workers take whole tensors in order (fewer
+        tensors than threads: each split over the spare ones), and release each tensor's
+        pages once it is in; the views are checked after use.
         Each range starts and ends on a block, lies inside the output and overlaps no
         other, else ``LeanstreamError`` naming the tensor, and nothing is written.
         Waits for bytes still downloading (without seeing Ctrl-C). Returns the bytes

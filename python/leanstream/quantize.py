@@ -868,8 +868,9 @@ class ExpertsQuantizer:
     ) -> bool:
         """Quantize the stream's next ``len(pieces)`` tensors, ``(info, first_row)`` each,
         into their rows (as :meth:`add` would, each piece for itself: the same bytes) in
-        one call: whole pieces on ``threads`` threads, each piece's pages released once
-        it is in. Every piece must be one :meth:`streams` takes. True once every row is
+        one call: whole pieces on ``threads`` threads (a run of fewer pieces than threads,
+        such as one large piece, split over them), each piece's pages released once it is
+        in. Every piece must be one :meth:`streams` takes. True once every row is
         in."""
         keys = [info.name for info, _ in pieces]
         if self.spec.bits == 4:

@@ -314,6 +314,29 @@ mod tests {
         (packed, absmax)
     }
 
+    /// The first `n` tensors quantized by [`quantize_views`] on `threads` threads,
+    /// placed at `firsts`, into outputs of `total` values that start as `one_by_one`'s;
+    /// with the stream, to look at afterwards.
+    fn batched(
+        ckpt: &Checkpoint,
+        n: usize,
+        firsts: &[usize],
+        total: usize,
+        threads: usize,
+    ) -> (Vec<u8>, Vec<f32>, Stream) {
+        let mut stream = Stream::new(ckpt.views(&names(n)).unwrap(), 1 << 30).unwrap();
+        let items = stream.next_many(n).unwrap();
+        let (mut packed, mut absmax) = (vec![0xaa; total / 2], vec![-1.0; total / 64]);
+        let out = Outputs::FourBit {
+            packed: &mut packed,
+            absmax: &mut absmax,
+            quant_type: QuantType::Nf4,
+            blocksize: 64,
+        };
+        quantize_views(&items, &firsts[..n], out, threads).unwrap();
+        (packed, absmax, stream)
+    }
+
     #[test]
     fn each_tensor_lands_in_its_range_as_if_quantized_alone() {
         let sizes = [128, 64, 256, 64, 192, 128, 64];
@@ -323,17 +346,7 @@ mod tests {
         let total = 1152;
         let (want_packed, want_absmax) = one_by_one(&ckpt, &firsts, total);
         for threads in [1, 2, 3, 16] {
-            let mut stream =
-                Stream::new(ckpt.views(&names(sizes.len())).unwrap(), 1 << 20).unwrap();
-            let items = stream.next_many(sizes.len()).unwrap();
-            let (mut packed, mut absmax) = (vec![0xaa; total / 2], vec![-1.0; total / 64]);
-            let out = Outputs::FourBit {
-                packed: &mut packed,
-                absmax: &mut absmax,
-                quant_type: QuantType::Nf4,
-                blocksize: 64,
-            };
-            quantize_views(&items, &firsts, out, threads).unwrap();
+            let (packed, absmax, mut stream) = batched(&ckpt, sizes.len(), &firsts, total, threads);
             assert_eq!(packed, want_packed, "threads={threads}");
             assert_eq!(
                 absmax.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
@@ -355,16 +368,7 @@ mod tests {
         let total = sizes.iter().sum::<usize>();
         let (want_packed, want_absmax) = one_by_one(&ckpt, &firsts, total);
         for (n, threads) in [(1, 2), (1, 5), (2, 4)] {
-            let mut stream = Stream::new(ckpt.views(&names(n)).unwrap(), 1 << 30).unwrap();
-            let items = stream.next_many(n).unwrap();
-            let (mut packed, mut absmax) = (vec![0xaa; total / 2], vec![-1.0; total / 64]);
-            let out = Outputs::FourBit {
-                packed: &mut packed,
-                absmax: &mut absmax,
-                quant_type: QuantType::Nf4,
-                blocksize: 64,
-            };
-            quantize_views(&items, &firsts[..n], out, threads).unwrap();
+            let (packed, absmax, _stream) = batched(&ckpt, n, &firsts, total, threads);
             let (a, b) = (firsts[0] / 2, (firsts[0] + sizes[0]) / 2);
             assert_eq!(packed[a..b], want_packed[a..b], "n={n} threads={threads}");
             if n == 2 {

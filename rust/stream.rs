@@ -188,33 +188,16 @@ impl Stream {
     /// checked (fstat) before the view is handed out.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Result<(View, Slot)>> {
-        if let Err(e) = self.check() {
+        if let Err(e) = self.move_on() {
             return Some(Err(e));
-        }
-        if self.next > 0 {
-            let prev = self.next - 1;
-            if let Err(e) = self.shared.release(prev, &self.items[prev]) {
-                return Some(Err(e));
-            }
         }
         if self.next >= self.items.len() {
             return None;
         }
-        let index = self.next;
-        self.next += 1;
-        match self.shared.lock() {
-            Ok(mut st) => st.passed = index,
-            Err(e) => return Some(Err(e)),
-        }
-        self.shared.wake.notify_all();
-        let view = self.items[index].clone();
-        if let Err(e) = view.check_available() {
+        let (view, slot) = self.hand_out(self.next);
+        if let Err(e) = self.pass(slot.index).and_then(|()| view.check_available()) {
             return Some(Err(e));
         }
-        let slot = Slot {
-            shared: Arc::clone(&self.shared),
-            index,
-        };
         Some(Ok((view, slot)))
     }
 
@@ -226,27 +209,17 @@ impl Stream {
     /// keeps its bytes charged to the window. Fails if fewer than `n` remain;
     /// if a file no longer holds one of them, releases those taken and fails.
     pub fn next_many(&mut self, n: usize) -> Result<Vec<(View, Slot)>> {
-        self.check()?;
-        if self.next > 0 {
-            let prev = self.next - 1;
-            self.shared.release(prev, &self.items[prev])?;
-        }
+        self.move_on()?;
         let first = self.next;
         if n > self.items.len() - first {
             return Err(Error::internal(
                 "more tensors asked for than the stream has left",
             ));
         }
-        self.shared.lock()?.passed = first;
-        self.shared.wake.notify_all();
+        self.pass(first)?;
         let mut taken = Vec::with_capacity(n);
         for index in first..first + n {
-            let view = self.items[index].clone();
-            self.next = index + 1; // handed out: checked after use like the others
-            let slot = Slot {
-                shared: Arc::clone(&self.shared),
-                index,
-            };
+            let (view, slot) = self.hand_out(index);
             if let Err(e) = view.check_available() {
                 // none of them will be used: give their bytes back
                 for (view, slot) in taken.iter().chain([(view, slot)].iter()) {
@@ -257,6 +230,35 @@ impl Stream {
             taken.push((view, slot));
         }
         Ok(taken)
+    }
+
+    /// The consumer moves on: check the views used so far and release the
+    /// last one handed out.
+    fn move_on(&mut self) -> Result<()> {
+        self.check()?;
+        if self.next > 0 {
+            let prev = self.next - 1;
+            self.shared.release(prev, &self.items[prev])?;
+        }
+        Ok(())
+    }
+
+    /// Item `index` (the next one) handed out: checked after use from now on.
+    fn hand_out(&mut self, index: usize) -> (View, Slot) {
+        self.next = index + 1;
+        let slot = Slot {
+            shared: Arc::clone(&self.shared),
+            index,
+        };
+        (self.items[index].clone(), slot)
+    }
+
+    /// Tell the read-ahead that the consumer is at item `index`: nothing
+    /// before it is faulted in any more.
+    fn pass(&self, index: usize) -> Result<()> {
+        self.shared.lock()?.passed = index;
+        self.shared.wake.notify_all();
+        Ok(())
     }
 
     /// Check the views handed out since the last check, after their bytes were

@@ -2,12 +2,17 @@
 
 ``LEANSTREAM_TEST_CPU_KERNEL=plain`` forces bitsandbytes' AVX512-BF16 detection off for
 the session: the suite then runs as on a CPU without it (``tests/cpu_kernel.py``).
+``LEANSTREAM_TEST_GPU_MACHINE=1`` makes torch answer as on a machine with one CUDA device,
+here and in the processes tests start (``tests/gpu_machine/sitecustomize.py``): ``pytest -m
+"not gpu"`` then runs as the CPU tests of a full ``pytest`` on a GPU machine run.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,8 @@ import pytest
 import torch
 
 from models import write_model, write_tokenizer
+
+GPU_MACHINE = Path(__file__).resolve().parent / "gpu_machine"
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +42,17 @@ def pytest_configure(config: pytest.Config) -> None:
         # what a CPU without AVX512-BF16 answers: layers keep the plain kernel
         bitsandbytes.functional.has_avx512bf16 = lambda: False
         bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
+    machine = os.environ.get("LEANSTREAM_TEST_GPU_MACHINE", "")
+    if machine not in ("", "1"):
+        raise pytest.UsageError(f"LEANSTREAM_TEST_GPU_MACHINE={machine!r}: '' or '1'")
+    if machine == "1":
+        sys.path.insert(0, str(GPU_MACHINE))
+        # its import makes torch.cuda (imported above) answer as on a one-GPU machine
+        import sitecustomize  # type: ignore[import-not-found]  # noqa: F401
+
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(GPU_MACHINE), os.environ.get("PYTHONPATH")])
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -42,8 +60,11 @@ def pytest_report_header(config: pytest.Config) -> str:
 
     forced = os.environ.get("LEANSTREAM_TEST_CPU_KERNEL") == "plain"
     kernel = "fused (AVX512-BF16)" if cpu_layout.detected() else "plain"
-    return f"bitsandbytes CPU 4-bit kernel: {kernel}" + (
-        " (detection forced off)" if forced else ""
+    machine = os.environ.get("LEANSTREAM_TEST_GPU_MACHINE") == "1"
+    return (
+        f"bitsandbytes CPU 4-bit kernel: {kernel}"
+        + (" (detection forced off)" if forced else "")
+        + ("; torch answers as on a one-GPU machine" if machine else "")
     )
 
 
@@ -52,17 +73,38 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs a CUDA device")
 
 
+#: transformers' answers about CUDA, cached for the process at their first call
+_CACHED_CUDA_ANSWERS = ("is_torch_cuda_available", "is_torch_bf16_gpu_available")
+
+
+def _forget_cached_cuda_answers() -> None:
+    from transformers.utils import import_utils
+
+    for name in _CACHED_CUDA_ANSWERS:
+        getattr(import_utils, name).cache_clear()
+
+
 @pytest.fixture(autouse=True)
-def _no_cuda_unless_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_cuda_unless_gpu(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     """On a machine with CUDA, a test not marked ``gpu`` runs as on the CPU machines it was
     written for: ``torch.cuda.is_available()`` says False and ``device_count()`` 0 for it,
-    so that the defaults (``load``'s device, ``device_map="auto"``/``"balanced"``/
-    ``"sequential"``, transformers' references) plan the CPU, as its CPU references and its
-    checks of where tensors are expect. The ``gpu`` tests see the GPU; a full ``pytest`` on
-    a GPU machine is both."""
-    if request.node.get_closest_marker("gpu") is None and torch.cuda.is_available():
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    transformers' cached answers are asked again, and the processes it starts see no device
+    (``CUDA_VISIBLE_DEVICES`` empty), so that the defaults (``load``'s device,
+    ``device_map="auto"``/``"balanced"``/``"sequential"``, transformers' references) plan
+    the CPU, as its CPU references and its checks of where tensors are expect. The ``gpu``
+    tests see the GPU; a full ``pytest`` on a GPU machine is both."""
+    if request.node.get_closest_marker("gpu") is not None or not torch.cuda.is_available():
+        yield
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    _forget_cached_cuda_answers()
+    yield
+    monkeypatch.undo()
+    _forget_cached_cuda_answers()
 
 
 @pytest.fixture(scope="session")

@@ -189,7 +189,6 @@ def test_disk_and_unavailable_devices_are_refused(sources: dict[str, Path]) -> N
         load(sources["llama"], device_map="everywhere")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_max_memory_on_a_missing_gpu_is_one_error(
     sources: dict[str, Path], caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:

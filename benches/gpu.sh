@@ -8,6 +8,8 @@
 #   bash benches/gpu.sh tests    # pytest -m gpu; ends within ~4 minutes (timeout_s 300)
 #   bash benches/gpu.sh bench    # 8B shapes, warm then cold, checkpoint writing included;
 #                                # ends within ~6 minutes (timeout_s 420)
+#   bash benches/gpu.sh full 1/2 # the whole pytest, CPU tests too, in two calls (1/2, 2/2:
+#   bash benches/gpu.sh full 2/2 # every other test file); each ends within ~4.5 minutes
 #
 # Nothing stops a step early: every part runs (or is skipped, and says why), its exit
 # status is kept, a summary of what ran, what failed and where the logs are comes last,
@@ -15,8 +17,11 @@
 # GPU_BENCH_SHAPES / GPU_BENCH_DEVICE (8b / cuda) let the bench step be tried on a CPU.
 set -uo pipefail # no -e: a failing part must not skip the others or the summary
 step=${1:-}
-if [[ $step != tests && $step != bench ]]; then
-    echo "usage: bash benches/gpu.sh tests|bench" >&2
+part=${2:-}
+if [[ $step != tests && $step != bench && $step != full ]] ||
+    [[ $step == full && ! ($part =~ ^([1-9][0-9]*)/([1-9][0-9]*)$ &&
+        ${BASH_REMATCH[1]} -le ${BASH_REMATCH[2]}) ]]; then
+    echo "usage: bash benches/gpu.sh tests|bench|full K/N" >&2
     exit 2
 fi
 cd "$(dirname "$0")/.." || exit 2
@@ -68,16 +73,35 @@ if [[ $status != 0 || $imports != 0 ]]; then
     finish
 fi
 
-if [[ $step == tests ]]; then
-    # the machine's own torch and transformers may warn where the pinned ones do not:
-    # warnings are shown, not errors, there. SIGINT at 195 s (pytest prints its summary
-    # and writes the XML), SIGKILL 15 s later. Python installs no SIGINT handler where
-    # SIGINT is ignored (a background job): pytest is started with one.
-    timeout -s INT -k 15 195 python3 -c 'import signal, sys, pytest
+# pytest NAME SECONDS ARGS...: pytest ARGS, its log and junit XML under $OUT as NAME.*.
+# The machine's own torch and transformers may warn where the pinned ones do not: warnings
+# are shown, not errors, there. SIGINT after SECONDS (pytest prints its summary and writes
+# the XML), SIGKILL 15 s later. Python installs no SIGINT handler where SIGINT is ignored
+# (a background job): pytest is started with one.
+pytest() {
+    local name=$1 seconds=$2
+    shift 2
+    timeout -s INT -k 15 "$seconds" python3 -c 'import signal, sys, pytest
 signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.exit(pytest.main(sys.argv[1:]))' -p no:cacheprovider -m gpu -q -rs -W default \
-        --durations=15 --junitxml="$out/gpu-tests.xml" tests 2>&1 | tee "$out/gpu-tests.log"
-    record "pytest -m gpu" "${PIPESTATUS[0]}" "gpu-tests.log, gpu-tests.xml"
+sys.exit(pytest.main(sys.argv[1:]))' -p no:cacheprovider -q -rs -W default --durations=15 \
+        --junitxml="$out/$name.xml" "$@" 2>&1 | tee "$out/$name.log"
+    record "pytest $name" "${PIPESTATUS[0]}" "$name.log, $name.xml"
+}
+
+if [[ $step == tests ]]; then
+    pytest gpu-tests 195 -m gpu tests
+    finish
+fi
+if [[ $step == full ]]; then
+    # part K of N: every Nth test file from the Kth, GPU tests and CPU tests alike (conftest
+    # hides CUDA from the latter, in the test process and in the ones they start)
+    k=${part%/*} n=${part#*/}
+    files=()
+    i=0
+    for file in tests/test_*.py; do
+        (((i++ % n) + 1 == k)) && files+=("$file")
+    done
+    pytest "full-$k-of-$n" 250 "${files[@]}"
     finish
 fi
 

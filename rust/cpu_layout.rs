@@ -339,11 +339,7 @@ pub fn quantize_4bit_packed(
     if !cols.is_multiple_of(blocksize) {
         return Err(LayoutError::Blocks { cols, blocksize });
     }
-    let size = match dtype {
-        Dtype::BF16 | Dtype::F16 => 2,
-        Dtype::F32 => 4,
-        other => return Err(QuantError::Dtype(other).into()),
-    };
+    let size = quant::input_size(dtype)?;
     check_len("input", rows * cols * size, input.len())?;
     check_len("packed weight", rows * cols / 2, out.len())?;
     let per_row = cols / blocksize;

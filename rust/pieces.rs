@@ -19,7 +19,6 @@
 //! int8 statistics are per row.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::header::Dtype;
 use crate::quant::{self, QuantType};
 use crate::reader::View;
 use crate::stream::Slot;
@@ -186,16 +185,7 @@ pub fn quantize_views(
 
 /// Elements of a view (BF16, F16 or F32 only).
 fn values(view: &View) -> Result<usize> {
-    let size = match view.info().dtype {
-        Dtype::BF16 | Dtype::F16 => 2,
-        Dtype::F32 => 4,
-        other => {
-            return Err(placement(
-                view,
-                format!("cannot quantize {other}: only BF16, F16 and F32"),
-            ))
-        }
-    };
+    let size = quant::input_size(view.info().dtype).map_err(|e| placement(view, e.to_string()))?;
     Ok(view.info().nbytes() as usize / size)
 }
 
@@ -265,6 +255,7 @@ fn quantize_one((view, slot): &(View, Slot), share: Share<'_>, threads: usize) -
 mod tests {
     use super::*;
     use crate::header::tests::shard;
+    use crate::header::Dtype;
     use crate::reader::Checkpoint;
     use crate::stream::Stream;
 
@@ -454,6 +445,28 @@ mod tests {
         // a block size bitsandbytes does not have
         let err = refused(&[128], &[0], 128, 48);
         assert!(err.to_string().contains("blocksize"), "{err}");
+    }
+
+    #[test]
+    fn a_tensor_that_is_not_bf16_f16_or_f32_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let header = r#"{"t0":{"dtype":"I16","shape":[128],"data_offsets":[0,256]}}"#;
+        std::fs::write(&path, shard(header, &[0u8; 256])).unwrap();
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let mut stream = Stream::new(ckpt.views(&names(1)).unwrap(), 1 << 20).unwrap();
+        let items = stream.next_many(1).unwrap();
+        let (mut packed, mut absmax) = (vec![0xaa; 64], vec![-1.0; 2]);
+        let out = Outputs::FourBit {
+            packed: &mut packed,
+            absmax: &mut absmax,
+            quant_type: QuantType::Nf4,
+            blocksize: 64,
+        };
+        let err = quantize_views(&items, &[0], out, 1).unwrap_err();
+        assert_eq!(err.tensor.as_deref(), Some("t0"), "{err}");
+        assert!(err.to_string().contains("cannot quantize I16"), "{err}");
+        assert!(packed.iter().all(|&b| b == 0xaa) && absmax.iter().all(|&a| a == -1.0));
     }
 
     #[test]

@@ -161,12 +161,17 @@ pub fn packed_len(n: usize) -> usize {
     n.div_ceil(2)
 }
 
+/// Bytes of one input element: the quantizer reads BF16, F16 and F32.
+pub fn input_size(dtype: Dtype) -> Result<usize, QuantError> {
+    match dtype {
+        Dtype::BF16 | Dtype::F16 => Ok(2),
+        Dtype::F32 => Ok(4),
+        other => Err(QuantError::Dtype(other)),
+    }
+}
+
 fn element_count(input: &[u8], dtype: Dtype) -> Result<usize, QuantError> {
-    let size = match dtype {
-        Dtype::BF16 | Dtype::F16 => 2,
-        Dtype::F32 => 4,
-        other => return Err(QuantError::Dtype(other)),
-    };
+    let size = input_size(dtype)?;
     if !input.len().is_multiple_of(size) {
         return Err(QuantError::InputBytes {
             dtype,

@@ -186,7 +186,24 @@ def write_random_checkpoint(
     return folder
 
 
-CHILD = r"""
+#: What a child runs before the clock, for every loader alike (``folder``: the checkpoint):
+#: transformers imports its model registry and the model's modules lazily, at the first
+#: use (about 0.5 s), and builds its checkpoint conversion tables (every architecture's
+#: renaming regexes) at the first load of the process that asks for them, from_pretrained's
+#: and leanstream's alike: imports and tables, not load time; the tables timed apart
+#: (``tables``, reported as such).
+WARM_TRANSFORMERS = r"""
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+tables = time.perf_counter()
+get_checkpoint_conversion_mapping("llama")
+tables = time.perf_counter() - tables
+"""
+
+CHILD = (
+    r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
 import torch, transformers, bitsandbytes as bnb  # imported before the clock starts
@@ -204,18 +221,9 @@ def bnb_config():
 
 if device == "cuda":
     torch.empty(1, device=device)  # the CUDA context belongs to the base, not to the load
-# transformers imports its model registry and the model's modules lazily, at the first
-# use (about 0.5 s): imports, not load time, for every loader alike
-from transformers import AutoConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]
-# so are its checkpoint conversion tables (every architecture's renaming regexes, built
-# at the first load of the process that asks for them, by from_pretrained and leanstream
-# alike): timed apart, reported as "tables"
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-tables = time.perf_counter()
-get_checkpoint_conversion_mapping("llama")
-tables = time.perf_counter() - tables
+"""
+    + WARM_TRANSFORMERS
+    + r"""
 print("ready", flush=True)
 sys.stdin.readline()
 if device == "cuda":
@@ -253,6 +261,7 @@ with torch.no_grad():
 torch.save(logits, args["logits"])
 print("result", json.dumps(result), flush=True)
 """
+)
 
 
 def _status(pid: int) -> dict[str, int]:

@@ -103,7 +103,8 @@ DEFAULT_FORWARD = "leanstream nf4,leanstream int8,transformers nf4,transformers 
 #: the dense model's loaders (``--dense``): bitsandbytes' 4-bit layers against bf16
 DENSE_LOADERS = ("transformers nf4", "transformers int8", "transformers bf16")
 
-CHILD = r"""
+CHILD = (
+    r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
 import torch, transformers, bitsandbytes as bnb  # imported before the clock starts
@@ -121,16 +122,9 @@ def bnb_config():
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s["quant_type"],
                               bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=dtype)
 
-from transformers import AutoConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(folder))]  # lazy imports
-# so are transformers' checkpoint conversion tables (every architecture's renaming
-# regexes, built at the first load of a process that asks for them, from_pretrained's
-# and leanstream's alike): timed apart, reported as "tables"
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-tables = time.perf_counter()
-get_checkpoint_conversion_mapping("llama")
-tables = time.perf_counter() - tables
+"""
+    + load_bench.WARM_TRANSFORMERS
+    + r"""
 print("ready", flush=True)
 sys.stdin.readline()
 start = time.perf_counter()
@@ -186,6 +180,7 @@ if forward:
         result["logit_max"] = float(exact.abs().max())
 print("result", json.dumps(result), flush=True)
 """
+)
 
 
 def _qwen3_shapes(fields: dict[str, Any], config: Any, mlp: Any) -> dict[str, tuple[int, ...]]:
